@@ -1,0 +1,73 @@
+"""Register BitFit as a PEFT tuner type.
+
+PEFT 0.21 only registers methods whose name is already a :class:`peft.PeftType` member and has no plugin entry
+points, so the enum gains a ``BITFIT`` member first (guarded and idempotent), then the config/tuner pair is put
+into PEFT's mappings.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from peft.utils.peft_types import PeftType, register_peft_method
+
+PEFT_TYPE_NAME = "BITFIT"
+PREFIX = "bitfit_"
+
+
+def _extend_peft_type_enum(name: str = PEFT_TYPE_NAME) -> PeftType:
+    """Add ``name`` to :class:`PeftType` unless it is already there; return the member."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+def register() -> PeftType:
+    """Make ``"peft_type": "BITFIT"`` resolvable by every PEFT and transformers loading path.
+
+    Safe to call any number of times. If another package already registered a different tuner under the same
+    name, ours replaces it with a warning (the user imported ``bitfit_peft`` explicitly).
+    """
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+
+    from .config import BitFitConfig
+    from .model import BitFitModel
+
+    peft_type = _extend_peft_type_enum()
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is BitFitModel:
+        return peft_type
+    if peft_type in PEFT_TYPE_TO_TUNER_MAPPING or peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        warnings.warn(
+            f"PEFT already has a tuner registered as {PEFT_TYPE_NAME!r} "
+            f"({PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)}); bitfit_peft replaces it for this process.",
+            stacklevel=2,
+        )
+        for mapping in (
+            PEFT_TYPE_TO_CONFIG_MAPPING,
+            PEFT_TYPE_TO_TUNER_MAPPING,
+            PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+            PEFT_TYPE_TO_PREFIX_MAPPING,
+        ):
+            mapping.pop(peft_type, None)
+    register_peft_method(
+        name=PEFT_TYPE_NAME.lower(),
+        config_cls=BitFitConfig,
+        model_cls=BitFitModel,
+        prefix=PREFIX,
+        is_mixed_compatible=False,
+    )
+    return peft_type

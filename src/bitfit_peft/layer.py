@@ -1,0 +1,271 @@
+"""BitFit layers: a frozen base module plus per-adapter bias deltas.
+
+Each adapter's delta lives in its own small *callable* :class:`BiasDelta` module, so Accelerate's offload hooks
+(which only fire when a module is called) load it like any other weight.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .routing import Routing
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: base layer types whose own op takes the bias, so the fast path can pass ``base + delta`` straight in.
+FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, *_CONV_TYPES, nn.LayerNorm, nn.GroupNorm)
+
+
+class BiasDelta(nn.Module):
+    """One adapter's additive delta for one bias vector.
+
+    Calling it returns ``base_bias + delta`` (or ``delta`` when there is no base bias), computed in the delta's
+    dtype so a bf16/fp16 base keeps fp32 deltas and fp32 gradients.
+
+    Example:
+        >>> import torch
+        >>> d = BiasDelta((3,))
+        >>> d(torch.ones(3)).tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: Any = None) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward(self, base_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if base_bias is None:
+            return self.delta
+        return base_bias.to(self.delta.dtype) + self.delta
+
+
+def bias_shape(base: nn.Module) -> tuple[int, ...]:
+    """Shape of the bias vector a supported module has or would have."""
+    bias = getattr(base, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        return tuple(bias.shape)
+    if isinstance(base, nn.Linear):
+        return (base.out_features,)
+    if isinstance(base, Conv1D):
+        return (base.nf,)
+    if isinstance(base, _CONV_TYPES):
+        return (base.out_channels,)
+    if isinstance(base, nn.LayerNorm):
+        return tuple(base.normalized_shape)
+    if isinstance(base, nn.GroupNorm):
+        return (base.num_channels,)
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:  # RMSNorm-like
+        return tuple(weight.shape)
+    raise TypeError(
+        f"BitFit cannot tell the bias shape of {type(base).__name__}; target only Linear, Conv1D, ConvNd or "
+        "LayerNorm-like modules (use exclude_modules to skip this one)."
+    )
+
+
+def can_merge_into(base: nn.Module) -> bool:
+    """Whether the module's own forward uses a ``bias`` attribute (so a created bias takes effect)."""
+    if getattr(base, "bias", None) is not None:
+        return True
+    return isinstance(base, FUSED_TYPES)
+
+
+class BitFitLayer(BaseTunerLayer):
+    """Mixin holding the deltas of every adapter for one base module."""
+
+    adapter_layer_names = ("bitfit_delta",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.bitfit_delta = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._premerge_bias: torch.Tensor | None = None
+        self._created_bias = False
+        self.bias_group = kwargs.get("bias_group", "other")
+        self._bitfit_routing: Routing | None = kwargs.get("routing")
+        self._table_cache: tuple[Any, torch.Tensor] | None = None
+        base = self.get_base_layer()
+        self._bias_shape = bias_shape(base)
+        self._view_shape = (
+            (self._bias_shape[0],) + (1,) * (base.weight.dim() - 2)
+            if isinstance(base, _CONV_TYPES)
+            else self._bias_shape
+        )
+        self._fused = type(base) in FUSED_TYPES and not (
+            isinstance(base, (nn.LayerNorm, nn.GroupNorm)) and base.weight is None
+        )
+
+    # ------------------------------------------------------------------ adapters
+    def update_layer(self, adapter_name: str, init_weights: bool = True, inference_mode: bool = False) -> None:
+        base = self.get_base_layer()
+        if getattr(base, "bias", None) is None and getattr(self, "_warn_no_bias", True):
+            self._warn_no_bias = False
+        self.bitfit_delta[adapter_name] = BiasDelta(self._bias_shape)
+        if not init_weights:
+            with torch.no_grad():
+                self.bitfit_delta[adapter_name].delta.normal_(0.0, 0.02)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+        """Deltas follow the base layer's device but always stay floating point (fp32 unless set otherwise)."""
+        base = self.get_base_layer()
+        if device is None:
+            for tensor in (getattr(base, "weight", None), getattr(base, "bias", None)):
+                if isinstance(tensor, torch.Tensor):
+                    device = tensor.device
+                    break
+        if device is None or device.type == "meta":
+            return
+        module = self.bitfit_delta[adapter_name] if adapter_name in self.bitfit_delta else None
+        if module is not None and module.delta.device != device and module.delta.device.type != "meta":
+            module.to(device)
+
+    def delta_of(self, adapter_name: str) -> torch.Tensor:
+        """The raw delta tensor of one adapter."""
+        return self.bitfit_delta[adapter_name].delta
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas into the base bias (creating it if missing). ``unmerge`` restores it exactly."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in adapter_names if a in self.bitfit_delta]
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        if not can_merge_into(base):
+            raise ValueError(
+                f"Cannot merge a BitFit delta into {type(base).__name__}: its forward has no bias term. "
+                "Keep the adapter unmerged (exclude this module or set add_missing_bias=False)."
+            )
+        total = sum(self.delta_of(a).detach().float() for a in adapter_names)
+        if safe_merge and not torch.isfinite(total).all():
+            raise ValueError(
+                f"NaN/Inf in BitFit adapter(s) {adapter_names}; refusing to merge. Re-train or reload the adapter."
+            )
+        if base.bias is None:
+            weight = getattr(base, "weight", None)
+            ref = weight if isinstance(weight, torch.Tensor) else total
+            base.bias = nn.Parameter(
+                torch.zeros(self._bias_shape, dtype=ref.dtype, device=ref.device), requires_grad=False
+            )
+            self._created_bias = True
+        if self._premerge_bias is None:
+            self._premerge_bias = base.bias.detach().clone()
+        new_bias = base.bias.detach().float() + total.to(base.bias.device)
+        base.bias.data = new_bias.to(base.bias.dtype)
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        if self._created_bias:
+            base.bias = None
+        else:
+            base.bias.data = self._premerge_bias.to(base.bias.device)
+        self._premerge_bias = None
+        self._created_bias = False
+        self.merged_adapters = []
+
+    def original_bias(self) -> torch.Tensor | None:
+        """The base bias as it was before any merge (None if the base has none)."""
+        if self._created_bias:
+            return None
+        if self._premerge_bias is not None:
+            return self._premerge_bias
+        return getattr(self.get_base_layer(), "bias", None)
+
+    # ------------------------------------------------------------------ forward
+    def _apply_op(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Run the base module's own op with ``bias`` in place of its bias (no extra kernel)."""
+        base = self.get_base_layer()
+        weight = base.weight
+        if not torch.is_autocast_enabled(x.device.type):
+            bias = bias.to(weight.dtype if isinstance(base, (nn.Linear, Conv1D, *_CONV_TYPES)) else x.dtype)
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, bias)
+        if isinstance(base, Conv1D):
+            size_out = x.size()[:-1] + (base.nf,)
+            return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size_out)
+        if isinstance(base, _CONV_TYPES):
+            return base._conv_forward(x, weight, bias)
+        if isinstance(base, nn.LayerNorm):
+            return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+        return F.group_norm(x, base.num_groups, weight, bias, base.eps)
+
+    def _add(self, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return out + delta.view(self._view_shape).to(out.dtype)
+
+    def _mixed_table(self, adapters: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Stacked ``[1 + n_adapters, *bias_shape]`` table, row 0 zeros (cached while no delta changes)."""
+        rows = [self.bitfit_delta[a]() if a in self.bitfit_delta else None for a in adapters]
+        present = next((r for r in rows if r is not None), None)
+        if present is None:
+            return torch.zeros((1 + len(adapters), *self._bias_shape), device=device)
+        needs_grad = torch.is_grad_enabled() and any(r is not None and r.requires_grad for r in rows)
+        key = (adapters, tuple(None if r is None else (id(r), r._version) for r in rows), device)
+        if not needs_grad and self._table_cache is not None and self._table_cache[0] == key:
+            return self._table_cache[1]
+        zeros = torch.zeros_like(present)
+        table = torch.stack([zeros] + [zeros if r is None else r for r in rows]).to(device)
+        if not needs_grad:
+            self._table_cache = (key, table)
+        return table
+
+    def bitfit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Forward with the active adapter(s) or the per-sample routing of a mixed batch."""
+        base = self.base_layer
+        routing = self._bitfit_routing
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if routing is not None and routing.active:
+            if self.merged:
+                raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+            out = base(x, *args, **kwargs)
+            table = self._mixed_table(routing.adapters, out.device)
+            index = routing.index_for(out.shape[0], out.device)
+            gathered = table.index_select(0, index)
+            extra = (1,) * (out.dim() - 1 - len(self._view_shape))
+            return out + gathered.view(out.shape[0], *extra, *self._view_shape).to(out.dtype)
+        if self.merged:
+            return base(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.bitfit_delta]
+        if not active:
+            return base(x, *args, **kwargs)
+        if self._fused and not args and not kwargs and not hasattr(base, "_hf_hook"):
+            bias = base.bias
+            for name in active:
+                bias = self.bitfit_delta[name](bias)
+            return self._apply_op(x, bias)
+        out = base(x, *args, **kwargs)
+        for name in active:
+            out = self._add(out, self.bitfit_delta[name]())
+        return out
+
+
+class BitFitWrapper(nn.Module, BitFitLayer):
+    """A base module wrapped with BitFit deltas (any supported module type)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        BitFitLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, init_weights=init_weights, inference_mode=kwargs.get("inference_mode", False))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.bitfit_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "bitfit." + super().__repr__()

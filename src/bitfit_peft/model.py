@@ -1,0 +1,388 @@
+"""The BitFit tuner: selects bias-bearing modules, wraps them, and routes mixed-task batches."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+from . import delta_format
+from .config import BitFitConfig
+from .groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index, primary_group
+from .layer import FUSED_TYPES, BitFitLayer, BitFitWrapper, bias_shape, can_merge_into
+from .routing import BASE_ADAPTER_NAME, Routing
+
+
+class BitFitError(ValueError):
+    """A BitFit configuration or checkpoint does not fit the model; the message says what to change."""
+
+
+def _is_supported(module: nn.Module, name: str) -> bool:
+    if isinstance(module, FUSED_TYPES):
+        return True
+    return is_norm_module(name, module) and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _has_bias(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "bias", None), torch.Tensor)
+
+
+class BitFitModel(BaseTuner):
+    """Bias-only fine-tuning (BitFit, Ben-Zaken et al. 2021) as a PEFT tuner.
+
+    Args:
+        model: the transformers (or plain torch) model to adapt.
+        config: the :class:`~bitfit_peft.BitFitConfig`.
+        adapter_name: name of the first adapter (``"default"``).
+
+    Example:
+        >>> import bitfit_peft, torch
+        >>> from peft import get_peft_model
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> model = get_peft_model(net, bitfit_peft.BitFitConfig())
+        >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)  # doctest: +NORMALIZE_WHITESPACE
+        ['base_model.model.0.bitfit_delta.default.delta', 'base_model.model.1.bitfit_delta.default.delta']
+    """
+
+    prefix: str = "bitfit_"
+    tuner_layer_cls = BitFitLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
+        self._routing = Routing()
+        self._resolved_targets: dict[str, set[str]] = {}
+        super().__init__(model, config, adapter_name, **kwargs)
+
+    # ------------------------------------------------------------------ target selection
+    def _prepare_adapter_config(self, peft_config: BitFitConfig, model_config: dict) -> BitFitConfig:
+        """Resolve the targets up front and check the fingerprint, so nothing changes if anything is wrong."""
+        adapter_name = next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
+        targets = self.resolve_targets(self.model, peft_config)
+        if peft_config.base_fingerprint is not None and not getattr(peft_config, "_skip_fingerprint", False):
+            actual = delta_format.fingerprint_model(self.model, sorted(targets))
+            if actual != peft_config.base_fingerprint:
+                raise BitFitError(
+                    f"Adapter {adapter_name!r} was trained on a different base model: its fingerprint "
+                    f"{peft_config.base_fingerprint[:19]}... does not match this model's {actual[:19]}... (names, "
+                    "shapes or original bias values of the targeted modules differ). Load it onto the base it was "
+                    "trained on, or pass `bitfit_peft.allow_base_mismatch(config)` / `--allow-base-mismatch` "
+                    "to apply it anyway."
+                )
+        self._resolved_targets[adapter_name] = targets
+        return peft_config
+
+    @staticmethod
+    def resolve_targets(model: nn.Module, config: BitFitConfig) -> set[str]:
+        """Names of the modules that ``config`` selects in ``model`` (raises a clear error if none)."""
+        head = set(config.modules_to_save or [])
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if isinstance(config.bias_terms, list) and config.target_modules is None and model_type not in KNOWN_MODEL_TYPES:
+            raise BitFitError(
+                f"bias_terms={config.bias_terms} needs a known architecture, but model_type={model_type!r} has no "
+                "group mapping. Use bias_terms='all', or name the modules with target_modules=[...] "
+                "(e.g. ['query', 'intermediate.dense'])."
+            )
+        output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        selected: set[str] = set()
+        unsupported: list[str] = []
+        bias_free: list[str] = []
+        for name, module in model.named_modules():
+            if not name or isinstance(module, ModulesToSaveWrapper):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                if not isinstance(module, BitFitLayer):
+                    continue
+                module = module.get_base_layer()
+            if any(name == h or name.endswith("." + h) or name.startswith(h + ".") for h in head):
+                continue
+            if any(f".{part}." in f".{name}." for part in ("modules_to_save", "original_module", "base_layer")):
+                continue
+            if ".bitfit_delta." in f".{name}.":
+                continue
+            if config.target_modules is not None:
+                matched = check_target_module_exists(config, name)
+                if not matched or type(matched).__name__ == "_ExcludedModule":
+                    continue
+                if not _is_supported(module, name):
+                    unsupported.append(f"{name} ({type(module).__name__})")
+                    continue
+            else:
+                if not _is_supported(module, name) or module is output_embeddings:
+                    continue
+                if isinstance(config.bias_terms, list) and not set(group_of(name, module)) & set(config.bias_terms):
+                    continue
+                if config.exclude_modules is not None:
+                    excluded = check_target_module_exists(
+                        BitFitConfig(target_modules=config.exclude_modules), name
+                    )
+                    if excluded:
+                        continue
+                if config.layers_to_transform is not None:
+                    wanted = config.layers_to_transform
+                    wanted = [wanted] if isinstance(wanted, int) else wanted
+                    if layer_index(name) not in wanted:
+                        continue
+            if not _has_bias(module) and not config.add_missing_bias:
+                bias_free.append(name)
+                continue
+            selected.add(name)
+        if unsupported:
+            raise BitFitError(
+                f"target_modules selects modules BitFit cannot adapt: {unsupported[:5]}. BitFit supports Linear, "
+                "Conv1D, Conv1d/2d/3d and LayerNorm-like modules; narrow target_modules or add exclude_modules."
+            )
+        if not selected:
+            hint = (
+                f" {len(bias_free)} matching module(s) have no bias (e.g. {bias_free[0]}); set add_missing_bias=True "
+                "to give them a zero-initialised bias delta."
+                if bias_free
+                else " Check bias_terms / target_modules / exclude_modules / layers_to_transform."
+            )
+            raise BitFitError(f"BitFit found no bias to tune in {type(model).__name__}.{hint}")
+        return selected
+
+    def _check_target_module_exists(self, peft_config: BitFitConfig, key: str) -> bool:  # type: ignore[override]
+        for name, cfg in self.peft_config.items():
+            if cfg is peft_config:
+                return key in self._resolved_targets.get(name, set())
+        return False
+
+    def _check_new_adapter_config(self, config: BitFitConfig) -> None:
+        if not isinstance(config, BitFitConfig):
+            raise BitFitError(f"Expected a BitFitConfig, got {type(config).__name__}.")
+
+    # ------------------------------------------------------------------ module creation
+    def _create_and_replace(
+        self,
+        config: BitFitConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, BitFitLayer):
+            target.update_layer(adapter_name, init_weights=config.init_weights, inference_mode=config.inference_mode)
+            return
+        new_module = BitFitWrapper(
+            target,
+            adapter_name,
+            init_weights=config.init_weights,
+            inference_mode=config.inference_mode,
+            bias_group=primary_group(current_key, target),
+            routing=self._routing,
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        for name, module in new_module.named_modules():
+            if self.prefix in name:
+                ref = next((t for t in (getattr(child, "weight", None), getattr(child, "bias", None)) if t is not None), None)
+                if ref is not None and ref.device.type != "meta":
+                    module.to(ref.device)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
+        for module in model.modules():
+            if isinstance(module, BitFitLayer):
+                module._freeze_non_trainable_peft_weights()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Deltas are created fp32 whatever the base dtype (the low-memory mode relies on it)."""
+
+    # ------------------------------------------------------------------ mixed batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Route ``adapter_names=[...]`` (one per sample) through every layer with one index per call."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            self._routing.clear()
+            yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}.")
+        known = set(self.peft_config)
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter name(s) in adapter_names: {unknown}. Loaded adapters: {sorted(known)}; "
+                f"use {BASE_ADAPTER_NAME!r} for the bare base model."
+            )
+        batch = _batch_size(args, kwargs)
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples.")
+        if any(getattr(m, "merged", False) for m in self.model.modules() if isinstance(m, BitFitLayer)):
+            raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        self._routing.set(list(adapter_names))
+        keep_for_backward = self.model.training and torch.is_grad_enabled()
+        try:
+            yield
+        finally:
+            if not keep_for_backward:  # gradient checkpointing re-runs forward during backward
+                self._routing.clear()
+
+    # ------------------------------------------------------------------ adapters
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Create ``adapter_name`` whose deltas are ``sum(w_i * delta_i)``.
+
+        Example:
+            >>> # model.base_model.add_weighted_adapter(["sst2", "spam"], [0.5, 0.5], "mix")
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it first.")
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError("adapters and weights must be non-empty lists of equal length.")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter(s) {missing}; loaded: {sorted(self.peft_config)}.")
+        import copy
+
+        configs = [self.peft_config[a] for a in adapters]
+        union: set[str] = set().union(*(self._layers_with(a) for a in adapters))
+        new_config = copy.deepcopy(configs[0])
+        new_config.target_modules = sorted(union)
+        new_config.bias_terms = "all"
+        new_config.add_missing_bias = True
+        new_config.layers_to_transform = None
+        new_config.exclude_modules = None
+        new_config.base_fingerprint = None
+        self.peft_config[adapter_name] = new_config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        for module in self.model.modules():
+            if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta:
+                target = module.delta_of(adapter_name)
+                with torch.no_grad():
+                    target.zero_()
+                    for name, weight in zip(adapters, weights, strict=True):
+                        if name in module.bitfit_delta:
+                            target.add_(module.delta_of(name).to(target.device), alpha=float(weight))
+        self._mark_only_adapters_as_trainable(self.model)
+
+    def _layers_with(self, adapter_name: str) -> set[str]:
+        return {
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
+        }
+
+    def bitfit_layers(self, adapter_name: str | None = None) -> dict[str, BitFitLayer]:
+        """``{module name: layer}`` for every BitFit layer (holding ``adapter_name``, if given)."""
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, BitFitLayer) and (adapter_name is None or adapter_name in module.bitfit_delta)
+        }
+
+    # ------------------------------------------------------------------ merge
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for name, layer in self.bitfit_layers().items():
+            base = layer.get_base_layer()
+            if not can_merge_into(base):
+                raise ValueError(
+                    f"Cannot merge: {name} ({type(base).__name__}) has no bias in its forward, so a merged delta "
+                    "would be ignored. Keep the adapter unmerged, or exclude this module from the adapter."
+                )
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None):
+        """Merge the deltas into the base biases (created where missing) and return the plain model."""
+        created = [n for n, layer in self.bitfit_layers().items() if getattr(layer.get_base_layer(), "bias", None) is None]
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        if created:
+            _sync_bias_config_flags(model, created)
+        return model
+
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        layers = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
+        }
+        config.base_fingerprint = delta_format.fingerprint_layers(layers)
+        delta_format.stage_metadata(config.base_fingerprint)
+        for name, tensor in selected.items():
+            if ".bitfit_delta." in name and not torch.isfinite(tensor).all():
+                warnings.warn(f"Saving NaN/Inf values in {name}: this adapter is broken.", stacklevel=2)
+        return selected
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = delta_format.unpack(state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            delta_format.check_complete(model, adapter_name, remapped)
+        except BitFitError:
+            _rollback(model, adapter_name)
+            raise
+        return remapped
+
+
+def _rollback(model: nn.Module, adapter_name: str) -> None:
+    """Undo the injection of ``adapter_name`` after a failed load, leaving the model as before."""
+    peft_config = getattr(model, "peft_config", {})
+    others = [name for name in peft_config if name != adapter_name]
+    tuner = getattr(model, "base_model", None)
+    if others and hasattr(model, "delete_adapter"):
+        model.delete_adapter(adapter_name)
+    elif isinstance(tuner, BitFitModel):
+        tuner.unload()
+        tuner.peft_config.pop(adapter_name, None)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def _sync_bias_config_flags(model: nn.Module, created: list[str]) -> None:
+    """After merging created biases, make the config describe them so plain transformers reloads them.
+
+    Llama-family configs have ``attention_bias`` / ``mlp_bias``: when set, every projection of that family gets
+    a (zero) bias, so the merged deltas survive ``save_pretrained`` → ``from_pretrained``.
+    """
+    config = getattr(model, "config", None)
+    families = {
+        "attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "mlp_bias": ("gate_proj", "up_proj", "down_proj"),
+    }
+    leftover = set(created)
+    for flag, leaves in families.items():
+        hits = [n for n in created if n.rsplit(".", 1)[-1] in leaves]
+        if not hits or config is None or not hasattr(config, flag):
+            continue
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in leaves and isinstance(module, nn.Linear) and module.bias is None:
+                ref = module.weight
+                module.bias = nn.Parameter(torch.zeros(bias_shape(module), dtype=ref.dtype, device=ref.device))
+        setattr(config, flag, True)
+        leftover -= set(hits)
+    if leftover:
+        warnings.warn(
+            f"merge_and_unload created biases that {type(model).__name__}'s config cannot describe "
+            f"(e.g. {sorted(leftover)[:3]}): they are in the returned model, but a plain transformers reload from "
+            "save_pretrained will drop them. Keep the adapter unmerged to share it.",
+            stacklevel=3,
+        )

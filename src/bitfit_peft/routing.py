@@ -1,0 +1,63 @@
+"""Per-sample adapter routing for mixed-task batches.
+
+One :class:`Routing` object is shared by all BitFit layers of a model. ``PeftModel.forward(...,
+adapter_names=[...])`` fills it once per call (the per-sample row index into each layer's stacked delta table);
+every layer then does a single gather-add. Row 0 of every table is the bare base (``"__base__"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BASE_ADAPTER_NAME = "__base__"
+
+
+@dataclass
+class Routing:
+    """Per-call routing state shared by the layers of one model."""
+
+    adapters: tuple[str, ...] | None = None  # table rows 1..n
+    rows: list[int] | None = None  # per-sample row (0 = base)
+    _index_cache: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.rows is not None
+
+    def set(self, adapter_names: list[str]) -> None:
+        """Route sample ``i`` to ``adapter_names[i]`` (``"__base__"`` = no delta)."""
+        unique = tuple(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER_NAME))
+        position = {name: i + 1 for i, name in enumerate(unique)}
+        self.adapters = unique
+        self.rows = [position.get(n, 0) for n in adapter_names]
+        self._index_cache = {}
+
+    def clear(self) -> None:
+        self.adapters = None
+        self.rows = None
+        self._index_cache = {}
+
+    def index_for(self, n_rows: int, device: torch.device) -> torch.Tensor:
+        """Row index for a tensor whose first dim has ``n_rows`` entries.
+
+        ``n_rows`` may be a multiple of the batch size: beam search, ``num_return_sequences`` and flattened
+        ``(batch * seq, hidden)`` inputs all repeat each sample contiguously, i.e. ``repeat_interleave``.
+        """
+        key = (n_rows, device)
+        cached = self._index_cache.get(key)
+        if cached is not None:
+            return cached
+        assert self.rows is not None
+        batch = len(self.rows)
+        if n_rows % batch:
+            raise RuntimeError(
+                f"Mixed-adapter batch: got {batch} adapter_names but a layer saw {n_rows} rows, which is not a "
+                "multiple. Pass exactly one adapter name per input sample."
+            )
+        index = torch.tensor(self.rows, dtype=torch.long, device=device)
+        if n_rows != batch:
+            index = index.repeat_interleave(n_rows // batch)
+        self._index_cache[key] = index
+        return index
