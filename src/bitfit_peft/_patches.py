@@ -12,6 +12,7 @@ from .delta_format import save_delta_file
 
 
 def install() -> None:
+    install_transformers_load_adapter()
     if getattr(_peft_model.safe_save_file, "_bitfit", False):
         return
     original = _peft_model.safe_save_file
@@ -23,3 +24,38 @@ def install() -> None:
 
     safe_save_file._bitfit = True  # type: ignore[attr-defined]
     _peft_model.safe_save_file = safe_save_file
+
+
+def install_transformers_load_adapter() -> None:
+    """transformers' ``model.load_adapter(dir)`` reads adapter files itself: hand it the unstacked deltas."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    original = PeftAdapterMixin.load_adapter
+    if getattr(original, "_bitfit", False):
+        return
+
+    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None, **kw):
+        if adapter_state_dict is None and peft_model_id is not None:
+            from peft import PeftConfig
+            from peft.utils.save_and_load import load_peft_weights
+
+            from .delta_format import unpack
+
+            hub_kwargs = {k: kw[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kw}
+            config = peft_config or PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
+            if getattr(config, "peft_type", None) == "BITFIT":
+                weights = load_peft_weights(peft_model_id, device="cpu", **hub_kwargs)
+                adapter_state_dict = unpack(weights)
+                peft_config = config
+        return original(
+            self,
+            peft_model_id=peft_model_id,
+            adapter_name=adapter_name,
+            peft_config=peft_config,
+            adapter_state_dict=adapter_state_dict,
+            **kw,
+        )
+
+    load_adapter._bitfit = True  # type: ignore[attr-defined]
+    load_adapter.__doc__ = original.__doc__
+    PeftAdapterMixin.load_adapter = load_adapter

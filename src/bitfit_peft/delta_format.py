@@ -45,8 +45,8 @@ def _relative(name: str) -> str:
 
 def _materialize(module: nn.Module, tensor: torch.Tensor | None, attr: str = "bias") -> torch.Tensor | None:
     """Real values of a parameter, also when Accelerate offloaded it (meta tensor + weights_map)."""
-    if tensor is None or tensor.device.type != "meta":
-        return tensor
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
+        return tensor if isinstance(tensor, torch.Tensor) else None
     hook = getattr(module, "_hf_hook", None)
     weights_map = getattr(hook, "weights_map", None)
     if weights_map is not None and attr in weights_map:
@@ -54,21 +54,32 @@ def _materialize(module: nn.Module, tensor: torch.Tensor | None, attr: str = "bi
     raise RuntimeError(f"Cannot read the offloaded {attr} of {type(module).__name__} to fingerprint it.")
 
 
-def fingerprint(entries: Iterable[tuple[str, tuple[int, ...], torch.Tensor | None]]) -> str:
-    """``sha256`` over sorted (name, shape, original bias rounded to bf16) triples of the targeted modules.
+WEIGHT_SAMPLE = 16
 
-    Rounding to bf16 makes the fingerprint the same for a base loaded in fp32, fp16 or bf16.
+
+def fingerprint(entries: Iterable[tuple[str, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]]) -> str:
+    """``sha256`` over the targeted modules' names, bias shapes, original bias values and a weight sample.
+
+    Each entry is ``(name, bias shape, original bias or None, first WEIGHT_SAMPLE weight values or None)``.
+    Values are rounded to bf16, so the fingerprint is the same for a base loaded in fp32, fp16 or bf16; the
+    weight sample tells apart bases whose biases are identical (e.g. all zero after random init).
     """
     digest = hashlib.sha256()
-    for name, shape, bias in sorted(entries, key=lambda e: e[0]):
+    for name, shape, bias, weight_sample in sorted(entries, key=lambda e: e[0]):
         digest.update(f"{name}|{tuple(shape)}|".encode())
-        if bias is None:
-            digest.update(b"none")
-        else:
-            values = bias.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
-            digest.update(values.numpy().tobytes())
+        for tensor in (bias, weight_sample):
+            if tensor is None:
+                digest.update(b"none|")
+            else:
+                values = tensor.detach().reshape(-1).to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+                digest.update(values.numpy().tobytes() + b"|")
         digest.update(b";")
     return "sha256:" + digest.hexdigest()
+
+
+def _weight_sample(module: nn.Module) -> torch.Tensor | None:
+    weight = _materialize(module, getattr(module, "weight", None), "weight")
+    return None if weight is None else weight.detach().reshape(-1)[:WEIGHT_SAMPLE]
 
 
 def fingerprint_layers(layers: Mapping[str, Any]) -> str:
@@ -76,7 +87,8 @@ def fingerprint_layers(layers: Mapping[str, Any]) -> str:
     entries = []
     for name, layer in layers.items():
         base = layer.get_base_layer()
-        entries.append((_relative(name), layer._bias_shape, _materialize(base, layer.original_bias())))
+        bias = _materialize(base, layer.original_bias())
+        entries.append((_relative(name), layer._bias_shape, bias, _weight_sample(base)))
     return fingerprint(entries)
 
 
@@ -89,9 +101,11 @@ def fingerprint_model(model: nn.Module, names: Iterable[str]) -> str:
         module = model.get_submodule(name)
         if isinstance(module, BitFitLayer):
             base = module.get_base_layer()
-            entries.append((_relative(name), module._bias_shape, _materialize(base, module.original_bias())))
+            bias = _materialize(base, module.original_bias())
+            entries.append((_relative(name), module._bias_shape, bias, _weight_sample(base)))
         else:
-            entries.append((_relative(name), bias_shape(module), _materialize(module, getattr(module, "bias", None))))
+            bias = _materialize(module, getattr(module, "bias", None))
+            entries.append((_relative(name), bias_shape(module), bias, _weight_sample(module)))
     return fingerprint(entries)
 
 

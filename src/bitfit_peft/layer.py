@@ -190,8 +190,7 @@ class BitFitLayer(BaseTunerLayer):
         """Run the base module's own op with ``bias`` in place of its bias (no extra kernel)."""
         base = self.get_base_layer()
         weight = base.weight
-        if not torch.is_autocast_enabled(x.device.type):
-            bias = bias.to(weight.dtype if isinstance(base, (nn.Linear, Conv1D, *_CONV_TYPES)) else x.dtype)
+        bias = bias.to(weight.dtype)  # fp32 delta on a bf16/fp16 base: one tiny cast, gradient stays fp32
         if isinstance(base, nn.Linear):
             return F.linear(x, weight, bias)
         if isinstance(base, Conv1D):

@@ -99,7 +99,7 @@ class BitFitModel(BaseTuner):
                 if not isinstance(module, BitFitLayer):
                     continue
                 module = module.get_base_layer()
-            if any(name == h or name.endswith("." + h) or name.startswith(h + ".") for h in head):
+            if any(name.endswith(h) or name.startswith(h + ".") or f".{h}." in name for h in head):
                 continue
             if any(f".{part}." in f".{name}." for part in ("modules_to_save", "original_module", "base_layer")):
                 continue
@@ -115,6 +115,8 @@ class BitFitModel(BaseTuner):
             else:
                 if not _is_supported(module, name) or module is output_embeddings:
                     continue
+                if not _has_bias(module) and not can_merge_into(module):
+                    continue  # e.g. RMSNorm: a bias there could never be merged; target it explicitly if wanted
                 if isinstance(config.bias_terms, list) and not set(group_of(name, module)) & set(config.bias_terms):
                     continue
                 if config.exclude_modules is not None:
