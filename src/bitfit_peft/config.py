@@ -86,7 +86,11 @@ class BitFitConfig(PeftConfig):
         elif isinstance(self.bias_terms, (list, tuple, set)):
             terms = list(self.bias_terms)
             if not terms or not all(isinstance(t, str) for t in terms):
-                fail("bias_terms", "must be a non-empty list of group names", f"Choose from {list(BIAS_GROUPS)}.")
+                fail(
+                    "bias_terms",
+                    "must be a non-empty list of group names",
+                    f"Choose from {list(BIAS_GROUPS)}.",
+                )
             unknown = sorted(set(terms) - set(BIAS_GROUPS))
             if unknown:
                 fail(
@@ -130,4 +134,8 @@ class BitFitConfig(PeftConfig):
         ):
             fail("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}", "")
         if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, str):
-            fail("base_fingerprint", "must be a string", "Remove it from adapter_config.json to skip the check.")
+            fail(
+                "base_fingerprint",
+                "must be a string",
+                "Remove it from adapter_config.json to skip the check.",
+            )

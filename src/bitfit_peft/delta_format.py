@@ -57,7 +57,9 @@ def _materialize(module: nn.Module, tensor: torch.Tensor | None, attr: str = "bi
 WEIGHT_SAMPLE = 16
 
 
-def fingerprint(entries: Iterable[tuple[str, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]]) -> str:
+def fingerprint(
+    entries: Iterable[tuple[str, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]],
+) -> str:
     """``sha256`` over the targeted modules' names, bias shapes, original bias values and a weight sample.
 
     Each entry is ``(name, bias shape, original bias or None, first WEIGHT_SAMPLE weight values or None)``.
@@ -180,14 +182,18 @@ def check_complete(model: nn.Module, adapter_name: str, state_dict: Mapping[str,
     if missing:
         problems.append(f"{len(missing)} delta(s) missing from the file (e.g. {missing[:3]})")
     if unexpected:
-        problems.append(f"{len(unexpected)} delta(s) in the file match no module of this model (e.g. {unexpected[:3]})")
+        problems.append(
+            f"{len(unexpected)} delta(s) in the file match no module of this model (e.g. {unexpected[:3]})"
+        )
     if wrong:
         problems.append(f"shape mismatch: {wrong[:3]}")
     if bad_dtype:
         problems.append(f"non-float deltas: {bad_dtype[:3]}")
     if problems:
         raise BitFitError(
-            f"BitFit adapter {adapter_name!r} does not fit this model: " + "; ".join(problems) + ". The model is "
+            f"BitFit adapter {adapter_name!r} does not fit this model: "
+            + "; ".join(problems)
+            + ". The model is "
             "unchanged. Load the adapter onto the base model (and config) it was trained with."
         )
 
@@ -208,7 +214,9 @@ def metadata_for_save() -> dict[str, str]:
     return meta
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
     """``safetensors`` save to a temporary file in the same directory, fsync, then ``os.replace``."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -225,7 +233,9 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         raise
 
 
-def save_delta_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def save_delta_file(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
     """Write a (BitFit or other) PEFT state dict; BitFit ones are stacked and stamped with metadata."""
     if any(DELTA_SUFFIX in k for k in tensors):
         tensors = pack(tensors)

@@ -10,9 +10,11 @@ backbone instead, whatever its group.
 | key | ``attention.self.key`` | ``k_lin`` | ``attn.c_attn`` | ``k_proj`` | ``k`` |
 | value | ``attention.self.value`` | ``v_lin`` | ``attn.c_attn`` | ``v_proj`` | ``v`` |
 | attention_output | ``attention.output.dense`` | ``out_lin`` | ``attn.c_proj`` | ``o_proj`` | ``o`` |
-| intermediate | ``intermediate.dense`` | ``ffn.lin1`` | ``mlp.c_fc`` | ``gate_proj``, ``up_proj`` | ``wi``, ``wi_0``, ``wi_1`` |
+| intermediate | ``intermediate.dense`` | ``ffn.lin1`` | ``mlp.c_fc`` | ``gate_proj``, ``up_proj`` | ``wi*`` |
 | output | ``output.dense`` | ``ffn.lin2`` | ``mlp.c_proj`` | ``down_proj`` | ``wo`` |
-| layernorm | ``*LayerNorm``, ``layernorm_*`` | ``*layer_norm`` | ``ln_1``, ``ln_2``, ``ln_f`` | ``*norm`` (RMSNorm) | ``layer_norm`` |
+| layernorm | ``*LayerNorm`` | ``*layer_norm`` | ``ln_1``, ``ln_2``, ``ln_f`` | ``*norm`` (RMSNorm)* | ``layer_norm``* |
+
+(*) bias-free norms whose forward has no bias (RMSNorm) are only adapted when named in ``target_modules``.
 
 Example:
     >>> from bitfit_peft.groups import group_of
@@ -41,8 +43,8 @@ BIAS_GROUPS: tuple[str, ...] = (
 #: model_type values whose module names the group table is known to cover (``bias_terms`` as a list).
 KNOWN_MODEL_TYPES: frozenset[str] = frozenset(
     {
-        "bert", "roberta", "xlm-roberta", "electra", "camembert", "vit", "deit", "distilbert", "gpt2",
-        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "t5", "mt5", "bart", "mbart",
+        "bert", "roberta", "xlm-roberta", "electra", "camembert", "vit", "deit", "distilbert",
+        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "t5", "mt5", "bart", "mbart",
     }
 )  # fmt: skip
 
@@ -53,7 +55,18 @@ _LEAF_GROUPS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("c_attn", "qkv", "qkv_proj", "query_key_value", "wqkv"), ("query", "key", "value")),
     **dict.fromkeys(("o_proj", "out_lin", "o", "out_proj", "wo_attn"), ("attention_output",)),
     **dict.fromkeys(
-        ("gate_proj", "up_proj", "gate_up_proj", "lin1", "wi", "wi_0", "wi_1", "c_fc", "fc1", "dense_h_to_4h"),
+        (
+            "gate_proj",
+            "up_proj",
+            "gate_up_proj",
+            "lin1",
+            "wi",
+            "wi_0",
+            "wi_1",
+            "c_fc",
+            "fc1",
+            "dense_h_to_4h",
+        ),
         ("intermediate",),
     ),
     **dict.fromkeys(("down_proj", "lin2", "wo", "fc2", "dense_4h_to_h"), ("output",)),

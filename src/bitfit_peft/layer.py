@@ -35,7 +35,9 @@ class BiasDelta(nn.Module):
         [1.0, 1.0, 1.0]
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: Any = None) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> None:
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
 
@@ -104,7 +106,9 @@ class BitFitLayer(BaseTunerLayer):
         )
 
     # ------------------------------------------------------------------ adapters
-    def update_layer(self, adapter_name: str, init_weights: bool = True, inference_mode: bool = False) -> None:
+    def update_layer(
+        self, adapter_name: str, init_weights: bool = True, inference_mode: bool = False
+    ) -> None:
         base = self.get_base_layer()
         if getattr(base, "bias", None) is None and getattr(self, "_warn_no_bias", True):
             self._warn_no_bias = False
@@ -231,7 +235,9 @@ class BitFitLayer(BaseTunerLayer):
             return base(x, *args, **kwargs)
         if routing is not None and routing.active:
             if self.merged:
-                raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+                raise RuntimeError(
+                    "Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first."
+                )
             out = base(x, *args, **kwargs)
             table = self._mixed_table(routing.adapters, out.device)
             index = routing.index_for(out.shape[0], out.device)
@@ -257,11 +263,15 @@ class BitFitLayer(BaseTunerLayer):
 class BitFitWrapper(nn.Module, BitFitLayer):
     """A base module wrapped with BitFit deltas (any supported module type)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__()
         BitFitLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, init_weights=init_weights, inference_mode=kwargs.get("inference_mode", False))
+        self.update_layer(
+            adapter_name, init_weights=init_weights, inference_mode=kwargs.get("inference_mode", False)
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.bitfit_forward(x, *args, **kwargs)

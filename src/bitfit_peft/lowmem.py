@@ -24,7 +24,7 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     if not dtype.is_floating_point:
         raise ValueError(f"cast_frozen_base needs a floating dtype, got {dtype}.")
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+        for param in list(module.parameters(recurse=False)):
             if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
         for name, buf in list(module.named_buffers(recurse=False)):
