@@ -438,3 +438,34 @@ def test_minilm_learns_real_data() -> None:
     acc = (pred == labels).float().mean().item()
     majority = max(labels.float().mean().item(), 1 - labels.float().mean().item())
     assert acc > majority + 0.03, (acc, majority)
+
+
+def test_half_precision_save_and_pruning(tmp_path: Path) -> None:
+    batch = inputs_for("bert")
+    model = get_peft_model(make_tiny_model("bert"), config_for("bert", save_dtype="bfloat16"))
+    randomize(model)
+    layers = model.base_model.bitfit_layers("default")
+    first = next(iter(layers.values()))
+    with torch.no_grad():
+        first.delta_of("default").fill_(1e-6)  # below tolerance
+    full = tmp_path / "full"
+    model.save_pretrained(full)
+    with safe_open(str(full / "adapter_model.safetensors"), "pt") as handle:
+        assert all(handle.get_tensor(k).dtype == torch.bfloat16 for k in handle.keys() if k.endswith(".delta"))
+    again = PeftModel.from_pretrained(make_tiny_model("bert"), full)
+    for name, layer in again.base_model.bitfit_layers("default").items():
+        assert layer.delta_of("default").dtype == torch.float32
+        expected = layers[name].delta_of("default").to(torch.bfloat16).float()
+        torch.testing.assert_close(layer.delta_of("default"), expected)
+    model.peft_config["default"].prune_tolerance = 1e-3
+    model.peft_config["default"].save_dtype = "float32"
+    pruned = tmp_path / "pruned"
+    model.save_pretrained(pruned)
+    with safe_open(str(pruned / "adapter_model.safetensors"), "pt") as handle:
+        assert not any(k.startswith(f"base_model.model.{next(iter(layers))}.") for k in handle.keys())
+    reloaded = PeftModel.from_pretrained(make_tiny_model("bert"), pruned)
+    first_name = next(iter(layers)).removeprefix("base_model.model.")
+    assert torch.count_nonzero(reloaded.base_model.bitfit_layers()[first_name].delta_of("default")) == 0
+    with torch.no_grad():
+        first.delta_of("default").zero_()
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch))

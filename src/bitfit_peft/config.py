@@ -6,12 +6,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from .groups import BIAS_GROUPS
 
 BiasTerms = Literal["all"] | list[str]
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -33,6 +35,10 @@ class BitFitConfig(PeftConfig):
         modules_to_save: extra modules trained and saved in full (the classifier head is added automatically
             for ``task_type="SEQ_CLS"`` / ``"TOKEN_CLS"``).
         init_weights: zero-initialise the deltas (default). ``False`` draws small random deltas (tests only).
+        save_dtype: dtype of the deltas in the saved file: ``"float32"`` (default), ``"bfloat16"`` or
+            ``"float16"`` (half the size; deltas are loaded back into fp32).
+        prune_tolerance: if set, delta vectors whose mean absolute value is below it are left out of the saved
+            file and load as zero (the paper finds changes concentrate in a few vectors). ``None`` keeps all.
         base_fingerprint: filled in on save: identifies the base model the deltas were trained on.
 
     Example:
@@ -65,6 +71,12 @@ class BitFitConfig(PeftConfig):
         default=None, metadata={"help": "Modules trained and saved in full besides the bias deltas."}
     )
     init_weights: bool = field(default=True, metadata={"help": "Zero-initialise the deltas."})
+    save_dtype: str = field(
+        default="float32", metadata={"help": "Dtype of the saved deltas: float32, bfloat16 or float16."}
+    )
+    prune_tolerance: float | None = field(
+        default=None, metadata={"help": "Drop delta vectors with mean |delta| below this from the saved file."}
+    )
     base_fingerprint: str | None = field(
         default=None, metadata={"help": "Fingerprint of the base model's targeted biases (set on save)."}
     )
@@ -133,6 +145,11 @@ class BitFitConfig(PeftConfig):
             isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)
         ):
             fail("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}", "")
+        if self.save_dtype not in SAVE_DTYPES:
+            fail("save_dtype", f"got {self.save_dtype!r}", f"Use one of {sorted(SAVE_DTYPES)}.")
+        tol = self.prune_tolerance
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
+            fail("prune_tolerance", f"must be a number >= 0 or None, got {tol!r}", "")
         if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, str):
             fail(
                 "base_fingerprint",

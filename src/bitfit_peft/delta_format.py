@@ -162,13 +162,9 @@ def unpack(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- checks
 def check_complete(model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Every delta the model expects for ``adapter_name`` is present with the right shape, and nothing else."""
-    from .layer import BitFitLayer
     from .model import BitFitError
 
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta:
-            expected[f"{name}.bitfit_delta.{adapter_name}.delta"] = module._bias_shape
+    expected = expected_delta_shapes(model, adapter_name)
     given = {k: v for k, v in state_dict.items() if ".bitfit_delta." in k}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -196,6 +192,25 @@ def check_complete(model: nn.Module, adapter_name: str, state_dict: Mapping[str,
             + ". The model is "
             "unchanged. Load the adapter onto the base model (and config) it was trained with."
         )
+
+
+def expected_delta_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
+    """``{state-dict key: shape}`` of every delta the model holds for ``adapter_name``."""
+    from .layer import BitFitLayer
+
+    return {
+        f"{name}.bitfit_delta.{adapter_name}.delta": module._bias_shape
+        for name, module in model.named_modules()
+        if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
+    }
+
+
+def fill_pruned(model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Deltas pruned at save time (``prune_tolerance``) load as zeros."""
+    out = dict(state_dict)
+    for key, shape in expected_delta_shapes(model, adapter_name).items():
+        out.setdefault(key, torch.zeros(shape))
+    return out
 
 
 # ---------------------------------------------------------------------------- writing

@@ -13,7 +13,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from . import delta_format
-from .config import BitFitConfig
+from .config import SAVE_DTYPES, BitFitConfig
 from .groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index, primary_group
 from .layer import FUSED_TYPES, BitFitLayer, BitFitWrapper, bias_shape, can_merge_into
 from .routing import BASE_ADAPTER_NAME, Routing
@@ -359,16 +359,26 @@ class BitFitModel(BaseTuner):
         }
         config.base_fingerprint = delta_format.fingerprint_layers(layers)
         delta_format.stage_metadata(config.base_fingerprint)
+        dtype = SAVE_DTYPES[config.save_dtype]
+        out = {}
         for name, tensor in selected.items():
-            if ".bitfit_delta." in name and not torch.isfinite(tensor).all():
+            if ".bitfit_delta." not in name:
+                out[name] = tensor
+                continue
+            if not torch.isfinite(tensor).all():
                 warnings.warn(f"Saving NaN/Inf values in {name}: this adapter is broken.", stacklevel=2)
-        return selected
+            elif config.prune_tolerance is not None and tensor.abs().float().mean() < config.prune_tolerance:
+                continue
+            out[name] = tensor.to(dtype)
+        return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = delta_format.unpack(state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
+            if config.prune_tolerance is not None:
+                remapped = delta_format.fill_pruned(model, adapter_name, remapped)
             delta_format.check_complete(model, adapter_name, remapped)
         except BitFitError:
             _rollback(model, adapter_name)
