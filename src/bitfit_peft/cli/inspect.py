@@ -1,0 +1,110 @@
+"""``bitfit-peft inspect``: how much each bias of a BitFit adapter moved (the paper's Fig. 1).
+
+Example:
+    $ bitfit-peft inspect out/my-adapter --plot bias_change.png --tolerance 1e-4
+    $ bitfit-peft inspect some-user/some-bitfit-adapter --base sentence-transformers/all-MiniLM-L6-v2
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bitfit_peft.cli import app
+from bitfit_peft.inspect import DEFAULT_TOLERANCE, BiasChangeReport, bias_change_report, plot_bias_heatmap
+
+__all__ = ["inspect_command", "print_report", "register"]
+
+
+def _fmt(x: float) -> str:
+    return "·" if math.isnan(x) else f"{x:.2e}"
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def print_report(report: BiasChangeReport, console: Console | None = None, max_listed: int = 10) -> None:
+    """Print the layer x kind grid and the totals as rich tables."""
+    console = console or Console()
+    grid = Table(title=f"mean |Δb| per layer and bias kind — {report.source}", title_justify="left")
+    grid.add_column("kind", style="bold")
+    for layer in report.layers:
+        grid.add_column("–" if layer is None else str(layer), justify="right")
+    grid.add_column("kind mean", justify="right", style="cyan")
+    values = report.grid()
+    top = max((x for row in values for x in row if not math.isnan(x)), default=0.0) or 1.0
+    for kind, row in zip(report.kinds, values, strict=True):
+        vs = [v for v in report.vectors if v.kind == kind]
+        n = sum(v.n_finite for v in vs)
+        kind_mean = sum(v.abs_sum for v in vs) / n if n else math.nan
+        cells = [_fmt(x) if math.isnan(x) or x < 0.5 * top else f"[bold]{_fmt(x)}[/bold]" for x in row]
+        grid.add_row(kind, *cells, _fmt(kind_mean))
+    console.print(grid)
+
+    totals = Table(show_header=False, title="totals", title_justify="left")
+    totals.add_column("what", style="bold")
+    totals.add_column("value")
+    totals.add_row("adapter", report.adapter_name)
+    totals.add_row("bias vectors", str(report.n_vectors))
+    totals.add_row("delta parameters", f"{report.n_params:,}")
+    totals.add_row("delta size", f"{_human_bytes(report.nbytes)} ({report.nbytes:,} bytes)")
+    totals.add_row("mean |Δb| (all)", _fmt(report.mean_abs))
+    nonfinite = report.n_nan + report.n_inf
+    style = "red" if nonfinite else "green"
+    totals.add_row("NaN / Inf entries", f"[{style}]{report.n_nan} / {report.n_inf}[/{style}]")
+    pr = report.prunable
+    totals.add_row(
+        f"prunable at tol {report.tolerance:g}",
+        f"{len(pr)} vector(s), {_human_bytes(report.prunable_bytes)}",
+    )
+    console.print(totals)
+    if nonfinite:
+        console.print(f"[red]non-finite deltas in:[/red] {', '.join(report.nonfinite_vectors[:max_listed])}")
+    if pr:
+        names = ", ".join(v.name for v in pr[:max_listed])
+        more = f" (+{len(pr) - max_listed} more)" if len(pr) > max_listed else ""
+        console.print(f"prunable (every |Δb| ≤ {report.tolerance:g}): {names}{more}")
+
+
+@app.command("inspect")
+def inspect_command(
+    adapter: str = typer.Argument(..., help="Adapter directory or Hugging Face Hub id."),
+    base: str | None = typer.Option(
+        None, "--base", help="Base model (path or Hub id): adds relative change |Δb|/|b0| per vector."
+    ),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG heatmap (rows: kinds, cols: layers)."),
+    tolerance: float = typer.Option(
+        DEFAULT_TOLERANCE, "--tolerance", min=0.0, help="A vector is prunable when every |Δb| ≤ this."
+    ),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the full report as JSON."),
+) -> None:
+    """Show the average absolute change of every bias (per layer and kind) of a BitFit adapter."""
+    try:
+        report = bias_change_report(adapter, base=base, tolerance=tolerance, revision=revision)
+    except (FileNotFoundError, ValueError) as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from err
+    console = Console()
+    print_report(report, console)
+    if plot is not None:
+        out = plot_bias_heatmap(report, plot)
+        console.print(f"heatmap written to {out}")
+    if json_path is not None:
+        report.to_json(json_path)
+        console.print(f"report written to {json_path}")
+
+
+def register(other_app: typer.Typer) -> None:
+    """Add the ``inspect`` command to another typer app (it is already on ``bitfit_peft.cli.app``)."""
+    other_app.command("inspect")(inspect_command)
