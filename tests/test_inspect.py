@@ -181,3 +181,21 @@ def test_registered_on_main_app(adapted: tuple) -> None:
     _, _, out = adapted
     res = CliRunner().invoke(cli.app, ["inspect", str(out)])
     assert res.exit_code == 0, res.output
+
+
+def test_prunable_matches_core_prune_tolerance(adapted: tuple, tmp_path: Path) -> None:
+    """What the report calls prunable is exactly what a save with ``prune_tolerance`` leaves out."""
+    model, _, _ = adapted
+    cfg = model.peft_config["default"]
+    if not hasattr(cfg, "prune_tolerance"):
+        pytest.skip("core has no prune_tolerance")
+    cfg.prune_tolerance = 1e-4
+    try:
+        model.save_pretrained(str(tmp_path))
+    finally:
+        cfg.prune_tolerance = None
+    kept = {v.name for v in bias_change_report(str(tmp_path)).vectors}
+    expected = {v.name for v in bias_change_report(model, tolerance=1e-4).vectors} - _prunable(
+        bias_change_report(model, tolerance=1e-4)
+    )
+    assert kept == expected

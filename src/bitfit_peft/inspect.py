@@ -7,7 +7,8 @@ is the element-weighted mean over the vectors in it (e.g. the two LayerNorms of 
 
 Works from an adapter directory (or Hub id) alone — only ``adapter_model.safetensors`` is read — or from a
 loaded :class:`peft.PeftModel`. NaN/Inf entries are counted and left out of the means. A vector is *prunable*
-at ``tolerance`` when it is finite and ``max |delta| <= tolerance`` (dropping it moves no bias entry by more).
+at ``tolerance`` when it is finite and ``mean |delta| < tolerance`` — the rule ``BitFitConfig.prune_tolerance``
+applies when saving, so the report tells what a save with that tolerance would drop.
 
 Example:
     >>> from bitfit_peft.inspect import bias_change_report, plot_bias_heatmap
@@ -116,7 +117,7 @@ class BiasChangeReport:
 
     @property
     def prunable(self) -> list[VectorStat]:
-        """Vectors whose entries all satisfy ``|delta| <= tolerance``."""
+        """Finite vectors with ``mean |delta| < tolerance`` (``BitFitConfig.prune_tolerance`` drops these)."""
         return [v for v in self.vectors if v.prunable]
 
     @property
@@ -219,7 +220,7 @@ def _vector_stat(
         n_nan=n_nan,
         n_inf=n_inf,
         rel_change=rel,
-        prunable=bool(n_nan == 0 and n_inf == 0 and (a.numel() == 0 or max_abs <= tolerance)),
+        prunable=bool(n_nan == 0 and n_inf == 0 and (a.numel() == 0 or mean_abs < tolerance)),
     )
 
 
@@ -340,7 +341,8 @@ def bias_change_report(
         adapter: adapter directory, Hub id, or a loaded model holding BitFit layers (e.g. a ``PeftModel``).
         base: optional base model (module, local path or Hub id) for files: adds each vector's relative
             change ``mean|delta| / mean|b0|`` and exact norm detection. A loaded model already knows its base.
-        tolerance: a vector is reported prunable when every ``|delta| <= tolerance``.
+        tolerance: a finite vector is reported prunable when ``mean |delta| < tolerance`` (the rule of
+            ``BitFitConfig.prune_tolerance``).
         adapter_name: which adapter of a loaded model (default: the active one); for files, saved keys carry
             no adapter name, so this only labels the report.
         revision: Hub revision, for Hub ids.

@@ -73,7 +73,8 @@ def print_report(report: BiasChangeReport, console: Console | None = None, max_l
     if pr:
         names = ", ".join(v.name for v in pr[:max_listed])
         more = f" (+{len(pr) - max_listed} more)" if len(pr) > max_listed else ""
-        console.print(f"prunable (every |Δb| ≤ {report.tolerance:g}): {names}{more}")
+        console.print(f"prunable (mean |Δb| < {report.tolerance:g}): {names}{more}")
+        console.print(f"(BitFitConfig(prune_tolerance={report.tolerance:g}) leaves these out when saving)")
 
 
 @app.command("inspect")
@@ -84,7 +85,7 @@ def inspect_command(
     ),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG heatmap (rows: kinds, cols: layers)."),
     tolerance: float = typer.Option(
-        DEFAULT_TOLERANCE, "--tolerance", min=0.0, help="A vector is prunable when every |Δb| ≤ this."
+        DEFAULT_TOLERANCE, "--tolerance", min=0.0, help="A vector is prunable when its mean |Δb| < this."
     ),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the full report as JSON."),
