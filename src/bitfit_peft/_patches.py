@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+
 import peft.peft_model as _peft_model
 
 from .delta_format import save_delta_file
@@ -13,6 +15,7 @@ from .delta_format import save_delta_file
 
 def install() -> None:
     install_transformers_load_adapter()
+    install_transactional_save()
     if getattr(_peft_model.safe_save_file, "_bitfit", False):
         return
     original = _peft_model.safe_save_file
@@ -61,3 +64,29 @@ def install_transformers_load_adapter() -> None:
     load_adapter._bitfit = True  # type: ignore[attr-defined]
     load_adapter.__doc__ = original.__doc__
     PeftAdapterMixin.load_adapter = load_adapter
+
+
+def _is_bitfit(peft_model) -> bool:  # noqa: ANN001
+    configs = getattr(peft_model, "peft_config", {}) or {}
+    return any(getattr(c, "peft_type", None) == "BITFIT" for c in configs.values())
+
+
+def install_transactional_save() -> None:
+    """``PeftModel.save_pretrained`` of a BitFit model saves all files as one unit (see ``atomic_save``)."""
+    from .atomic_save import transactional_save
+
+    original = _peft_model.PeftModel.save_pretrained
+    if getattr(original, "_bitfit", False):
+        return
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):  # noqa: ANN001
+        if not _is_bitfit(self) or not is_main_process or os.path.isfile(save_directory):
+            return original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
+        transactional_save(
+            save_directory,
+            lambda staging: original(self, staging, *args, is_main_process=is_main_process, **kwargs),
+        )
+
+    save_pretrained._bitfit = True  # type: ignore[attr-defined]
+    save_pretrained.__doc__ = original.__doc__
+    _peft_model.PeftModel.save_pretrained = save_pretrained
