@@ -104,6 +104,17 @@ class BitFitLayer(BaseTunerLayer):
         self._fused = type(base) in FUSED_TYPES and not (
             isinstance(base, (nn.LayerNorm, nn.GroupNorm)) and base.weight is None
         )
+        self._op_kind = (
+            "linear"
+            if isinstance(base, nn.Linear)
+            else "conv1d_hf"
+            if isinstance(base, Conv1D)
+            else "conv"
+            if isinstance(base, _CONV_TYPES)
+            else "layer_norm"
+            if isinstance(base, nn.LayerNorm)
+            else "group_norm"
+        )
 
     # ------------------------------------------------------------------ adapters
     def update_layer(
@@ -192,17 +203,19 @@ class BitFitLayer(BaseTunerLayer):
     # ------------------------------------------------------------------ forward
     def _apply_op(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Run the base module's own op with ``bias`` in place of its bias (no extra kernel)."""
-        base = self.get_base_layer()
+        base = self.base_layer
         weight = base.weight
-        bias = bias.to(weight.dtype)  # fp32 delta on a bf16/fp16 base: one tiny cast, gradient stays fp32
-        if isinstance(base, nn.Linear):
+        if bias.dtype != weight.dtype:
+            bias = bias.to(weight.dtype)  # fp32 delta on a bf16/fp16 base: one tiny cast, gradient stays fp32
+        kind = self._op_kind
+        if kind == "linear":
             return F.linear(x, weight, bias)
-        if isinstance(base, Conv1D):
+        if kind == "conv1d_hf":
             size_out = x.size()[:-1] + (base.nf,)
             return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size_out)
-        if isinstance(base, _CONV_TYPES):
+        if kind == "conv":
             return base._conv_forward(x, weight, bias)
-        if isinstance(base, nn.LayerNorm):
+        if kind == "layer_norm":
             return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
         return F.group_norm(x, base.num_groups, weight, bias, base.eps)
 
@@ -229,11 +242,11 @@ class BitFitLayer(BaseTunerLayer):
         """Forward with the active adapter(s) or the per-sample routing of a mixed batch."""
         base = self.base_layer
         routing = self._bitfit_routing
-        if self.disable_adapters:
+        if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return base(x, *args, **kwargs)
-        if routing is not None and routing.active:
+        if routing is not None and routing.rows is not None:
             if self.merged:
                 raise RuntimeError(
                     "Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first."
@@ -244,19 +257,28 @@ class BitFitLayer(BaseTunerLayer):
             gathered = table.index_select(0, index)
             extra = (1,) * (out.dim() - 1 - len(self._view_shape))
             return out + gathered.view(out.shape[0], *extra, *self._view_shape).to(out.dtype)
-        if self.merged:
+        if self.merged_adapters:
             return base(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.bitfit_delta]
+        active = self._active_adapter
+        deltas = self.bitfit_delta._modules
+        if isinstance(active, str):
+            active = (active,) if active in deltas else ()
+        else:
+            active = [a for a in active if a in deltas]
         if not active:
             return base(x, *args, **kwargs)
         if self._fused and not args and not kwargs and not hasattr(base, "_hf_hook"):
             bias = base.bias
             for name in active:
-                bias = self.bitfit_delta[name](bias)
+                module = deltas[name]
+                if module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+                    bias = module(bias)
+                else:  # same as module(bias), without the module-call overhead on the hot path
+                    bias = module.delta if bias is None else bias.to(module.delta.dtype) + module.delta
             return self._apply_op(x, bias)
         out = base(x, *args, **kwargs)
         for name in active:
-            out = self._add(out, self.bitfit_delta[name]())
+            out = self._add(out, deltas[name]())
         return out
 
 
