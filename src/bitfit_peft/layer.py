@@ -222,18 +222,23 @@ class BitFitLayer(BaseTunerLayer):
     def _add(self, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return out + delta.view(self._view_shape).to(out.dtype)
 
-    def _mixed_table(self, adapters: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """Stacked ``[1 + n_adapters, *bias_shape]`` table, row 0 zeros (cached while no delta changes)."""
-        rows = [self.bitfit_delta[a]() if a in self.bitfit_delta else None for a in adapters]
+    def _mixed_table(self, adapters: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Stacked ``[1 + n_adapters, *bias_shape]`` table in ``dtype``, row 0 zeros.
+
+        Cached (already on ``device`` and in the compute dtype) while no delta changes, so inference does one
+        gather and one add per layer; when gradients are needed it is rebuilt each call so they flow back.
+        """
+        modules = self.bitfit_delta._modules
+        rows = [modules[a]() if a in modules else None for a in adapters]
         present = next((r for r in rows if r is not None), None)
         if present is None:
-            return torch.zeros((1 + len(adapters), *self._bias_shape), device=device)
+            return torch.zeros((1 + len(adapters), *self._bias_shape), device=device, dtype=dtype)
         needs_grad = torch.is_grad_enabled() and any(r is not None and r.requires_grad for r in rows)
-        key = (adapters, tuple(None if r is None else (id(r), r._version) for r in rows), device)
+        key = (adapters, tuple(None if r is None else (id(r), r._version) for r in rows), device, dtype)
         if not needs_grad and self._table_cache is not None and self._table_cache[0] == key:
             return self._table_cache[1]
         zeros = torch.zeros_like(present)
-        table = torch.stack([zeros] + [zeros if r is None else r for r in rows]).to(device)
+        table = torch.stack([zeros] + [zeros if r is None else r for r in rows]).to(device=device, dtype=dtype)
         if not needs_grad:
             self._table_cache = (key, table)
         return table
@@ -252,11 +257,11 @@ class BitFitLayer(BaseTunerLayer):
                     "Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first."
                 )
             out = base(x, *args, **kwargs)
-            table = self._mixed_table(routing.adapters, out.device)
+            table = self._mixed_table(routing.adapters, out.device, out.dtype)
             index = routing.index_for(out.shape[0], out.device)
             gathered = table.index_select(0, index)
             extra = (1,) * (out.dim() - 1 - len(self._view_shape))
-            return out + gathered.view(out.shape[0], *extra, *self._view_shape).to(out.dtype)
+            return out + gathered.view(out.shape[0], *extra, *self._view_shape)
         if self.merged_adapters:
             return base(x, *args, **kwargs)
         active = self._active_adapter
