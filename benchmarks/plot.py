@@ -1,0 +1,382 @@
+"""Turn benchmark JSON outputs into PNG plots (docs/img/bench_*.png) and docs/benchmarks.md.
+
+Each results directory holds any of ``train_speed.json``, ``mixed_batch.json``, ``adapter_io.json`` from one
+machine (e.g. ``benchmarks/results/cpu`` from a local run, ``benchmarks/results/gpu`` copied from the
+``$OUT`` of ``benchmarks/gpu_all.sh``). Every directory becomes one section of the markdown page.
+
+Usage::
+
+    python benchmarks/plot.py                                   # default result dirs that exist
+    python benchmarks/plot.py --results out/ --md docs/benchmarks.md --img-dir docs/img
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = [REPO / "benchmarks" / "results" / "gpu", REPO / "benchmarks" / "results" / "cpu"]
+MODE_LABELS = {
+    "full": "full FT",
+    "naive_bias": "naive bias-freeze",
+    "lora": "LoRA r8 (all-linear)",
+    "beft": "PEFT BEFT (all-linear)",
+    "bitfit": "bitfit-peft",
+    "bitfit_lowmem": "bitfit-peft low-mem (bf16 base)",
+}
+
+
+def load_dir(d: Path) -> dict[str, Any]:
+    """All known JSON results in ``d`` keyed by benchmark name."""
+    out = {}
+    for name in ("train_speed", "mixed_batch", "adapter_io"):
+        p = d / f"{name}.json"
+        if p.exists():
+            out[name] = json.loads(p.read_text())
+    return out
+
+
+def fmt(x: Any, nd: int = 2) -> str:
+    """Compact number formatting for markdown cells."""
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x != x:
+            return "–"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        if abs(x) >= 10:
+            return f"{x:.1f}"
+        return f"{x:.{nd}f}" if abs(x) >= 0.01 else f"{x:.2g}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def tag_of(res: dict[str, Any]) -> str:
+    env = next(iter(res.values()))["env"]
+    return "gpu" if env.get("device_type") == "cuda" else "cpu"
+
+
+def env_line(env: dict[str, Any]) -> str:
+    return (
+        f"{env.get('device')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
+        f"peft {env.get('peft')} · bitfit-peft {env.get('bitfit_peft')} · {env.get('date')}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_train(ts: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    models = [m for m, r in ts["results"].items() if "modes" in r]
+    modes = ts["env"].get("modes") or list(MODE_LABELS)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(models))
+    for ax, key, label in (
+        (axes[0], "time_ratio", "step time / full FT"),
+        (axes[1], "mem_ratio", "peak memory / full FT"),
+    ):
+        for i, m in enumerate(models):
+            vals = [ts["results"][m]["modes"].get(mode, {}).get(key, float("nan")) for mode in modes]
+            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(modes))]
+            bars = ax.bar(xs, vals, width, label=m)
+            ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in vals], fontsize=7)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(range(len(modes)))
+        ax.set_xticklabels([MODE_LABELS.get(m, m).replace(" (", "\n(") for m in modes], fontsize=7)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_mixed(mb: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    parts = [p for p in ("forward", "generate") if "patterns" in mb["results"].get(p, {})]
+    if not parts:
+        return
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
+    for ax, part in zip(axes[0], parts, strict=True):
+        pats = mb["results"][part]["patterns"]
+        names = list(pats)
+        vals = [pats[n]["ratio"] for n in names]
+        colors = ["#888" if n == "base" else "#1f77b4" if n.startswith("bitfit") else "#ff7f0e" for n in names]
+        bars = ax.bar(range(len(names)), vals, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=7)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=8)
+        ax.set_ylabel("time / base model")
+        spec = mb["results"][part]["spec"]
+        extra = f", {mb['results'][part].get('new_tokens')} new tokens" if part == "generate" else ""
+        ax.set_title(f"{part}: {spec['name']} bs{spec['batch']}x{spec['seq']}{extra}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_io(aio: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    res = {k: v for k, v in aio["results"].items() if "error" not in v}
+    if not res:
+        return
+    kinds = list(res)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    panels = [
+        ("load_adapter_ms", "load_adapter (ms)", aio["targets_ms"]["load_adapter"]),
+        ("set_adapter_ms", "set_adapter (ms)", aio["targets_ms"]["set_adapter"]),
+        (None, "adapter file (KiB)", None),
+    ]
+    for ax, (key, label, target) in zip(axes, panels, strict=True):
+        if key is None:
+            names, vals = [], []
+            for k in kinds:
+                for dt, b in res[k]["file_bytes"].items():
+                    names.append(f"{k}\n{dt}")
+                    vals.append(b / 1024)
+        else:
+            names, vals = kinds, [res[k][key] for k in kinds]
+        bars = ax.bar(range(len(names)), vals, color=["#1f77b4" if "bitfit" in n else "#ff7f0e" for n in names])
+        ax.bar_label(bars, labels=[fmt(v) for v in vals], fontsize=7)
+        if target:
+            ax.axhline(target, color="red", lw=0.8, ls="--", label=f"target {target} ms")
+            ax.legend(fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=7)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def md_train(ts: dict[str, Any]) -> str:
+    out = []
+    for model, r in ts["results"].items():
+        if "modes" not in r:
+            out.append(f"**{model}**: failed: `{r.get('error')}`\n")
+            continue
+        s = r["spec"]
+        out.append(
+            f"**{model}** (hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}, batch "
+            f"{s['batch']}×{s['seq']}, {s['kind']}, autocast {r['amp']}):\n"
+        )
+        rows = []
+        for mode, m in r["modes"].items():
+            rows.append(
+                [
+                    MODE_LABELS.get(mode, mode),
+                    m.get("trainable"),
+                    m.get("step_ms"),
+                    m.get("time_ratio"),
+                    m.get("peak_mb"),
+                    m.get("mem_ratio"),
+                    m.get("autocast"),
+                    (m.get("error") or "")[:80],
+                ]
+            )
+        out.append(
+            md_table(
+                ["mode", "trainable params", "step ms (median)", "× full", "peak MB", "× full", "autocast", "error"],
+                rows,
+            )
+        )
+        method = next((m.get("mem_method") for m in r["modes"].values() if m.get("mem_method")), None)
+        if method:
+            out.append(f"\nMemory: {method}.\n")
+    return "\n".join(out)
+
+
+def md_mixed(mb: dict[str, Any]) -> str:
+    out = []
+    for part in ("forward", "generate"):
+        r = mb["results"].get(part)
+        if r is None:
+            continue
+        if "patterns" not in r:
+            out.append(f"**{part}** failed: `{r.get('error')}`\n")
+            continue
+        s = r["spec"]
+        unit = "s" if part == "generate" else "ms"
+        head = f"**{part}**: {s['name']} batch {s['batch']}×{s['seq']}, {mb['n_tasks']} tasks, {r['dtype']}" + (
+            f", {r['new_tokens']} new tokens (greedy)" if part == "generate" else ""
+        )
+        out.append(head + ":\n")
+        rows = [[k, v.get(unit), v["ratio"]] for k, v in r["patterns"].items()]
+        out.append(md_table(["pattern", f"{unit} (median)", "× base"], rows))
+        if r.get("check"):
+            checks = ", ".join(f"{k} = {fmt(v) if isinstance(v, float) else v}" for k, v in r["check"].items())
+            out.append(f"\nCorrectness (max |logit diff|): {checks}\n")
+    return "\n".join(out)
+
+
+def md_io(aio: dict[str, Any]) -> str:
+    res = aio["results"]
+    ref = res.get("lora", {})
+    rows = []
+    for kind, r in res.items():
+        if "error" in r:
+            rows.append([kind, f"failed: {r['error'][:80]}", None, None, None, None, None])
+            continue
+        fb = r["file_bytes"]
+        rows.append(
+            [
+                kind,
+                r["load_adapter_ms"],
+                r["from_pretrained_ms"],
+                r["set_adapter_ms"],
+                fb["float32"] / 1024,
+                (fb.get("bfloat16") or float("nan")) / 1024,
+                fb["float32"] / ref["file_bytes"]["float32"] if "file_bytes" in ref else None,
+            ]
+        )
+    t = aio["targets_ms"]
+    text = (
+        f"{aio['spec']['name']} shape; targets: load < {t['load_adapter']} ms, switch < {t['set_adapter']} ms.\n\n"
+        + md_table(
+            [
+                "adapter",
+                "load_adapter ms",
+                "from_pretrained ms",
+                "set_adapter ms",
+                "fp32 KiB",
+                "bf16 KiB",
+                "size × LoRA",
+            ],
+            rows,
+        )
+    )
+    b = res.get("bitfit", {})
+    if "meets_load_target" in b:
+        text += (
+            f"\n\nBitFit meets load target: **{b['meets_load_target']}**, "
+            f"switch target: **{b['meets_switch_target']}**.\n"
+        )
+    return text
+
+
+HEADER = """# Benchmarks
+
+Generated by `benchmarks/plot.py` from the JSON written by the benchmark scripts; do not edit by hand
+(edit the template in `benchmarks/plot.py`).
+
+What is measured (all numbers are ratios against a baseline measured **in the same process and run**):
+
+- **Training step** (`benchmarks/train_speed.py`): forward + backward + AdamW (fused) step on randomly
+  initialised models built from configs. Modes: full fine-tuning, naive bias-freezing (`requires_grad` only on
+  biases + classifier head), PEFT LoRA r8 all-linear, PEFT BEFT all-linear, bitfit-peft default
+  (`get_peft_model(model, BitFitConfig(task_type=...))`) and bitfit-peft low-memory mode
+  (`bitfit_peft.cast_frozen_base(model, torch.bfloat16)`, deltas fp32). Step time: interleaved round-robin
+  rounds over all modes held in one process, median seconds per step. Peak memory: one mode at a time
+  (CUDA: `max_memory_allocated` delta; CPU: fresh subprocess per mode, peak RSS delta).
+- **Mixed-task batch** (`benchmarks/mixed_batch.py`): 8 adapters, one task per sample
+  (`model(**batch, adapter_names=[...])`) vs the plain base model, one active adapter, and a per-task split
+  (`set_adapter` + sub-batch forward per task); PEFT LoRA r8 with 8 adapters for comparison.
+- **Adapter I/O** (`benchmarks/adapter_io.py`): `PeftModel.load_adapter` / `from_pretrained` of a BERT-base
+  adapter from local disk, `set_adapter` switch time, saved file size (fp32 and `save_dtype` bf16/fp16).
+
+Reproduce: `python benchmarks/train_speed.py`, `python benchmarks/mixed_batch.py`,
+`python benchmarks/adapter_io.py` (CPU shapes; add `--gpu --json ...` for GPU shapes), or on a GPU machine
+`OUT=out bash benchmarks/gpu_all.sh` (< 7 min), then `python benchmarks/plot.py --results out`.
+"""
+
+
+def section(res: dict[str, Any], tag: str, img_dir: Path, md_path: Path) -> str:
+    env = next(iter(res.values()))["env"]
+    title = "GPU" if tag == "gpu" else "CPU"
+    rel = os.path.relpath(img_dir, md_path.parent)
+    parts = [f"## {title} results\n", f"{env_line(env)}\n"]
+    if tag == "cpu":
+        parts.append(
+            "> CPU numbers use small shapes and a shared 2-core machine: treat ratios as indicative only;"
+            " the GPU section is the reference.\n"
+        )
+    if "train_speed" in res:
+        p = img_dir / f"bench_train_speed_{tag}.png"
+        plot_train(res["train_speed"], p, f"Training step vs full FT ({env.get('device')})")
+        parts += [
+            "### Training step time and peak memory\n",
+            md_train(res["train_speed"]),
+            f"\n![training step ratios]({rel}/{p.name})\n",
+        ]
+    if "mixed_batch" in res:
+        p = img_dir / f"bench_mixed_batch_{tag}.png"
+        plot_mixed(res["mixed_batch"], p, f"Mixed 8-task batch vs base model ({env.get('device')})")
+        parts += [
+            "### Mixed-task batches\n",
+            md_mixed(res["mixed_batch"]),
+            f"\n![mixed batch ratios]({rel}/{p.name})\n",
+        ]
+    if "adapter_io" in res:
+        p = img_dir / f"bench_adapter_io_{tag}.png"
+        plot_io(res["adapter_io"], p, f"Adapter I/O ({env.get('device')})")
+        parts += ["### Adapter load / switch / size\n", md_io(res["adapter_io"]), f"\n![adapter io]({rel}/{p.name})\n"]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", nargs="+", type=Path, default=None, help="result dirs (one per machine)")
+    ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
+    ap.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks.md")
+    ap.add_argument(
+        "--notes",
+        type=Path,
+        default=REPO / "benchmarks" / "results" / "NOTES.md",
+        help="optional hand-written findings appended to the page",
+    )
+    args = ap.parse_args(argv)
+    dirs = args.results or [d for d in DEFAULT_RESULTS if d.exists()]
+    args.img_dir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    seen: set[str] = set()
+    for d in dirs:
+        res = load_dir(d)
+        if not res:
+            print(f"no results in {d}")
+            continue
+        tag = tag_of(res)
+        if tag in seen:  # second dir of the same device type: suffix the image names
+            tag = f"{tag}_{re.sub(r'[^A-Za-z0-9]+', '_', d.name)}"
+        seen.add(tag)
+        sections.append(section(res, tag, args.img_dir, args.md))
+        print(f"{d}: {sorted(res)} -> {tag}")
+    text = HEADER + "\n" + "\n".join(sections)
+    if args.notes and args.notes.exists():
+        text += "\n" + args.notes.read_text()
+    args.md.parent.mkdir(parents=True, exist_ok=True)
+    args.md.write_text(text.rstrip() + "\n")
+    print(f"wrote {args.md}")
+
+
+if __name__ == "__main__":
+    main()
