@@ -1,0 +1,138 @@
+"""``bitfit-peft serve``: an HTTP server for many BitFit adapters over one base model.
+
+Example:
+    $ bitfit-peft serve --base sentence-transformers/all-MiniLM-L6-v2 \\
+        --adapter sst2=out/sst2 --adapter spam=out/spam --adapter-root out/ --port 8000
+    $ curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
+        -d '{"inputs": [{"task": "sst2", "text": "great film"}, {"task": "spam", "text": "WIN NOW"}]}'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from bitfit_peft.cli import app
+
+__all__ = ["parse_adapter_specs", "register", "serve_command"]
+
+
+def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
+    """``["sst2=out/sst2", ...]`` -> ``[("sst2", "out/sst2"), ...]`` (raises ``typer.BadParameter``)."""
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise typer.BadParameter(f"--adapter expects NAME=PATH_OR_HUB_ID, got {spec!r}.")
+        pairs.append((name.strip(), source.strip()))
+    names = [n for n, _ in pairs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise typer.BadParameter(f"--adapter names must be unique; repeated: {dupes}.")
+    return pairs
+
+
+def _infer_task_type(pairs: list[tuple[str, str]]) -> str:
+    for _, source in pairs:
+        cfg = Path(source).expanduser() / "adapter_config.json"
+        if cfg.is_file():
+            task_type = json.loads(cfg.read_text(encoding="utf-8")).get("task_type")
+            if task_type:
+                return str(task_type)
+    raise typer.BadParameter(
+        "Cannot infer the task type (no local --adapter with a task_type); pass --task-type "
+        "(SEQ_CLS, FEATURE_EXTRACTION, CAUSAL_LM or SEQ_2_SEQ_LM)."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_command(
+    base: str = typer.Option(..., "--base", help="Base model: local directory or Hugging Face Hub id."),
+    adapter: list[str] = typer.Option(
+        [], "--adapter", help="NAME=PATH (or NAME=HUB_ID with --allow-hub); repeat for each task."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    task_type: str = typer.Option(
+        "auto", "--task-type", help="SEQ_CLS, FEATURE_EXTRACTION, CAUSAL_LM, SEQ_2_SEQ_LM or auto (from adapters)."
+    ),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Most inputs per forward."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="How long to wait to fill a batch."),
+    max_queue: int = typer.Option(1024, "--max-queue", min=1, help="Most waiting inputs; beyond: HTTP 429."),
+    adapter_root: list[Path] = typer.Option(
+        [], "--adapter-root", help="Directory POST /v1/adapters may load from (repeatable); none: no hot loading."
+    ),
+    allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow Hub ids in --adapter and POST /v1/adapters."),
+    no_admin: bool = typer.Option(False, "--no-admin", help="Disable POST/DELETE /v1/adapters."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
+    max_length: int = typer.Option(512, "--max-length", min=1, help="Truncate inputs to this many tokens."),
+    normalize_embeddings: bool = typer.Option(False, "--normalize", help="L2-normalise embeddings."),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve several BitFit adapters of one base model; inputs of different tasks share one forward."""
+    import uvicorn
+
+    from bitfit_peft.serving import EngineError, MultiTaskEngine, create_app
+
+    err = Console(stderr=True)
+    pairs = parse_adapter_specs(adapter)
+    if task_type == "auto":
+        task_type = _infer_task_type(pairs)
+    if not _is_loopback(host):
+        err.print(
+            f"[yellow]warning:[/yellow] binding {host}: the server has no authentication; anyone who can reach "
+            "this port can run the model" + ("" if no_admin else " and load/unload adapters (see --no-admin)") + "."
+        )
+    for root in adapter_root:
+        if not root.is_dir():
+            raise typer.BadParameter(f"--adapter-root {root} is not a directory.")
+    try:
+        engine = MultiTaskEngine(
+            base,
+            task_type=task_type,
+            device=device,
+            dtype=dtype,
+            max_length=max_length,
+            normalize_embeddings=normalize_embeddings,
+        )
+        for name, source in pairs:
+            info = engine.add_adapter(name, source, allow_hub=allow_hub)
+            labels = f" labels={info.labels}" if info.labels else ""
+            err.print(
+                f"loaded [bold]{name}[/bold] ({info.kind}{labels}): {info.delta_params} bias params, "
+                f"{info.total_bytes / 1024:.1f} KiB"
+            )
+    except (EngineError, ValueError, OSError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    app = create_app(
+        engine,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        adapter_roots=adapter_root,
+        allow_hub=allow_hub,
+        admin=not no_admin,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def register(typer_app: typer.Typer) -> None:
+    """Add the ``serve`` command to a typer app."""
+    typer_app.command("serve")(serve_command)
+
+
+register(app)

@@ -1,0 +1,42 @@
+"""Multi-task serving: one base model, many BitFit adapters, mixed-task batches.
+
+- :class:`MultiTaskEngine`: Python API (``add_adapter`` / ``remove_adapter`` / ``predict`` / ``generate``).
+- :func:`create_app`: FastAPI server with dynamic batching (``bitfit-peft serve``).
+- :func:`enable_head_routing`: per-sample classifier heads in mixed batches (also for training).
+- :class:`MultiTaskCollator`: a Trainer data collator that emits ``adapter_names`` (train several tasks at once).
+
+See ``docs/serving.md``.
+"""
+
+from __future__ import annotations
+
+from .collator import MultiTaskCollator
+from .engine import (
+    AdapterInfo,
+    EngineError,
+    Generation,
+    MultiTaskEngine,
+    Prediction,
+    UnknownTaskError,
+)
+from .heads import enable_head_routing
+
+__all__ = [
+    "AdapterInfo",
+    "EngineError",
+    "Generation",
+    "MultiTaskCollator",
+    "MultiTaskEngine",
+    "Prediction",
+    "UnknownTaskError",
+    "create_app",
+    "enable_head_routing",
+]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: FastAPI is only imported when the server is used
+    if name == "create_app":
+        from .server import create_app
+
+        return create_app
+    raise AttributeError(name)

@@ -1,0 +1,113 @@
+"""Per-sample task heads (``modules_to_save``) in mixed-task batches.
+
+The core routes the *bias deltas* of ``model(**batch, adapter_names=[...])`` per sample, but PEFT's
+:class:`~peft.utils.ModulesToSaveWrapper` (the per-adapter classifier head of ``SEQ_CLS`` / ``TOKEN_CLS``) only
+follows ``adapter_names`` when the tuner injects them into its forward, which BitFit does not. Without help every
+sample of a mixed batch goes through the *active* adapter's head.
+
+:func:`enable_head_routing` makes every head wrapper of a BitFit ``PeftModel`` read the core's per-sample routing:
+each sample goes through its own adapter's head copy (``"__base__"`` and adapters without a copy through the
+original module). Heads of different output sizes (2-way and 4-way classifiers) are allowed: their outputs are
+zero-padded along the last dimension to the widest head in the batch; slice each row to its task's
+``num_labels``. Gradients flow to each head from its own samples only, so it also works for multi-task training.
+
+Example:
+    >>> # model = get_peft_model(bert_seq_cls, BitFitConfig(task_type="SEQ_CLS"), adapter_name="sst2")
+    >>> # model.load_adapter("spam-adapter", adapter_name="spam"); enable_head_routing(model)
+    >>> # model(**batch, adapter_names=["sst2", "spam", "__base__"]).logits  # each row from its own head
+"""
+
+from __future__ import annotations
+
+import types
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+from ..routing import BASE_ADAPTER_NAME, Routing
+
+__all__ = ["enable_head_routing", "head_modules", "routing_of"]
+
+
+def routing_of(peft_model: nn.Module) -> Routing:
+    """The core's shared per-sample :class:`~bitfit_peft.routing.Routing` of a BitFit ``PeftModel``."""
+    tuner = getattr(peft_model, "base_model", peft_model)
+    routing = getattr(tuner, "_routing", None)
+    if not isinstance(routing, Routing):
+        raise TypeError(f"{type(peft_model).__name__} is not a BitFit PeftModel (no per-sample routing found).")
+    return routing
+
+
+def head_modules(peft_model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
+    """``{module name: wrapper}`` of every ``modules_to_save`` wrapper (the per-adapter heads)."""
+    return {n: m for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def _sample_names(routing: Routing, n_rows: int) -> list[str]:
+    assert routing.rows is not None and routing.adapters is not None
+    names = [BASE_ADAPTER_NAME if r == 0 else routing.adapters[r - 1] for r in routing.rows]
+    if n_rows == len(names):
+        return names
+    if n_rows % len(names):
+        raise RuntimeError(
+            f"Mixed-adapter batch: {len(names)} adapter_names but a head saw {n_rows} rows (not a multiple)."
+        )
+    repeat = n_rows // len(names)
+    return [n for n in names for _ in range(repeat)]
+
+
+def _routed_forward(self: ModulesToSaveWrapper, *args: Any, routing: Routing, **kwargs: Any) -> Any:
+    explicit = kwargs.pop("adapter_names", None)
+    if self.disable_adapters or not args or not isinstance(args[0], torch.Tensor):
+        return ModulesToSaveWrapper.forward(self, *args, **kwargs)
+    x = args[0]
+    if explicit is not None:
+        names = list(explicit)
+    elif routing.active:
+        names = _sample_names(routing, x.shape[0])
+    else:
+        return ModulesToSaveWrapper.forward(self, *args, **kwargs)
+
+    def module_for(name: str) -> nn.Module:
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    if len(groups) == 1:
+        return module_for(names[0])(x, *args[1:], **kwargs)
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, rows in groups.items():
+        index = torch.tensor(rows, dtype=torch.long, device=x.device)
+        out = module_for(name)(x.index_select(0, index), *args[1:], **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"Per-sample head routing needs tensor outputs, got {type(out).__name__}.")
+        outputs.append((index, out))
+    width = max(out.shape[-1] for _, out in outputs)
+    first = outputs[0][1]
+    result = first.new_zeros((x.shape[0], *first.shape[1:-1], width))
+    for index, out in outputs:
+        if out.shape[-1] < width:
+            out = F.pad(out, (0, width - out.shape[-1]))
+        result = result.index_copy(0, index, out.to(result.dtype))
+    return result
+
+
+def enable_head_routing(peft_model: nn.Module) -> int:
+    """Route every head wrapper of ``peft_model`` per sample in mixed batches; returns how many were patched.
+
+    Idempotent; call it again after loading an adapter that adds a new ``modules_to_save`` module.
+    """
+    routing = routing_of(peft_model)
+    patched = 0
+    for wrapper in head_modules(peft_model).values():
+        if getattr(wrapper, "_bitfit_head_routing", None) is routing:
+            continue
+        wrapper.forward = types.MethodType(partial(_routed_forward, routing=routing), wrapper)  # type: ignore
+        wrapper._bitfit_head_routing = routing
+        patched += 1
+    return patched
