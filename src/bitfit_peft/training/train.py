@@ -362,24 +362,45 @@ def train(
         model: Hub id or local path of the base model; None: the packaged MiniLM-L6.
         data: local CSV/TSV/JSON/JSONL/Parquet file or Hub dataset id; None: the packaged SMS Spam demo
             (then ``DEMO_DEFAULTS`` fill in unset sample caps, epochs and max length).
-        task: ``seq-cls`` | ``regression`` | ``token-cls`` | ``causal-lm``.
-        text_column / text_pair_column / label_column: column names (pair: sentence-pair tasks).
-        dev_data / split / dev_split / data_config: dev file or Hub id, Hub split names, Hub config name.
-        dev_fraction: held-out fraction when no dev set is given (fixed split from ``seed``).
-        max_train_samples / max_eval_samples: caps applied after the split.
-        output_dir: where the adapter, tokenizer and ``bitfit_training.json`` go; Trainer checkpoints go to
+        task: ``seq-cls``, ``regression``, ``token-cls`` or ``causal-lm``.
+        text_column: column holding the text (token-cls: the words).
+        text_pair_column: second-sentence column for sentence-pair tasks (seq-cls / regression).
+        label_column: column holding the label (token-cls: one tag per word); unused for causal-lm.
+        dev_data: a separate dev set (file or Hub id).
+        split: Hub split to train on.
+        dev_split: Hub split to evaluate on.
+        data_config: Hub dataset configuration name.
+        dev_fraction: held-out fraction when no dev set is given (a fixed split from ``seed``).
+        max_train_samples: cap on training examples, applied after the split.
+        max_eval_samples: cap on dev examples, applied after the split.
+        output_dir: where the adapter, tokenizer and ``bitfit_training.json`` go. Trainer checkpoints go to
             ``output_dir/checkpoints`` (removed after success unless ``keep_checkpoints``).
-        bias_terms: ``"all"`` or group names (list or comma-separated): query, key, value, attention_output,
-            intermediate, output, layernorm.
+        bias_terms: ``"all"`` or bias groups (a list or a comma-separated string): query, key, value,
+            attention_output, intermediate, output, layernorm.
         add_missing_bias: give bias-free targeted layers (Llama, T5, ...) a zero-initialised delta.
-        learning_rate / head_learning_rate: for the bias deltas / the task head (None: same as the biases).
-        num_epochs, batch_size, max_length: default 3 epochs and 128 tokens (demo: 2 and 64).
-        early_stopping_patience: epochs without dev improvement before stopping; None/0 disables it.
+        learning_rate: learning rate of the bias deltas.
+        head_learning_rate: learning rate of the task head (None: ``learning_rate``).
+        weight_decay: weight decay of the head's weight matrices (bias deltas never decay).
+        warmup_ratio: fraction of the steps used for linear warm-up.
+        num_epochs: training epochs (default 3; demo 2).
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size (default ``2 * batch_size``).
+        max_length: max tokens per example (default 128; demo 64).
+        early_stopping_patience: epochs without dev improvement before stopping; None or 0 disables it.
             The best epoch's checkpoint is restored at the end either way.
+        seed: seed of the split, the head initialisation and the data order.
+        adapter_name: PEFT adapter name (a non-default name is saved in a sub-folder).
         resume_from_checkpoint: a checkpoint dir, or True for the latest one in ``output_dir/checkpoints``.
+        keep_checkpoints: keep ``output_dir/checkpoints`` after a successful run.
+        save_total_limit: checkpoints kept while training (the best one is always kept).
         eval_before: evaluate the untrained adapter first (``metrics_before``).
-        push_to_hub / hub_model_id / hub_private: upload the adapter and tokenizer with ``push_to_hub``.
+        push_to_hub: upload the adapter and tokenizer with ``push_to_hub`` after saving.
+        hub_model_id: Hub repo id (default: the output dir's name).
+        hub_private: create the Hub repo as private.
         quiet: no progress bars or per-epoch logs.
+
+    Returns:
+        A :class:`TrainResult` with dev metrics before/after, parameter counts, adapter size and timings.
     """
     start = time.perf_counter()
     task = normalize_task(task)
