@@ -110,7 +110,7 @@ def test_seq_cls_bert_each_sample_uses_its_own_head() -> None:
     assert (head_a - singles[1]).abs().max().item() > 1e-2  # the adapters (and heads) really differ
 
 
-@pytest.mark.xfail(strict=False, reason="core: ModulesToSaveWrapper heads ignore adapter_names (see docs/serving.md)")
+
 def test_core_alone_routes_heads_per_sample() -> None:
     model = build("bert", "SEQ_CLS", model_kwargs={"num_labels": 3})
     ids = torch.tensor([SEQS[1], SEQS[1]])
@@ -224,8 +224,6 @@ def test_unknown_adapter_names_raise_before_compute() -> None:
         handle.remove()
 
 
-@pytest.mark.xfail(strict=False, reason="core: PeftModel.forward hands only **kwargs to the routing hook, so the "
-                   "length check never sees input_ids; 1 name for 2 rows is silently broadcast")
 def test_wrong_number_of_adapter_names_raises_in_forward() -> None:
     model = build("gpt2", "CAUSAL_LM")
     with pytest.raises(ValueError, match="entries"):

@@ -93,7 +93,7 @@ class BitFitLayer(BaseTunerLayer):
         self._created_bias = False
         self.bias_group = kwargs.get("bias_group", "other")
         self._bitfit_routing: Routing | None = kwargs.get("routing")
-        self._table_cache: tuple[Any, torch.Tensor] | None = None
+        self._table_cache: tuple[Any, tuple, torch.Tensor] | None = None
         base = self.get_base_layer()
         self._bias_shape = bias_shape(base)
         self._view_shape = (
@@ -234,13 +234,19 @@ class BitFitLayer(BaseTunerLayer):
         if present is None:
             return torch.zeros((1 + len(adapters), *self._bias_shape), device=device, dtype=dtype)
         needs_grad = torch.is_grad_enabled() and any(r is not None and r.requires_grad for r in rows)
-        key = (adapters, tuple(None if r is None else (id(r), r._version) for r in rows), device, dtype)
-        if not needs_grad and self._table_cache is not None and self._table_cache[0] == key:
-            return self._table_cache[1]
+        key = (adapters, tuple(None if r is None else r._version for r in rows), device, dtype)
+        cache = self._table_cache
+        if (
+            not needs_grad
+            and cache is not None
+            and cache[0] == key
+            and all(a is b for a, b in zip(cache[1], rows, strict=True))  # same tensors, not just same ids
+        ):
+            return cache[2]
         zeros = torch.zeros_like(present)
         table = torch.stack([zeros] + [zeros if r is None else r for r in rows]).to(device=device, dtype=dtype)
         if not needs_grad:
-            self._table_cache = (key, table)
+            self._table_cache = (key, tuple(rows), table)
         return table
 
     def bitfit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

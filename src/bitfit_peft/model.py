@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from . import delta_format
 from .config import SAVE_DTYPES, BitFitConfig
 from .groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index, primary_group
+from .heads import route_heads
 from .layer import FUSED_TYPES, BitFitLayer, BitFitWrapper, bias_shape, can_merge_into
 from .routing import BASE_ADAPTER_NAME, Routing
 
@@ -252,11 +254,19 @@ class BitFitModel(BaseTuner):
             )
         if any(getattr(m, "merged", False) for m in self.model.modules() if isinstance(m, BitFitLayer)):
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        route_heads(self.model, self._routing)
+        check = None
+        if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: check the model's first call
+            check = self.model.register_forward_pre_hook(
+                partial(_check_first_batch, expected=len(adapter_names)), with_kwargs=True
+            )
         self._routing.set(list(adapter_names))
         keep_for_backward = self.model.training and torch.is_grad_enabled()
         try:
             yield
         finally:
+            if check is not None:
+                check.remove()
             if not keep_for_backward:  # gradient checkpointing re-runs forward during backward
                 self._routing.clear()
 
@@ -396,6 +406,19 @@ def _rollback(model: nn.Module, adapter_name: str) -> None:
     elif isinstance(tuner, BitFitModel):
         tuner.unload()
         tuner.peft_config.pop(adapter_name, None)
+
+
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "x")
+
+
+def _check_first_batch(module: nn.Module, args: tuple, kwargs: dict, expected: int) -> None:
+    tensors = [kwargs[k] for k in _BATCH_KEYS if isinstance(kwargs.get(k), torch.Tensor)]
+    tensors += [a for a in args if isinstance(a, torch.Tensor)]
+    if tensors and tensors[0].dim() >= 1 and tensors[0].shape[0] != expected:
+        raise ValueError(
+            f"adapter_names has {expected} entries but the batch has {tensors[0].shape[0]} samples; "
+            "pass exactly one adapter name per sample."
+        )
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

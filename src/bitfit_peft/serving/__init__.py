@@ -10,6 +10,7 @@ See ``docs/serving.md``.
 
 from __future__ import annotations
 
+from ..heads import enable_head_routing
 from .collator import MultiTaskCollator
 from .engine import (
     AdapterInfo,
@@ -19,7 +20,6 @@ from .engine import (
     Prediction,
     UnknownTaskError,
 )
-from .heads import enable_head_routing
 
 __all__ = [
     "AdapterInfo",

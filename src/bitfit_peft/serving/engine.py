@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from .. import BASE_ADAPTER_NAME, BitFitLayer
-from .heads import enable_head_routing, head_modules
+from ..heads import enable_head_routing, head_modules
 
 __all__ = [
     "AdapterInfo",

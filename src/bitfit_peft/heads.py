@@ -1,11 +1,9 @@
 """Per-sample task heads (``modules_to_save``) in mixed-task batches.
 
-The core routes the *bias deltas* of ``model(**batch, adapter_names=[...])`` per sample, but PEFT's
-:class:`~peft.utils.ModulesToSaveWrapper` (the per-adapter classifier head of ``SEQ_CLS`` / ``TOKEN_CLS``) only
-follows ``adapter_names`` when the tuner injects them into its forward, which BitFit does not. Without help every
-sample of a mixed batch goes through the *active* adapter's head.
-
-:func:`enable_head_routing` makes every head wrapper of a BitFit ``PeftModel`` read the core's per-sample routing:
+PEFT's :class:`~peft.utils.ModulesToSaveWrapper` (the per-adapter classifier head of ``SEQ_CLS`` /
+``TOKEN_CLS``) only follows ``adapter_names`` when a tuner injects them, and then only for Linear/Embedding/Conv
+heads of equal size. :func:`route_heads` (called by the core on every mixed-batch call) makes every head wrapper
+read the core's per-sample routing instead:
 each sample goes through its own adapter's head copy (``"__base__"`` and adapters without a copy through the
 original module). Heads of different output sizes (2-way and 4-way classifiers) are allowed: their outputs are
 zero-padded along the last dimension to the widest head in the batch; slice each row to its task's
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from ..routing import BASE_ADAPTER_NAME, Routing
+from .routing import BASE_ADAPTER_NAME, Routing
 
 __all__ = ["enable_head_routing", "head_modules", "routing_of"]
 
@@ -100,11 +98,15 @@ def _routed_forward(self: ModulesToSaveWrapper, *args: Any, routing: Routing, **
 def enable_head_routing(peft_model: nn.Module) -> int:
     """Route every head wrapper of ``peft_model`` per sample in mixed batches; returns how many were patched.
 
-    Idempotent; call it again after loading an adapter that adds a new ``modules_to_save`` module.
+    The core calls this automatically on every ``adapter_names=[...]`` call; idempotent.
     """
-    routing = routing_of(peft_model)
+    return route_heads(peft_model, routing_of(peft_model))
+
+
+def route_heads(model: nn.Module, routing: Routing) -> int:
+    """Make every ``modules_to_save`` wrapper under ``model`` follow ``routing``; returns how many were patched."""
     patched = 0
-    for wrapper in head_modules(peft_model).values():
+    for wrapper in head_modules(model).values():
         if getattr(wrapper, "_bitfit_head_routing", None) is routing:
             continue
         wrapper.forward = types.MethodType(partial(_routed_forward, routing=routing), wrapper)  # type: ignore
