@@ -133,6 +133,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cuda_warmup(device: torch.device) -> None:
+    """Initialise cuBLAS/cuDNN handles and workspaces (fp32 and bf16, fwd+bwd) so no mode pays for them."""
+    if device.type != "cuda":
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(256, 256, device=device, dtype=dtype, requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            (a @ a).float().sum().backward()
+    sync(device)
+
+
 def autocast_ctx(device: torch.device, enabled: bool) -> Any:
     """bf16 autocast on ``device`` (CUDA or CPU) when ``enabled``; a null context otherwise."""
     if enabled:

@@ -2,9 +2,11 @@
 
 Measured (median over repeats, adapter files on local disk / page cache, model on the benchmark device):
 
-* ``load_adapter``   ``PeftModel.load_adapter(dir, adapter_name=new)`` into an existing PeftModel (target < 20 ms)
+* ``load_adapter``   ``PeftModel.load_adapter(dir, adapter_name=new)`` into a PeftModel holding 1 adapter
+  (target < 20 ms); also with ``--resident`` (16) adapters already loaded
 * ``from_pretrained``  ``PeftModel.from_pretrained(fresh_base, dir)`` (layer injection included)
-* ``set_adapter``    switching the active adapter between two loaded ones (target < 1 ms), synced on CUDA
+* ``set_adapter``    switching the active adapter between two loaded ones (target < 1 ms), synced on CUDA;
+  also with ``--resident`` adapters loaded
 * file size of ``adapter_model.safetensors`` for fp32 and (BitFit) ``save_dtype`` bf16/fp16
 
 LoRA r8 (all linear) is measured the same way in the same run and reported as the ratio baseline.
@@ -124,11 +126,30 @@ def bench_kind(
     host.load_adapter(path, adapter_name="warm")
     host.delete_adapter("warm")
 
-    load_times = time_each(lambda i: host.load_adapter(path, adapter_name=f"l{i}"), args.load_repeats, device)
+    def load_then_drop(i: int, n_resident: int) -> float:
+        """Seconds to load one more adapter into a host holding ``n_resident`` adapters (delete untimed)."""
+        sync(device)
+        t0 = time.perf_counter()
+        host.load_adapter(path, adapter_name=f"l{n_resident}_{i}")
+        sync(device)
+        dt = time.perf_counter() - t0
+        host.delete_adapter(f"l{n_resident}_{i}")
+        return dt
+
+    load_times = [load_then_drop(i, 1) for i in range(args.load_repeats)]
     res["load_adapter_ms"] = median(load_times) * 1e3
     res["load_adapter_ms_all"] = [t * 1e3 for t in load_times]
-    for i in range(args.load_repeats):
-        host.delete_adapter(f"l{i}")
+    # Serving scenario: the same load with many adapters already resident (PEFT bookkeeping grows with it).
+    for i in range(1, args.resident):
+        host.load_adapter(path, adapter_name=f"r{i}")
+    many = [load_then_drop(i, args.resident) for i in range(max(3, args.load_repeats // 3))]
+    res["load_adapter_ms_many"] = median(many) * 1e3
+    res["resident"] = args.resident
+    many_names = ("a0", "r1")
+    switch_many = time_each(lambda i: host.set_adapter(many_names[i % 2]), args.switch_repeats // 2, device)
+    res["set_adapter_ms_many"] = median(switch_many) * 1e3
+    for i in range(1, args.resident):
+        host.delete_adapter(f"r{i}")
 
     host.load_adapter(path, adapter_name="a1")
     for name in ("a0", "a1"):  # warm both
@@ -146,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kinds", default="bitfit,lora")
     ap.add_argument("--load-repeats", type=int, default=15)
     ap.add_argument("--fp-repeats", type=int, default=5)
+    ap.add_argument("--resident", type=int, default=16, help="adapters resident for the scaling measurement")
     ap.add_argument("--switch-repeats", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -190,18 +212,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for kind, r in res.items():
         if "error" in r:
-            rows.append([kind, r["error"][:60], None, None, None, None, None])
+            rows.append([kind, r["error"][:60], None, None, None, None, None, None, None])
             continue
         fb = r["file_bytes"]
-        for key in ("load_adapter_ms", "from_pretrained_ms", "set_adapter_ms"):
+        for key in (
+            "load_adapter_ms",
+            "load_adapter_ms_many",
+            "from_pretrained_ms",
+            "set_adapter_ms",
+            "set_adapter_ms_many",
+        ):
             if key in ref and ref[key]:
                 r[key.replace("_ms", "_ratio_to_lora")] = r[key] / ref[key]
         rows.append(
             [
                 kind,
                 r["load_adapter_ms"],
+                r["load_adapter_ms_many"],
                 r["from_pretrained_ms"],
                 r["set_adapter_ms"],
+                r["set_adapter_ms_many"],
                 fb["float32"] / 1024,
                 fb.get("bfloat16", float("nan")) / 1024,
                 fb["float32"] / ref["file_bytes"]["float32"] if ref else None,
@@ -209,7 +239,18 @@ def main(argv: list[str] | None = None) -> None:
         )
     log(
         format_table(
-            ["adapter", "load ms", "from_pretrained ms", "switch ms", "fp32 KiB", "bf16 KiB", "size x lora"], rows
+            [
+                "adapter",
+                "load ms",
+                f"load ms ({args.resident} res.)",
+                "from_pretrained ms",
+                "switch ms",
+                f"switch ms ({args.resident} res.)",
+                "fp32 KiB",
+                "bf16 KiB",
+                "size x lora",
+            ],
+            rows,
         )
     )
     if "bitfit" in res and "error" not in res["bitfit"]:

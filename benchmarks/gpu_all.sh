@@ -41,10 +41,10 @@ step() { # step NAME LIMIT_S script args...
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" | tee -a "$LOG"
 
-# Budgets: adapter_io ~20 s, train_speed ~90 s, mixed_batch ~120 s expected; hard limits sum to 380 s.
-step adapter_io 60 benchmarks/adapter_io.py --gpu --json "$OUT/adapter_io.json"
-step train_speed 170 benchmarks/train_speed.py --gpu --budget 25 --json "$OUT/train_speed.json"
-step mixed_batch 150 benchmarks/mixed_batch.py --gpu --budget 15 --gen-budget 60 --json "$OUT/mixed_batch.json"
+# Expected: adapter_io ~20 s, train_speed ~80 s, mixed_batch ~90 s; hard limits sum to 330 s.
+step adapter_io 50 benchmarks/adapter_io.py --gpu --json "$OUT/adapter_io.json"
+step train_speed 150 benchmarks/train_speed.py --gpu --budget 20 --json "$OUT/train_speed.json"
+step mixed_batch 130 benchmarks/mixed_batch.py --gpu --budget 10 --gen-budget 40 --json "$OUT/mixed_batch.json"
 
 echo "=== total $(elapsed)s; results in $OUT" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"

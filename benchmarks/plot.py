@@ -72,7 +72,8 @@ def tag_of(res: dict[str, Any]) -> str:
 def env_line(env: dict[str, Any]) -> str:
     return (
         f"{env.get('device')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
-        f"peft {env.get('peft')} · bitfit-peft {env.get('bitfit_peft')} · {env.get('date')}"
+        f"peft {env.get('peft')} · bitfit-peft {env.get('bitfit_peft')} · torch threads {env.get('threads')} · "
+        f"{env.get('date')}"
     )
 
 
@@ -105,7 +106,9 @@ def plot_train(ts: dict[str, Any], path: Path, title: str) -> None:
             ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in vals], fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xticks(range(len(modes)))
-        ax.set_xticklabels([MODE_LABELS.get(m, m).replace(" (", "\n(") for m in modes], fontsize=7)
+        ax.set_xticklabels(
+            [MODE_LABELS.get(m, m).replace(" (", "\n(") for m in modes], fontsize=7, rotation=25, ha="right"
+        )
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -146,7 +149,7 @@ def plot_io(aio: dict[str, Any], path: Path, title: str) -> None:
     if not res:
         return
     kinds = list(res)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = [
         ("load_adapter_ms", "load_adapter (ms)", aio["targets_ms"]["load_adapter"]),
         ("set_adapter_ms", "set_adapter (ms)", aio["targets_ms"]["set_adapter"]),
@@ -160,7 +163,13 @@ def plot_io(aio: dict[str, Any], path: Path, title: str) -> None:
                     names.append(f"{k}\n{dt}")
                     vals.append(b / 1024)
         else:
-            names, vals = kinds, [res[k][key] for k in kinds]
+            names, vals = [], []
+            for k in kinds:
+                names.append(f"{k}\nfew resident")
+                vals.append(res[k][key])
+                if f"{key}_many" in res[k]:
+                    names.append(f"{k}\n{res[k].get('resident', 'many')} resident")
+                    vals.append(res[k][f"{key}_many"])
         bars = ax.bar(range(len(names)), vals, color=["#1f77b4" if "bitfit" in n else "#ff7f0e" for n in names])
         ax.bar_label(bars, labels=[fmt(v) for v in vals], fontsize=7)
         if target:
@@ -188,7 +197,7 @@ def md_train(ts: dict[str, Any]) -> str:
         s = r["spec"]
         out.append(
             f"**{model}** (hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}, batch "
-            f"{s['batch']}×{s['seq']}, {s['kind']}, autocast {r['amp']}):\n"
+            f"{s['batch']}×{s['seq']}, {s['kind']}, default precision {r['amp']}):\n"
         )
         rows = []
         for mode, m in r["modes"].items():
@@ -245,31 +254,36 @@ def md_io(aio: dict[str, Any]) -> str:
     rows = []
     for kind, r in res.items():
         if "error" in r:
-            rows.append([kind, f"failed: {r['error'][:80]}", None, None, None, None, None])
+            rows.append([kind, f"failed: {r['error'][:80]}", None, None, None, None, None, None, None])
             continue
         fb = r["file_bytes"]
         rows.append(
             [
                 kind,
                 r["load_adapter_ms"],
+                r.get("load_adapter_ms_many"),
                 r["from_pretrained_ms"],
                 r["set_adapter_ms"],
+                r.get("set_adapter_ms_many"),
                 fb["float32"] / 1024,
                 (fb.get("bfloat16") or float("nan")) / 1024,
                 fb["float32"] / ref["file_bytes"]["float32"] if "file_bytes" in ref else None,
             ]
         )
     t = aio["targets_ms"]
+    resident = next((r["resident"] for r in res.values() if "resident" in r), "?")
     text = (
         f"{aio['spec']['name']} shape; targets: load < {t['load_adapter']} ms, switch < {t['set_adapter']} ms.\n\n"
         + md_table(
             [
                 "adapter",
-                "load_adapter ms",
+                "load_adapter ms (1 resident)",
+                f"load_adapter ms ({resident} resident)",
                 "from_pretrained ms",
-                "set_adapter ms",
+                "set_adapter ms (2 resident)",
+                f"set_adapter ms ({resident} resident)",
                 "fp32 KiB",
-                "bf16 KiB",
+                "bf16/fp16 KiB",
                 "size × LoRA",
             ],
             rows,

@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     autocast_ctx,
     build_model,
     count_params,
+    cuda_warmup,
     ensure_bitfit_importable,
     env_info,
     format_table,
@@ -255,6 +256,7 @@ def run_model(spec: ModelSpec, modes: list[str], device: torch.device, args: arg
         f"batch={spec.batch}x{spec.seq} ({spec.task_type}, amp={'bf16' if amp else 'off'})"
     )
     t0 = time.perf_counter()
+    cuda_warmup(device)
     base = build_model(spec, device)
     batch = make_batch(spec, device)
     log(f"  built base in {time.perf_counter() - t0:.1f}s")
