@@ -1,0 +1,173 @@
+"""BitFit on Accelerate-dispatched models: explicit device maps with CPU- and disk-offloaded modules (CPU only).
+
+Reference for every check: the same base loaded without a device map, with the same adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+import bitfit_peft
+from bitfit_peft import BitFitConfig
+
+DEVICE_MAP = {
+    "bert.embeddings": "cpu",
+    "bert.encoder.layer.0": "cpu",
+    "bert.encoder.layer.1": "disk",
+    "bert.pooler": "disk",
+    "classifier": "cpu",
+}
+IDS = torch.tensor([[2, 10, 11, 12, 3], [2, 20, 21, 3, 0]])
+MASK = (IDS != 0).long()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A saved tiny BERT classifier and a BitFit adapter with large random deltas + a perturbed head."""
+    root = tmp_path_factory.mktemp("accelerate")
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    make_tiny_model("bert", task="seq_cls").save_pretrained(base_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, BitFitConfig(task_type="SEQ_CLS"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir
+
+
+def _offloaded(base_dir: Path, folder: Path, device_map: dict[str, str] | None = None) -> torch.nn.Module:
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_dir, device_map=device_map or DEVICE_MAP, offload_folder=str(folder), low_cpu_mem_usage=True
+    )
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+    assert any(p.device.type == "meta" for p in model.parameters()), "nothing was offloaded to disk"
+    return model.eval()
+
+
+def _out(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+def _reference(base_dir: Path, adapter_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    plain = _out(base)
+    adapted = _out(PeftModel.from_pretrained(base, adapter_dir).eval())
+    assert (adapted[1] - plain[1]).abs().max() > 1e-2  # the adapter really changes the output
+    return adapted
+
+
+def _peft_device_map() -> dict[str, str]:
+    """PEFT re-dispatches a cpu/disk model after loading; without a map it infers "auto" (= all on CPU here)."""
+    return {f"base_model.model.{k}": v for k, v in DEVICE_MAP.items()}
+
+
+def _assert_same(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@pytest.mark.xfail(
+    strict=True,
+    reason="core: fingerprint can't read disk-offloaded biases after PEFT strips the hooks, and stacked "
+    "delta keys are invisible to PEFT's offload index (see test_..._with_proposed_core_fix)",
+)
+def test_from_pretrained_onto_disk_offloaded_model(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    base_dir, adapter_dir = dirs
+    model = _offloaded(base_dir, tmp_path / "offload")
+    loaded = PeftModel.from_pretrained(
+        model, adapter_dir, device_map=_peft_device_map(), offload_folder=str(tmp_path / "peft-offload")
+    )
+    _assert_same(_out(loaded.eval()), _reference(base_dir, adapter_dir))
+
+
+def test_from_pretrained_onto_disk_offloaded_model_with_proposed_core_fix(
+    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same as above with the two proposed core changes emulated: unstacked keys at load, fingerprint skipped."""
+    import peft.peft_model as peft_model_module
+
+    from bitfit_peft import delta_format
+
+    original = peft_model_module.load_peft_weights
+
+    def load_unstacked(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        return delta_format.unpack(original(*args, **kwargs))
+
+    monkeypatch.setattr(peft_model_module, "load_peft_weights", load_unstacked)
+    base_dir, adapter_dir = dirs
+    model = _offloaded(base_dir, tmp_path / "offload")
+    config = bitfit_peft.allow_base_mismatch(BitFitConfig.from_pretrained(adapter_dir))
+    loaded = PeftModel.from_pretrained(
+        model,
+        adapter_dir,
+        config=config,
+        device_map=_peft_device_map(),
+        offload_folder=str(tmp_path / "peft-offload"),
+    ).eval()
+    deltas = dict(loaded.named_parameters())
+    assert deltas["base_model.model.bert.pooler.dense.bitfit_delta.default.delta"].device.type == "meta"
+    _assert_same(_out(loaded), _reference(base_dir, adapter_dir))
+
+
+def test_load_adapter_onto_offloaded_peft_model(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Works today: wrap the offloaded model first (hooks stay), then ``load_adapter`` the saved deltas."""
+    base_dir, adapter_dir = dirs
+    model = _offloaded(base_dir, tmp_path / "offload")
+    peft_model = get_peft_model(model, BitFitConfig(task_type="SEQ_CLS"), adapter_name="scratch")
+    peft_model.load_adapter(adapter_dir, adapter_name="task_a")  # fingerprint checked via the offload hooks
+    peft_model.set_adapter("task_a")
+    peft_model.delete_adapter("scratch")
+    _assert_same(_out(peft_model.eval()), _reference(base_dir, adapter_dir))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_get_peft_model_on_offloaded_model_trains_and_saves(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    base_dir, _ = dirs
+    model = _offloaded(base_dir, tmp_path / "offload")
+    reference = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    torch.manual_seed(3)
+    offloaded = get_peft_model(model, BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    torch.manual_seed(3)
+    plain = get_peft_model(reference, BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    _assert_same(_out(offloaded), _out(plain))
+
+    offloaded.train()
+    out = offloaded(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    grads = {n: p.grad for n, p in offloaded.named_parameters() if p.requires_grad}
+    pooler = "base_model.model.bert.pooler.dense.bitfit_delta.default.delta"  # a disk-offloaded module
+    assert grads[pooler] is not None and grads[pooler].abs().sum() > 0
+    assert all(p.device.type == "cpu" for n, p in offloaded.named_parameters() if p.requires_grad)
+
+    offloaded.save_pretrained(tmp_path / "a")
+    plain.save_pretrained(tmp_path / "b")
+    fp_a = BitFitConfig.from_pretrained(tmp_path / "a").base_fingerprint
+    assert fp_a is not None and fp_a == BitFitConfig.from_pretrained(tmp_path / "b").base_fingerprint
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_unplaced_module_is_a_clear_error(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    base_dir, adapter_dir = dirs
+    missing = {k: v for k, v in DEVICE_MAP.items() if k != "classifier"}
+    with pytest.raises(ValueError, match=r"does not give any device for the following parameters: classifier"):
+        _offloaded(base_dir, tmp_path / "offload", device_map=missing)
+
+    model = _offloaded(base_dir, tmp_path / "offload2")
+    peft_map = {k: v for k, v in _peft_device_map().items() if not k.endswith("classifier")}
+    config = bitfit_peft.allow_base_mismatch(BitFitConfig.from_pretrained(adapter_dir))
+    with pytest.raises(ValueError, match=r"does not give any device for the following parameters"):
+        PeftModel.from_pretrained(
+            model, adapter_dir, config=config, device_map=peft_map, offload_folder=str(tmp_path / "po")
+        )

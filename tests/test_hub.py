@@ -1,0 +1,335 @@
+"""BitFit adapters on the Hub: push, load (by id, by revision, via AutoPeftModel, offline) and the model card.
+
+Everything runs against ``tests/hub_server.py``, a local Hub-compatible server driven by the real
+``huggingface_hub`` client; no test touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny_model
+from hub_server import HubServer
+from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
+
+import bitfit_peft
+import bitfit_peft.hub as bhub
+from bitfit_peft import BitFitConfig
+
+IDS = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 20, 21, 3, 0, 0]])
+MASK = (IDS != 0).long()
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def card_hooks() -> Iterator[None]:
+    """``bitfit_peft.hub.install()`` for this module only (other test modules keep PEFT's stock behaviour)."""
+    saved = {name: PeftModel.__dict__.get(name) for name in ("save_pretrained", "push_to_hub")}
+    bhub.install()
+    yield
+    for name, value in saved.items():
+        if value is None:
+            if name in PeftModel.__dict__:
+                delattr(PeftModel, name)
+        else:
+            setattr(PeftModel, name, value)
+
+
+@pytest.fixture(scope="module")
+def hub_server() -> Iterator[HubServer]:
+    with HubServer() as server:
+        yield server
+
+
+def _point_client_at(url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every huggingface_hub / transformers entry point use ``url`` and a private cache."""
+    import huggingface_hub.hf_api as hf_api_module
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_api_module.api, "endpoint", url)  # module-level HfApi behind `file_exists` & co
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches one HfApi per process
+
+
+@pytest.fixture
+def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    _point_client_at(hub_server.url, tmp_path / "hf_home", monkeypatch)
+    return hub_server
+
+
+def _repo() -> str:
+    return f"user/bitfit-{uuid.uuid4().hex[:8]}"
+
+
+def _bitfit_model(seed: int = 0, adapter_seed: int = 1, **cfg: object) -> PeftModel:
+    """Tiny BERT classifier with random (non-zero) deltas and a perturbed head, so loading is really tested."""
+    base = make_tiny_model("bert", task="seq_cls", seed=seed)
+    torch.manual_seed(adapter_seed)
+    model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS", init_weights=False, **cfg))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module, **kwargs: object) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK, **kwargs).logits
+
+
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n"), text[:80]
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+# ---------------------------------------------------------------------------------------------- push / load
+def test_push_then_from_pretrained(hub: HubServer) -> None:
+    repo = _repo()
+    model = _bitfit_model()
+    expected = _logits(model)
+    n_before = len(hub.requests)
+    info = model.push_to_hub(repo)
+
+    files = hub.files(repo)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "BITFIT"
+    assert info.oid == hub.history(repo)[0]
+    paths = [p for _, p in hub.requests[n_before:]]
+    assert "/api/repos/create" in paths and any("/preupload/" in p for p in paths)
+    assert any("/commit/main" in p for p in paths)
+
+    card = files["README.md"].decode()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "peft" and "bitfit" in meta["tags"]
+    assert "import bitfit_peft" in card and repo in card
+
+    loaded = PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), repo).eval()
+    torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
+    assert not hub.unknown, hub.unknown
+
+
+def test_load_adapter_by_name_onto_existing_peft_model(hub: HubServer) -> None:
+    repo = _repo()
+    remote = _bitfit_model(adapter_seed=7)
+    remote.push_to_hub(repo)
+    expected = _logits(remote)
+
+    local = _bitfit_model(adapter_seed=3)  # holds "default" (other deltas)
+    local_out = _logits(local)
+    local.load_adapter(repo, adapter_name="task_b")
+    local.set_adapter("task_b")
+    torch.testing.assert_close(_logits(local), expected, rtol=0, atol=0)
+    local.set_adapter("default")
+    torch.testing.assert_close(_logits(local), local_out, rtol=0, atol=0)
+
+
+def test_mixed_batch_uses_each_adapters_head(hub: HubServer) -> None:
+    repo = _repo()
+    remote = _bitfit_model(adapter_seed=7)
+    remote.push_to_hub(repo)
+    local = _bitfit_model(adapter_seed=3)
+    local.load_adapter(repo, adapter_name="task_b")
+    mixed = _logits(local, adapter_names=["task_b", "default"])
+    torch.testing.assert_close(mixed[0], _logits(remote)[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[1], _logits(_bitfit_model(adapter_seed=3))[1], rtol=0, atol=1e-6)
+
+
+def test_transformers_load_adapter_from_hub(hub: HubServer) -> None:
+    repo = _repo()
+    remote = _bitfit_model(adapter_seed=5)
+    remote.push_to_hub(repo)
+    base = make_tiny_model("bert", task="seq_cls")
+    base.load_adapter(repo, adapter_name="task_a")
+    torch.testing.assert_close(_logits(base), _logits(remote), rtol=0, atol=1e-6)
+
+
+def test_auto_peft_model_from_hub(hub: HubServer, tmp_path: Path) -> None:
+    base_dir = tmp_path / "base"
+    make_tiny_model("bert", task="seq_cls").save_pretrained(base_dir)
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    torch.manual_seed(2)
+    model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    repo = _repo()
+    model.push_to_hub(repo)
+    config = json.loads(hub.files(repo)["adapter_config.json"])
+    assert config["base_model_name_or_path"] == str(base_dir)
+
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(repo).eval()
+    assert isinstance(auto.base_model, bitfit_peft.BitFitModel)
+    torch.testing.assert_close(_logits(auto), _logits(model), rtol=0, atol=0)
+
+
+def test_revisions_push_twice_load_first(hub: HubServer) -> None:
+    from huggingface_hub import HfApi
+
+    repo = _repo()
+    model = _bitfit_model(adapter_seed=11)
+    first_out = _logits(model)
+    first = model.push_to_hub(repo, commit_message="v1")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".bitfit_delta." in name:
+                param.add_(0.5)
+    second_out = _logits(model)
+    second = model.push_to_hub(repo, commit_message="v2")
+    assert first.oid != second.oid and hub.history(repo)[:2] == [second.oid, first.oid]
+    assert not torch.allclose(first_out, second_out)
+
+    info = HfApi().model_info(repo, revision=first.oid)
+    assert info.sha == first.oid and "adapter_model.safetensors" in {s.rfilename for s in info.siblings}
+
+    old = PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), repo, revision=first.oid)
+    new = PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), repo)
+    torch.testing.assert_close(_logits(old.eval()), first_out, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(new.eval()), second_out, rtol=0, atol=0)
+
+    # a branch: push to "dev", main stays at v2
+    model.push_to_hub(repo, revision="dev")
+    assert hub.repos[repo].branches["main"] == second.oid and "dev" in hub.repos[repo].branches
+
+
+def test_offline_mode_uses_the_cache(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    repo = _repo()
+    model = _bitfit_model(adapter_seed=4)
+    model.push_to_hub(repo)
+    online = PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), repo).eval()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    n_before = len(hub.requests)
+    offline = PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), repo).eval()
+    assert len(hub.requests) == n_before, hub.requests[n_before:]
+    torch.testing.assert_close(_logits(offline), _logits(online), rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="adapter_config.json"):  # never downloaded -> clear error, no request
+        PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), _repo())
+    assert len(hub.requests) == n_before
+
+
+def test_missing_repo_is_a_clear_error(hub: HubServer) -> None:
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json' at 'user/does-not-exist'"):
+        PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), "user/does-not-exist")
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    _point_client_at(dead, tmp_path / "hf_home", monkeypatch)
+    import huggingface_hub.utils._http as hf_http
+
+    sleeps: list[float] = []  # the client backs off ~23 s before giving up; record instead of waiting
+    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.sleep = sleeps.append
+    monkeypatch.setattr(hf_http, "time", fake_time)
+    model = _bitfit_model()
+    with pytest.raises(bhub.HubUnreachableError, match=r"Cannot reach the Hugging Face Hub at http://127\.0\.0\.1"):
+        model.push_to_hub("user/anything")
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json' at 'user/anything'") as err:
+        PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), "user/anything")
+    assert "connection" in str(err.value.__cause__ or err.value.__context__).lower()
+    assert sleeps and sum(sleeps) > 10  # what a user waits before that error
+
+
+def test_push_keeps_user_text_of_an_existing_card(hub: HubServer) -> None:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    repo = _repo()
+    model = _bitfit_model()
+    model.push_to_hub(repo)
+    readme = hub.files(repo)["README.md"].decode()
+    edited = readme.replace("library_name: peft", "library_name: peft\nlicense: mit") + "\n## My notes\n\nKeep me.\n"
+    HfApi().create_commit(repo, [CommitOperationAdd("README.md", edited.encode())], commit_message="edit card")
+    model.push_to_hub(repo)
+    card = hub.files(repo)["README.md"].decode()
+    assert "Keep me." in card and card.count(bhub.BEGIN) == 1
+    meta = _front_matter(card)
+    assert meta["license"] == "mit" and "bitfit" in meta["tags"]
+
+
+# ---------------------------------------------------------------------------------------------- card
+def test_save_pretrained_writes_the_bitfit_card(tmp_path: Path) -> None:
+    model = _bitfit_model()
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "peft"
+    assert {"bitfit", "peft"} <= set(meta["tags"])
+    assert meta["pipeline_tag"] == "text-classification"
+    assert "base_model" not in meta  # unknown / local base: left out of the YAML the Hub validates
+    assert not any(t.startswith("base_model:adapter:") for t in meta["tags"])
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    summary = bhub.read_adapters(tmp_path)[0]
+    assert summary.file_size == size and summary.delta_params > 0 and summary.other_params > 0
+    assert f"{summary.trainable_params:,}" in card and "% of" in card
+    assert "import bitfit_peft" in card and "PeftModel.from_pretrained" in card
+    assert card.index("import bitfit_peft") < card.index("from peft import")
+
+
+def test_card_base_model_and_regeneration(tmp_path: Path) -> None:
+    model = _bitfit_model()
+    model.save_pretrained(tmp_path)
+    bhub.write_model_card(tmp_path, base_model="google-bert/bert-base-uncased", tags=["sms"])
+    text = (tmp_path / "README.md").read_text()
+    meta = _front_matter(text)
+    assert meta["base_model"] == "google-bert/bert-base-uncased"
+    assert "base_model:adapter:google-bert/bert-base-uncased" in meta["tags"] and "sms" in meta["tags"]
+    assert 'from_pretrained("google-bert/bert-base-uncased")' in text
+
+    (tmp_path / "README.md").write_text(text + "\n## Notes by a human\n")
+    bhub.write_model_card(tmp_path, base_model="google-bert/bert-base-uncased")
+    again = (tmp_path / "README.md").read_text()
+    assert again.count(bhub.BEGIN) == 1 and "Notes by a human" in again
+
+
+def test_card_lists_named_adapters(tmp_path: Path) -> None:
+    model = _bitfit_model()
+    model.add_adapter("task_b", BitFitConfig(task_type="SEQ_CLS", bias_terms=["query"]))
+    model.save_pretrained(tmp_path)
+    names = [a.name for a in bhub.read_adapters(tmp_path)]
+    assert names == ["default", "task_b"]
+    card = (tmp_path / "README.md").read_text()
+    assert "`task_b`" in card and "`task_b/adapter_model.safetensors`" in card
+
+
+def test_other_tuners_keep_pefts_card(tmp_path: Path) -> None:
+    base = make_tiny_model("bert", task="seq_cls")
+    lora = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"], r=2))
+    lora.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert bhub.BEGIN not in text and "bitfit" not in _front_matter(text).get("tags", [])
+
+
+def test_write_model_card_from_model_saves_first(tmp_path: Path) -> None:
+    path = bhub.write_model_card(_bitfit_model(), tmp_path / "out", repo_id="user/x")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert 'PeftModel.from_pretrained(base, "user/x")' in path.read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="save the adapter first"):
+        bhub.build_model_card(tmp_path / "empty")
