@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import delta_format
@@ -58,6 +59,8 @@ class BitFitModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         self._routing = Routing()
+        self._structure_cache = None
+        self._injecting = False
         self._resolved_targets: dict[str, set[str]] = {}
         super().__init__(model, config, adapter_name, **kwargs)
 
@@ -312,6 +315,72 @@ class BitFitModel(BaseTuner):
                         if name in module.bitfit_delta:
                             target.add_(module.delta_of(name).to(target.device), alpha=float(weight))
         self._mark_only_adapters_as_trainable(self.model)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate adapter(s) in one pass over cached layer/head lists (no per-module PEFT bookkeeping).
+
+        The activated deltas become trainable unless ``inference_mode``; all others are frozen, as in PEFT.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; loaded: {sorted(self.peft_config)}.")
+        layers, heads, params = self._structure()
+        for layer in layers:
+            if layer.merged_adapters:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging first.", stacklevel=2)
+                layer.unmerge()
+            layer._active_adapter = adapter_name
+        trainable = set() if inference_mode else set(names)
+        for name, group in params.items():
+            wanted = name in trainable
+            if group and (wanted or group[0].requires_grad):  # frozen adapters stay untouched: O(adapters)
+                for param in group:
+                    param.requires_grad_(wanted)
+        for head in heads:
+            head.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
+    def _structure(self) -> tuple[list[BitFitLayer], list[AuxiliaryTrainingWrapper], dict[str, list]]:
+        """BitFit layers, head wrappers and per-adapter delta parameters (cached until the structure changes)."""
+        cache = getattr(self, "_structure_cache", None)
+        if cache is not None:
+            return cache
+        layers, heads = [], []
+        for module in self.model.modules():
+            if isinstance(module, BitFitLayer):
+                layers.append(module)
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                heads.append(module)
+        params: dict[str, list] = {}
+        for layer in layers:
+            for name, delta in layer.bitfit_delta._modules.items():
+                params.setdefault(name, []).append(delta.delta)
+        result = (layers, heads, params)
+        if not getattr(self, "_injecting", False):  # PEFT adds head wrappers right after injection
+            self._structure_cache = result
+        return result
+
+    def _invalidate_structure(self) -> None:
+        self._structure_cache = None
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self._invalidate_structure()
+        self._injecting = True
+        try:
+            super().inject_adapter(*args, **kwargs)
+        finally:
+            self._injecting = False
+            self._invalidate_structure()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._invalidate_structure()
+        super().delete_adapter(adapter_name)
+        self._invalidate_structure()
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        self._invalidate_structure()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _layers_with(self, adapter_name: str) -> set[str]:
         return {
