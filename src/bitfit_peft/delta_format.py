@@ -160,11 +160,16 @@ def unpack(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- checks
-def check_complete(model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> None:
+def check_complete(
+    model: nn.Module,
+    adapter_name: str,
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
     """Every delta the model expects for ``adapter_name`` is present with the right shape, and nothing else."""
     from .model import BitFitError
 
-    expected = expected_delta_shapes(model, adapter_name)
+    expected = expected_delta_shapes(model, adapter_name) if expected is None else expected
     given = {k: v for k, v in state_dict.items() if ".bitfit_delta." in k}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -205,10 +210,16 @@ def expected_delta_shapes(model: nn.Module, adapter_name: str) -> dict[str, tupl
     }
 
 
-def fill_pruned(model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fill_pruned(
+    model: nn.Module,
+    adapter_name: str,
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Deltas pruned at save time (``prune_tolerance``) load as zeros."""
     out = dict(state_dict)
-    for key, shape in expected_delta_shapes(model, adapter_name).items():
+    expected = expected_delta_shapes(model, adapter_name) if expected is None else expected
+    for key, shape in expected.items():
         out.setdefault(key, torch.zeros(shape))
     return out
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
 from . import delta_format
@@ -364,14 +364,60 @@ class BitFitModel(BaseTuner):
     def _invalidate_structure(self) -> None:
         self._structure_cache = None
 
-    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self._invalidate_structure()
         self._injecting = True
         try:
-            super().inject_adapter(*args, **kwargs)
+            if not (state_dict is None and not low_cpu_mem_usage and self._inject_into_existing(model, adapter_name)):
+                super().inject_adapter(
+                    model,
+                    adapter_name,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                    state_dict=state_dict,
+                )
         finally:
             self._injecting = False
             self._invalidate_structure()
+
+    def _inject_into_existing(self, model: nn.Module, adapter_name: str) -> bool:
+        """Fast path for one more adapter on modules that are all BitFit layers already (serving, hot loads).
+
+        PEFT's generic injection re-scans every module against every existing adapter layer; here the targets
+        are resolved once and each layer just gains a delta. Returns False (nothing done) if any target is new.
+        """
+        if not any(isinstance(m, BitFitLayer) for m in model.modules()):
+            return False
+        config = self.peft_config[adapter_name]
+        self._check_new_adapter_config(config)
+        config = self._prepare_adapter_config(config, self.get_model_config(model))  # raises before changes
+        targets = sorted(self._resolved_targets[adapter_name])
+        layers = [model.get_submodule(name) for name in targets]
+        if not all(isinstance(layer, BitFitLayer) for layer in layers):
+            return False
+        existing = [(p, p.requires_grad) for p in model.parameters()]  # adding must not change trainability
+        for layer in layers:
+            layer.update_layer(adapter_name, init_weights=config.init_weights, inference_mode=config.inference_mode)
+            if adapter_name not in self.active_adapters:
+                layer.bitfit_delta[adapter_name].requires_grad_(False)
+        self.targeted_module_names = sorted(set(self.targeted_module_names) | set(targets))
+        set_additional_trainable_modules(
+            model=model,
+            peft_config=config,
+            model_config=BaseTuner.get_model_config(self),
+            adapter_name=adapter_name,
+            activate_adapter=adapter_name in self.active_adapters,
+        )
+        for param, requires_grad in existing:
+            param.requires_grad = requires_grad
+        return True
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._invalidate_structure()
@@ -454,11 +500,18 @@ class BitFitModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = delta_format.unpack(state_dict)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = delta_format.expected_delta_shapes(model, adapter_name)
+        checkpoint_to_model = {}
+        for model_key in expected:
+            checkpoint_key = model_key.replace(f".bitfit_delta.{adapter_name}.delta", ".bitfit_delta.delta")
+            checkpoint_to_model[checkpoint_key] = model_key
+            if not model_key.startswith("base_model.model."):  # layers injected straight into a model
+                checkpoint_to_model["base_model.model." + checkpoint_key] = model_key
+        remapped = {checkpoint_to_model.get(k, k): v for k, v in state_dict.items()}
         try:
             if config.prune_tolerance is not None:
-                remapped = delta_format.fill_pruned(model, adapter_name, remapped)
-            delta_format.check_complete(model, adapter_name, remapped)
+                remapped = delta_format.fill_pruned(model, adapter_name, remapped, expected)
+            delta_format.check_complete(model, adapter_name, remapped, expected)
         except BitFitError:
             _rollback(model, adapter_name)
             raise
