@@ -21,6 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import bitfit_peft
 from bitfit_peft import BitFitConfig
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = BertConfig(
     vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, num_labels=3
 )
@@ -53,7 +54,7 @@ def randomize(model, adapter: str, seed: int) -> None:
 
 
 def check_cuda_equivalence() -> dict:
-    dev = "cuda"
+    dev = DEVICE
     b = batch(dev)
     with torch.no_grad():
         ref = base().to(dev)(**b).logits
@@ -70,7 +71,7 @@ def check_cuda_equivalence() -> dict:
         mixed = model(**b, adapter_names=names).logits
         singles = {"task_a": out_a, "task_b": out_b, "__base__": ref}
         fp32_diff = max((mixed[i] - singles[n][i]).abs().max().item() for i, n in enumerate(names))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             mixed16 = model(**b, adapter_names=names).logits.float()
         bf16_diff = max((mixed16[i] - singles[n][i]).abs().max().item() for i, n in enumerate(names))
     return {"init_equal": init_equal, "mixed_fp32_max_abs_diff": fp32_diff, "mixed_bf16_max_abs_diff": bf16_diff,
@@ -78,14 +79,14 @@ def check_cuda_equivalence() -> dict:
 
 
 def check_lowmem_training() -> dict:
-    model = get_peft_model(base(), BitFitConfig(task_type="SEQ_CLS")).cuda().train()
+    model = get_peft_model(base(), BitFitConfig(task_type="SEQ_CLS")).to(DEVICE).train()
     bitfit_peft.cast_frozen_base(model, torch.bfloat16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    b = batch("cuda")
-    labels = torch.tensor([0, 1, 2, 0, 1, 2], device="cuda")
+    b = batch(DEVICE)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
     losses = []
     for _ in range(20):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = model(**b, labels=labels).loss
         loss.backward()
         opt.step()
@@ -118,9 +119,9 @@ def check_device_map_split() -> dict:
 
 
 def check_compile() -> dict:
-    model = get_peft_model(base(), BitFitConfig(task_type="SEQ_CLS")).cuda().eval()
+    model = get_peft_model(base(), BitFitConfig(task_type="SEQ_CLS")).to(DEVICE).eval()
     randomize(model, "default", 4)
-    b = batch("cuda")
+    b = batch(DEVICE)
     with torch.no_grad():
         eager = model(**b).logits
         compiled = torch.compile(model.base_model.model)
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)}
+    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"}
     for name, fn in [("cuda_equivalence", check_cuda_equivalence), ("lowmem_training", check_lowmem_training),
                      ("device_map_split", check_device_map_split), ("compile", check_compile)]:  # fmt: skip
         start = time.time()
