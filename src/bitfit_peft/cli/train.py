@@ -142,12 +142,18 @@ def train_command(
         ),
     ] = False,
     learning_rate: Annotated[
-        float, typer.Option("--lr", "--learning-rate", help="Learning rate of the bias deltas.", rich_help_panel=_OPT)
-    ] = 1e-3,
+        float | None,
+        typer.Option(
+            "--lr",
+            "--learning-rate",
+            help="Learning rate of the bias deltas. Default 1e-3 (demo: 1e-2).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
     head_learning_rate: Annotated[
         float | None,
-        typer.Option("--head-lr", help="Learning rate of the task head (classifier).", rich_help_panel=_OPT),
-    ] = 3e-3,
+        typer.Option("--head-lr", help="Learning rate of the task head. Default: 3x --lr.", rich_help_panel=_OPT),
+    ] = None,
     weight_decay: Annotated[
         float, typer.Option(help="Weight decay of the head's weight matrix (never of biases).", rich_help_panel=_OPT)
     ] = 0.0,

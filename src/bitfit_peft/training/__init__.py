@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .data import DataError, TaskData, demo_data_path, load_task_data
-from .train import DEMO_DEFAULTS, BitFitTrainer, TrainResult, bitfit_param_groups, load_trained, train
+from .train import DEFAULTS, DEMO_DEFAULTS, BitFitTrainer, TrainResult, bitfit_param_groups, load_trained, train
 
 __all__ = [
+    "DEFAULTS",
     "DEMO_DEFAULTS",
     "BitFitTrainer",
     "DataError",

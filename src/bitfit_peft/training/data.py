@@ -428,8 +428,7 @@ def load_task_data(
         dev, dev_names = build_examples(dev_raw, task, label_names=names, **cols)
         if names is not None and dev_names != names:
             raise DataError(
-                f"dev set labels {dev_names} differ from the training labels {names} "
-                f"in column {label_column!r}"
+                f"dev set labels {dev_names} differ from the training labels {names} in column {label_column!r}"
             )
         train = list(examples)
         random.Random(seed).shuffle(train)
