@@ -78,11 +78,6 @@ def _assert_same(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------- loading
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: fingerprint can't read disk-offloaded biases after PEFT strips the hooks, and stacked "
-    "delta keys are invisible to PEFT's offload index (see test_..._with_proposed_core_fix)",
-)
 def test_from_pretrained_onto_disk_offloaded_model(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     base_dir, adapter_dir = dirs
     model = _offloaded(base_dir, tmp_path / "offload")

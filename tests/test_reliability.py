@@ -125,7 +125,6 @@ def test_fewer_layers_with_override_is_a_shape_error_and_model_untouched(adapter
     _assert_unchanged(base, before, flags=False)  # flags: see test_failed_load_restores_requires_grad
 
 
-@pytest.mark.xfail(strict=True, reason="core: rollback after a failed load leaves the base frozen (requires_grad)")
 def test_failed_load_restores_requires_grad(adapter_dir: Path) -> None:
     base = _bert(num_hidden_layers=1)
     before = _snapshot(base)
@@ -135,7 +134,6 @@ def test_failed_load_restores_requires_grad(adapter_dir: Path) -> None:
     _assert_unchanged(base, before)
 
 
-@pytest.mark.xfail(strict=True, reason="core: a missing modules_to_save key raises PEFT's KeyError with no rollback")
 def test_other_architecture_with_override_is_refused_and_model_untouched(adapter_dir: Path) -> None:
     base = make_tiny_model("gpt2", task="seq_cls")
     before = _snapshot(base)
@@ -206,7 +204,6 @@ def test_corrupt_safetensors_are_refused_clearly(adapter_dir: Path, tmp_path: Pa
     assert len(cases) >= 30
 
 
-@pytest.mark.xfail(strict=True, reason="core: a failed weight read (not a BitFitError) leaves the base wrapped")
 @pytest.mark.parametrize("content", [b"garbage", b"\x80\x04K\x01."])
 def test_failed_weight_read_leaves_base_untouched(adapter_dir: Path, tmp_path: Path, content: bytes) -> None:
     path = _copy(adapter_dir, tmp_path)
@@ -222,7 +219,6 @@ def test_failed_weight_read_leaves_base_untouched(adapter_dir: Path, tmp_path: P
     _assert_unchanged(base, before)
 
 
-@pytest.mark.xfail(strict=True, reason="core: safetensors' error does not name the file or say what to do")
 def test_corrupt_safetensors_error_names_the_file(adapter_dir: Path, tmp_path: Path) -> None:
     path = _copy(adapter_dir, tmp_path)
     (path / "adapter_model.safetensors").write_bytes(b"garbage")
@@ -302,7 +298,6 @@ def test_invalid_json_is_a_value_error(subset_adapter_dir: Path, tmp_path: Path)
     _assert_unchanged(base, before)
 
 
-@pytest.mark.xfail(strict=True, reason="core/PEFT: missing/unknown peft_type and non-object JSON raise bare KeyError")
 @pytest.mark.parametrize("content", ['{"task_type": "SEQ_CLS"}', '{"peft_type": "BITFITX"}', "[1, 2]"])
 def test_missing_or_unknown_peft_type_is_a_clear_error(subset_adapter_dir: Path, tmp_path: Path, content: str) -> None:
     path = _copy(subset_adapter_dir, tmp_path)
@@ -322,7 +317,6 @@ def bin_adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="core: .bin (pickle) adapters load silently; PEFT has no opt-in switch")
 def test_bin_adapter_is_refused_by_default(bin_adapter_dir: Path) -> None:
     with pytest.raises(BitFitError, match="pickle"):
         PeftModel.from_pretrained(_bert(), bin_adapter_dir)
@@ -366,7 +360,6 @@ def test_non_finite_deltas_refused_on_safe_merge(value: float) -> None:
         torch.testing.assert_close(model.state_dict()[name], was, equal_nan=True, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="core: safe_merge checks layer by layer, so earlier layers stay merged")
 @pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
 def test_safe_merge_refusal_leaves_nothing_merged(how: str) -> None:
     model = _poisoned(float("nan"), where="last")
@@ -540,7 +533,6 @@ def test_interrupted_move_is_finished_on_load(tmp_path: Path, monkeypatch: pytes
     assert _load_and_identify(tmp_path, expected) == "B"
 
 
-@pytest.mark.xfail(strict=True, reason="core: only BitFitConfig.from_pretrained rolls an interrupted save forward")
 def test_interrupted_move_is_finished_by_every_load_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' ``model.load_adapter`` and ``AutoPeftModel`` read the folder via ``PeftConfig.from_pretrained``."""
     from peft import PeftConfig

@@ -16,6 +16,10 @@ from .delta_format import save_delta_file
 def install() -> None:
     install_transformers_load_adapter()
     install_transactional_save()
+    install_load_weights()
+    install_load_rollback()
+    install_peft_type_check()
+    install_config_recover()
     if getattr(_peft_model.safe_save_file, "_bitfit", False):
         return
     original = _peft_model.safe_save_file
@@ -90,3 +94,203 @@ def install_transactional_save() -> None:
     save_pretrained._bitfit = True  # type: ignore[attr-defined]
     save_pretrained.__doc__ = original.__doc__
     _peft_model.PeftModel.save_pretrained = save_pretrained
+
+
+def _bitfit_folder(model_id, subfolder: str | None) -> str | None:  # noqa: ANN001
+    """The local folder of a BitFit adapter (None for other types and Hub ids that are not cached locally)."""
+    import json
+
+    folder = os.path.join(str(model_id), subfolder or "")
+    try:
+        with open(os.path.join(folder, "adapter_config.json")) as handle:
+            return folder if json.load(handle).get("peft_type") == "BITFIT" else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def install_load_weights() -> None:
+    from safetensors import SafetensorError
+
+    from .atomic_save import recover
+    from .delta_format import unpack
+    from .model import BitFitError
+
+    original = _peft_model.load_peft_weights
+    if getattr(original, "_bitfit", False):
+        return
+
+    def load_peft_weights(model_id, device=None, **kwargs):  # noqa: ANN001
+        folder = _bitfit_folder(model_id, kwargs.get("subfolder"))
+        if folder is not None:
+            recover(folder)
+            has_safetensors = os.path.exists(os.path.join(folder, "adapter_model.safetensors"))
+            if (
+                not has_safetensors
+                and os.path.exists(os.path.join(folder, "adapter_model.bin"))
+                and os.environ.get("BITFIT_PEFT_ALLOW_PICKLE") != "1"
+            ):
+                raise BitFitError(
+                    f"{folder}/adapter_model.bin is a pickle; bitfit-peft only loads safetensors by default. Re-save "
+                    "the adapter with save_pretrained() (safetensors), or set BITFIT_PEFT_ALLOW_PICKLE=1 if you "
+                    "trust its source (it is then read with torch.load(weights_only=True))."
+                )
+        try:
+            weights = original(model_id, device=device, **kwargs)
+        except SafetensorError as err:
+            raise BitFitError(
+                f"{folder or model_id}: adapter_model.safetensors is corrupt or truncated ({err}). Re-save the "
+                "adapter, or re-download it with force_download=True."
+            ) from err
+        return unpack(weights) if any(".bitfit_delta." in k for k in weights) else weights
+
+    load_peft_weights._bitfit = True  # type: ignore[attr-defined]
+    _peft_model.load_peft_weights = load_peft_weights
+
+
+def _training_state(model) -> tuple[dict, dict]:  # noqa: ANN001
+    return (
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+    )
+
+
+def _restore_training_state(model, state) -> None:  # noqa: ANN001
+    grads, training = state
+    for name, param in model.named_parameters():
+        if name in grads:
+            param.requires_grad_(grads[name])
+    for name, module in model.named_modules():
+        if name in training:
+            module.training = training[name]
+
+
+def _strip_wrappers(model) -> None:  # noqa: ANN001
+    """Put every BitFit layer's base module and every head's original module back in place."""
+    from peft.utils import ModulesToSaveWrapper
+
+    from .layer import BitFitLayer
+
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, (BitFitLayer, ModulesToSaveWrapper)):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            original = module.get_base_layer() if isinstance(module, BitFitLayer) else module.original_module
+            setattr(parent, child, original)
+
+
+def _config_is_bitfit(model_id, kwargs) -> bool:  # noqa: ANN001
+    config = kwargs.get("config")
+    if config is not None:
+        return getattr(config, "peft_type", None) == "BITFIT"
+    try:
+        from peft import PeftConfig
+
+        return PeftConfig._get_peft_type(str(model_id), subfolder=kwargs.get("subfolder")) == "BITFIT"
+    except Exception:
+        return False
+
+
+def install_load_rollback() -> None:
+    from .layer import BitFitLayer
+    from .model import BitFitError, _rollback
+
+    peft_model_cls = _peft_model.PeftModel
+    if getattr(peft_model_cls.load_adapter, "_bitfit_rollback", False):
+        return
+    original_from_pretrained = peft_model_cls.from_pretrained.__func__
+    original_load_adapter = peft_model_cls.load_adapter
+
+    def from_pretrained(cls, model, model_id, *args, **kwargs):  # noqa: ANN001
+        if any(isinstance(m, BitFitLayer) for m in model.modules()):
+            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        state = _training_state(model)
+        try:
+            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        except Exception as err:
+            if not _config_is_bitfit(model_id, kwargs):
+                raise
+            _strip_wrappers(model)
+            _restore_training_state(model, state)
+            if isinstance(err, BitFitError):
+                raise
+            raise BitFitError(
+                f"Could not load the BitFit adapter from {model_id!r}: {type(err).__name__}: {err}. "
+                "The model is unchanged."
+            ) from err
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):  # noqa: ANN001
+        if adapter_name in self.peft_config:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        state = _training_state(self)
+        try:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        except Exception as err:
+            config = self.peft_config.get(adapter_name)
+            if config is not None and getattr(config, "peft_type", None) == "BITFIT" and len(self.peft_config) > 1:
+                _rollback(self, adapter_name)
+            elif config is None and not _config_is_bitfit(model_id, kwargs):
+                raise
+            _restore_training_state(self, state)
+            if isinstance(err, BitFitError):
+                raise
+            raise BitFitError(
+                f"Could not load BitFit adapter {adapter_name!r} from {model_id!r}: {type(err).__name__}: {err}. "
+                "The model is unchanged."
+            ) from err
+
+    from_pretrained._bitfit_rollback = True  # type: ignore[attr-defined]
+    load_adapter._bitfit_rollback = True  # type: ignore[attr-defined]
+    load_adapter.__doc__ = original_load_adapter.__doc__
+    peft_model_cls.from_pretrained = classmethod(from_pretrained)
+    peft_model_cls.load_adapter = load_adapter
+
+
+def install_peft_type_check() -> None:
+    from peft.config import PeftConfig
+
+    original = PeftConfig._get_peft_type.__func__
+    if getattr(original, "_bitfit", False):
+        return
+
+    def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):  # noqa: ANN001
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        try:
+            peft_type = original(cls, model_id, **hf_hub_download_kwargs)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"adapter_config.json at {model_id!r} has no 'peft_type' (or is not a JSON object): {err!r}. "
+                "It is not a valid PEFT adapter config."
+            ) from err
+        if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            raise ValueError(
+                f"adapter_config.json at {model_id!r}: unknown peft_type {peft_type!r}. Known: "
+                f"{sorted(map(str, PEFT_TYPE_TO_CONFIG_MAPPING))}. (BitFit adapters need `import bitfit_peft` first.)"
+            )
+        return peft_type
+
+    _get_peft_type._bitfit = True  # type: ignore[attr-defined]
+    PeftConfig._get_peft_type = classmethod(_get_peft_type)
+
+
+def install_config_recover() -> None:
+    from peft.config import PeftConfigMixin
+
+    from .atomic_save import JOURNAL, recover
+
+    original = PeftConfigMixin.from_pretrained.__func__
+    if getattr(original, "_bitfit", False):
+        return
+
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):  # noqa: ANN001
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        if os.path.exists(os.path.join(folder, JOURNAL)) or os.path.exists(
+            os.path.join(str(pretrained_model_name_or_path), JOURNAL)
+        ):
+            recover(pretrained_model_name_or_path)
+            recover(folder)
+        return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    from_pretrained._bitfit = True  # type: ignore[attr-defined]
+    from_pretrained.__doc__ = original.__doc__
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)

@@ -88,19 +88,6 @@ class BitFitConfig(PeftConfig):
         if isinstance(self.target_modules, list):
             self.target_modules = sorted(set(self.target_modules))
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Like :meth:`PeftConfig.from_pretrained`, finishing an interrupted BitFit save in a local folder first."""
-        import os
-
-        from .atomic_save import recover
-
-        if os.path.isdir(pretrained_model_name_or_path):
-            recover(pretrained_model_name_or_path)
-            if subfolder:
-                recover(os.path.join(pretrained_model_name_or_path, subfolder))
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-
     def _validate(self) -> None:
         def fail(field_name: str, problem: str, fix: str) -> None:
             raise ValueError(f"BitFitConfig.{field_name}: {problem}. {fix}")

@@ -51,7 +51,13 @@ def _materialize(module: nn.Module, tensor: torch.Tensor | None, attr: str = "bi
     weights_map = getattr(hook, "weights_map", None)
     if weights_map is not None and attr in weights_map:
         return weights_map[attr]
-    raise RuntimeError(f"Cannot read the offloaded {attr} of {type(module).__name__} to fingerprint it.")
+    raise OffloadedValuesUnavailable(
+        f"the {attr} of a {type(module).__name__} is offloaded (meta) with no weights map to read it from"
+    )
+
+
+class OffloadedValuesUnavailable(RuntimeError):
+    """An offloaded parameter's values cannot be read (PEFT removed Accelerate's hooks before injection)."""
 
 
 WEIGHT_SAMPLE = 16

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -103,10 +104,16 @@ def enable_head_routing(peft_model: nn.Module) -> int:
     return route_heads(peft_model, routing_of(peft_model))
 
 
-def route_heads(model: nn.Module, routing: Routing) -> int:
-    """Make every ``modules_to_save`` wrapper under ``model`` follow ``routing``; returns how many were patched."""
+def route_heads(model: nn.Module | Iterable[nn.Module], routing: Routing) -> int:
+    """Make every ``modules_to_save`` wrapper under ``model`` (or in a list of wrappers) follow ``routing``.
+
+    Returns how many were patched.
+    """
     patched = 0
-    for wrapper in head_modules(model).values():
+    wrappers = head_modules(model).values() if isinstance(model, nn.Module) else model
+    for wrapper in wrappers:
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
         if getattr(wrapper, "_bitfit_head_routing", None) is routing:
             continue
         wrapper.forward = types.MethodType(partial(_routed_forward, routing=routing), wrapper)  # type: ignore

@@ -51,9 +51,7 @@ __all__ = [
 BIAS_KINDS: tuple[str, ...] = (*BIAS_GROUPS, "other")
 DEFAULT_TOLERANCE = 1e-4
 ADAPTER_FILE = "adapter_model.safetensors"
-_DELTA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<path>.+?)\.bitfit_delta(?:\.(?P<adapter>[^.]+))?\.delta$"
-)
+_DELTA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)\.bitfit_delta(?:\.(?P<adapter>[^.]+))?\.delta$")
 _PREFIX = "base_model.model."
 
 
@@ -240,9 +238,7 @@ def resolve_adapter_dir(adapter: str | os.PathLike[str], revision: str | None = 
         raise FileNotFoundError(f"adapter directory {name!r} does not exist")
     from huggingface_hub import snapshot_download
 
-    local = snapshot_download(
-        repo_id=name, revision=revision, allow_patterns=["adapter_config.json", ADAPTER_FILE]
-    )
+    local = snapshot_download(repo_id=name, revision=revision, allow_patterns=["adapter_config.json", ADAPTER_FILE])
     return Path(local)
 
 

@@ -87,6 +87,9 @@ class BitFitLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.bitfit_delta = nn.ModuleDict({})
+        # plain (unregistered) references for the hot path, which must not go through nn.Module.__getattr__
+        object.__setattr__(self, "_base_ref", base_layer)
+        self._deltas = self.bitfit_delta._modules
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._premerge_bias: torch.Tensor | None = None
@@ -203,8 +206,8 @@ class BitFitLayer(BaseTunerLayer):
     # ------------------------------------------------------------------ forward
     def _apply_op(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Run the base module's own op with ``bias`` in place of its bias (no extra kernel)."""
-        base = self.base_layer
-        weight = base.weight
+        base = self._base_ref
+        weight = base._parameters["weight"]
         if bias.dtype != weight.dtype:
             bias = bias.to(weight.dtype)  # fp32 delta on a bf16/fp16 base: one tiny cast, gradient stays fp32
         kind = self._op_kind
@@ -228,8 +231,11 @@ class BitFitLayer(BaseTunerLayer):
         Cached (already on ``device`` and in the compute dtype) while no delta changes, so inference does one
         gather and one add per layer; when gradients are needed it is rebuilt each call so they flow back.
         """
-        modules = self.bitfit_delta._modules
-        rows = [modules[a]() if a in modules else None for a in adapters]
+        modules = self._deltas
+        if "_hf_hook" in self._base_ref.__dict__:  # offloaded: calling the modules lets their hooks load them
+            rows = [modules[a]() if a in modules else None for a in adapters]
+        else:
+            rows = [modules[a]._parameters["delta"] if a in modules else None for a in adapters]
         present = next((r for r in rows if r is not None), None)
         if present is None:
             return torch.zeros((1 + len(adapters), *self._bias_shape), device=device, dtype=dtype)
@@ -250,42 +256,46 @@ class BitFitLayer(BaseTunerLayer):
         return table
 
     def bitfit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Forward with the active adapter(s) or the per-sample routing of a mixed batch."""
-        base = self.base_layer
-        routing = self._bitfit_routing
+        """Forward with the active adapter(s) or the per-sample routing of a mixed batch.
+
+        This is the hot path of every step: it reads plain attributes (``_base_ref``, ``_deltas``) rather than
+        going through ``nn.Module.__getattr__``, and calls no extra module when nothing is hooked.
+        """
+        base = self._base_ref
         if self._disable_adapters:
-            if self.merged:
+            if self.merged_adapters:
                 self.unmerge()
             return base(x, *args, **kwargs)
+        routing = self._bitfit_routing
         if routing is not None and routing.rows is not None:
-            if self.merged:
-                raise RuntimeError(
-                    "Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first."
-                )
+            if self.merged_adapters:
+                raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
             out = base(x, *args, **kwargs)
             table = self._mixed_table(routing.adapters, out.device, out.dtype)
-            index = routing.index_for(out.shape[0], out.device)
-            gathered = table.index_select(0, index)
+            gathered = table.index_select(0, routing.index_for(out.shape[0], out.device))
+            if out.dim() == 2 and len(self._view_shape) == 1:
+                return out + gathered
             extra = (1,) * (out.dim() - 1 - len(self._view_shape))
             return out + gathered.view(out.shape[0], *extra, *self._view_shape)
         if self.merged_adapters:
             return base(x, *args, **kwargs)
         active = self._active_adapter
-        deltas = self.bitfit_delta._modules
-        if isinstance(active, str):
+        deltas = self._deltas
+        if active.__class__ is str:
             active = (active,) if active in deltas else ()
         else:
             active = [a for a in active if a in deltas]
         if not active:
             return base(x, *args, **kwargs)
-        if self._fused and not args and not kwargs and not hasattr(base, "_hf_hook"):
-            bias = base.bias
+        if self._fused and not args and not kwargs and "_hf_hook" not in base.__dict__:
+            bias = base._parameters.get("bias")
             for name in active:
                 module = deltas[name]
-                if module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+                if module._forward_pre_hooks or "_hf_hook" in module.__dict__:
                     bias = module(bias)
                 else:  # same as module(bias), without the module-call overhead on the hot path
-                    bias = module.delta if bias is None else bias.to(module.delta.dtype) + module.delta
+                    delta = module._parameters["delta"]
+                    bias = delta if bias is None else bias.to(delta.dtype) + delta
             return self._apply_op(x, bias)
         out = base(x, *args, **kwargs)
         for name in active:
@@ -306,8 +316,7 @@ class BitFitWrapper(nn.Module, BitFitLayer):
             adapter_name, init_weights=init_weights, inference_mode=kwargs.get("inference_mode", False)
         )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.bitfit_forward(x, *args, **kwargs)
+    forward = BitFitLayer.bitfit_forward
 
     def __repr__(self) -> str:
         return "bitfit." + super().__repr__()

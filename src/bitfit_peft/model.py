@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
@@ -70,7 +70,11 @@ class BitFitModel(BaseTuner):
         adapter_name = next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
         targets = self.resolve_targets(self.model, peft_config)
         if peft_config.base_fingerprint is not None and not getattr(peft_config, "_skip_fingerprint", False):
-            actual = delta_format.fingerprint_model(self.model, sorted(targets))
+            try:
+                actual = delta_format.fingerprint_model(self.model, sorted(targets))
+            except delta_format.OffloadedValuesUnavailable as err:
+                warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=2)
+                actual = peft_config.base_fingerprint
             if actual != peft_config.base_fingerprint:
                 raise BitFitError(
                     f"Adapter {adapter_name!r} was trained on a different base model: its fingerprint "
@@ -162,10 +166,13 @@ class BitFitModel(BaseTuner):
             raise BitFitError(f"BitFit found no bias to tune in {type(model).__name__}.{hint}")
         return selected
 
-    def _check_target_module_exists(self, peft_config: BitFitConfig, key: str) -> bool:  # type: ignore[override]
+    def _check_target_module_exists(self, peft_config: BitFitConfig, key: str) -> Any:  # type: ignore[override]
         for name, cfg in self.peft_config.items():
-            if cfg is peft_config:
-                return key in self._resolved_targets.get(name, set())
+            if cfg is peft_config and key in self._resolved_targets.get(name, set()):
+                return True
+        excluded = peft_config.exclude_modules
+        if excluded is not None and check_target_module_exists(BitFitConfig(target_modules=excluded), key):
+            return _ExcludedModule()  # lets PEFT see that exclude_modules did exclude something
         return False
 
     def _check_new_adapter_config(self, config: BitFitConfig) -> None:
@@ -255,9 +262,10 @@ class BitFitModel(BaseTuner):
             raise ValueError(
                 f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples."
             )
-        if any(getattr(m, "merged", False) for m in self.model.modules() if isinstance(m, BitFitLayer)):
+        layers, heads, _ = self._structure()
+        if any(layer.merged_adapters for layer in layers):
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
-        route_heads(self.model, self._routing)
+        route_heads(heads, self._routing)
         check = None
         if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: check the model's first call
             check = self.model.register_forward_pre_hook(
@@ -455,10 +463,26 @@ class BitFitModel(BaseTuner):
                     "would be ignored. Keep the adapter unmerged, or exclude this module from the adapter."
                 )
 
-    def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None
-    ):
+    def _check_finite(self, adapter_names: list[str] | None) -> None:
+        names = adapter_names if adapter_names is not None else list(self.active_adapters)
+        for module_name, layer in self.bitfit_layers().items():
+            for adapter in names:
+                if adapter in layer.bitfit_delta and not torch.isfinite(layer.delta_of(adapter)).all():
+                    raise ValueError(
+                        f"NaN/Inf in BitFit adapter {adapter!r} ({module_name}); refusing to merge. Nothing was "
+                        "merged. Re-train or reload the adapter."
+                    )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapter(s) into the base biases; with ``safe_merge`` every delta is checked before any merge."""
+        if safe_merge:
+            self._check_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None):
         """Merge the deltas into the base biases (created where missing) and return the plain model."""
+        if safe_merge:
+            self._check_finite(adapter_names)
         created = [
             n
             for n, layer in self.bitfit_layers().items()
