@@ -11,7 +11,8 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
 
     Trainable parameters (the BitFit deltas, a classifier head) stay in their dtype (fp32), so the optimizer
     state and updates keep full precision; the forward casts the effective bias to the compute dtype.
-    Call it after ``get_peft_model``. Run the forward under autocast (CUDA or CPU) or feed inputs of ``dtype``.
+    Call it after ``get_peft_model`` and run the forward under ``torch.autocast`` (CUDA or CPU, same dtype): a
+    trainable fp32 head fed bf16 activations needs autocast to run.
 
     Example:
         >>> import torch, bitfit_peft
