@@ -421,6 +421,8 @@ def train(
     learning_rate = defaults["learning_rate"] if learning_rate is None else learning_rate
     if head_learning_rate is None:
         head_learning_rate = HEAD_LR_FACTOR * learning_rate
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
     model_path = model or default_model_path()
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / CHECKPOINT_DIR
