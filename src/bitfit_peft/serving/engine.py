@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from .. import BASE_ADAPTER_NAME, BitFitLayer
-from ..heads import enable_head_routing, head_modules
+from ..heads import route_heads, routing_of
 
 __all__ = [
     "AdapterInfo",
@@ -177,6 +177,8 @@ class _Task:
     task_type: str | None
     kind: str
     labels: list[str] | None
+    outputs: int | None = None  # head outputs (SEQ_CLS)
+    sizes: tuple[int, int, int] = (0, 0, 0)  # delta params, delta bytes, head bytes: fixed once loaded
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -380,6 +382,10 @@ class MultiTaskEngine:
         self._retired: set[str] = set()  # removed, but kept until another adapter is loaded (PEFT needs >= 1)
         self._serial = 0
         self._lock = threading.RLock()
+        # BitFit layers and head wrappers of the PeftModel, found in one module walk per load: with hundreds of
+        # adapters, walking the model (every layer holds one delta module per adapter) costs milliseconds.
+        self._layers: list[BitFitLayer] = []
+        self._heads: list[ModulesToSaveWrapper] = []
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -443,6 +449,7 @@ class MultiTaskEngine:
             self._load(internal, adapter_dir, shapes)
             try:
                 task = self._describe(name, internal, str(source), adapter_task, meta)
+                task.sizes = self._sizes(internal)
             except Exception:
                 self._delete_peft_adapter(internal)
                 raise
@@ -503,10 +510,16 @@ class MultiTaskEngine:
                 self._delete_peft_adapter(name)
             raise
         self._model.eval()
-        for wrapper in head_modules(self._model).values():
+        self._scan()
+        for wrapper in self._heads:
             if name in wrapper.modules_to_save:
                 _sync_linear_sizes(wrapper.modules_to_save[name])
-        enable_head_routing(self._model)
+        route_heads(self._heads, routing_of(self._model))
+
+    def _scan(self) -> None:
+        modules = list(self.model.modules())
+        self._layers = [m for m in modules if isinstance(m, BitFitLayer)]
+        self._heads = [m for m in modules if isinstance(m, ModulesToSaveWrapper)]
 
     def _delete_peft_adapter(self, name: str) -> None:
         model = self._model
@@ -523,9 +536,8 @@ class MultiTaskEngine:
     def _invalidate_caches(self) -> None:
         # The core caches each layer's stacked delta table keyed by tensor ids, which can be recycled when an
         # adapter is removed and another loaded under the same name: drop the caches on every change.
-        for module in self.model.modules():
-            if isinstance(module, BitFitLayer):
-                module._table_cache = None
+        for module in self._layers:
+            module._table_cache = None
 
     def _describe(self, name: str, internal: str, source: str, task_type: str | None,
                   meta: dict[str, Any]) -> _Task:
@@ -545,11 +557,11 @@ class MultiTaskEngine:
                 )
         else:
             labels = None
-        return _Task(name, internal, source, task_type, kind, labels)
+        return _Task(name, internal, source, task_type, kind, labels, outputs=num_labels)
 
     def _num_labels(self, name: str) -> int:
         """Outputs of the head of the PEFT adapter ``name`` (the base's head if it has none)."""
-        for wrapper in head_modules(self.model).values():
+        for wrapper in self._heads:
             module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else None
             if module is not None:
                 out = _last_linear_out(module)
@@ -557,16 +569,18 @@ class MultiTaskEngine:
                     return int(out)
         return int(self._base.config.num_labels)
 
-    def _info(self, task: _Task) -> AdapterInfo:
-        model = self._model
-        key = task.internal
+    def _sizes(self, key: str) -> tuple[int, int, int]:
+        """Delta params, delta bytes and head bytes of the PEFT adapter ``key``."""
         n_delta, delta_bytes = _param_bytes(
-            [layer.bitfit_delta[key].delta for layer in model.base_model.bitfit_layers(key).values()]
+            [layer.bitfit_delta[key].delta for layer in self._layers if key in layer.bitfit_delta]
         )
         _, head_bytes = _param_bytes(
-            [p for w in head_modules(model).values() if key in w.modules_to_save
-             for p in w.modules_to_save[key].parameters()]
+            [p for w in self._heads if key in w.modules_to_save for p in w.modules_to_save[key].parameters()]
         )
+        return n_delta, delta_bytes, head_bytes
+
+    def _info(self, task: _Task) -> AdapterInfo:
+        n_delta, delta_bytes, head_bytes = task.sizes
         return AdapterInfo(
             name=task.name,
             source=task.source,
@@ -680,7 +694,7 @@ class MultiTaskEngine:
             else:
                 kind, labels = task.kind, task.labels
             if kind == "regression":
-                width = self._num_labels(task.internal) if task is not None else self._base.config.num_labels
+                width = (task.outputs or 1) if task is not None else self._base.config.num_labels
                 values = row[:width].tolist()
                 results.append(Prediction(task=name, kind="regression", value=values[0] if width == 1 else values))
                 continue
