@@ -603,7 +603,7 @@ def plot_main(results: list[dict[str, Any]], s: Setting, path: Path) -> None:
     cells = main_table(results, s)
     tasks = [t for t in s.tasks if any(k[0] == t for k in cells)]
     methods = [m for m in s.methods if any(k[1] == m for k in cells)]
-    fig, ax = plt.subplots(figsize=(1.9 * len(tasks) + 2, 3.6))
+    fig, ax = plt.subplots(figsize=(1.9 * len(tasks) + 3.5, 3.6))
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
         mus, sds = [], []
@@ -618,7 +618,7 @@ def plot_main(results: list[dict[str, Any]], s: Setting, path: Path) -> None:
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"MiniLM-L6, {s.name} setting: mean ± std over {s.seeds} seeds", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
