@@ -328,3 +328,15 @@ def test_listing_and_predict_do_not_walk_the_model(load_world: dict[str, Path],
     assert results[0].kind == "regression" and isinstance(results[0].value, float)
     assert infos["topic"].head_bytes == 4 * (4 * 32 + 4)
     assert infos["rating"].delta_bytes == 4 * infos["rating"].delta_params > 0
+
+
+def test_long_input_is_truncated_to_the_model_limit(load_world: dict[str, Path]) -> None:
+    """The tiny base embeds 128 positions; ``max_length`` 512 once let a long text fail the forward (HTTP 500)."""
+    engine = _engine(load_world, ["topic"])
+    assert engine.max_length == 128
+    long_text = "word " * 400
+    mixed = engine.predict([("topic", long_text), ("topic", "short")])[0].to_dict()
+    assert same_result(mixed, engine.predict([("topic", long_text)])[0].to_dict())
+    with LiveServer(create_app(engine)) as live:
+        resp = httpx.post(f"{live.url}/v1/predict", json={"task": "topic", "text": long_text}, timeout=30)
+    assert resp.status_code == 200, resp.text

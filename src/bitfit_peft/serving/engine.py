@@ -331,7 +331,8 @@ class MultiTaskEngine:
         dtype: ``"float32"`` / ``"bfloat16"`` / ``"float16"`` / a ``torch.dtype`` / ``"auto"`` (the checkpoint's)
             for the frozen base; deltas stay fp32.
         tokenizer: a tokenizer, or a path/Hub id to load one from (default: ``base``).
-        max_length: inputs are truncated to this many tokens.
+        max_length: inputs are truncated to this many tokens (at most the model's ``max_position_embeddings`` and
+            the tokenizer's ``model_max_length``).
         normalize_embeddings: L2-normalise embeddings (sentence-transformers style).
         revision / trust_remote_code: passed to ``from_pretrained`` of the base.
     """
@@ -378,6 +379,9 @@ class MultiTaskEngine:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.tokenizer = tokenizer
+        # Never longer than the model can embed (a longer input would fail the forward: HTTP 500 on the server).
+        limits = (getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
+        self.max_length = min([self.max_length] + [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000])
         self._tasks: dict[str, _Task] = {}
         self._retired: set[str] = set()  # removed, but kept until another adapter is loaded (PEFT needs >= 1)
         self._serial = 0
