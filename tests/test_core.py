@@ -418,14 +418,15 @@ def test_minilm_learns_real_data() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    deltas = [p for n, p in model.named_parameters() if p.requires_grad and "bitfit_delta" in n]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "bitfit_delta" not in n]
+    # MiniLM's pooler output varies little: the head needs a higher learning rate than the deltas
+    opt = torch.optim.AdamW([{"params": deltas, "lr": 1e-2}, {"params": head, "lr": 3e-2}])
     model.train()
-    for _epoch in range(2):
+    for _epoch in range(3):
         for i in range(0, len(train), 16):
             chunk = train[i : i + 16]
-            enc = tok(
-                [r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt"
-            )
+            enc = tok([r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
             loss = model(**enc, labels=torch.tensor([int(r["spam"]) for r in chunk])).loss
             loss.backward()
             opt.step()
@@ -469,3 +470,10 @@ def test_half_precision_save_and_pruning(tmp_path: Path) -> None:
     with torch.no_grad():
         first.delta_of("default").zero_()
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch))
+
+
+def test_token_classification_head_is_not_a_bias_target() -> None:
+    model = get_peft_model(make_tiny_model("bert", task="token_cls"), BitFitConfig(task_type="TOKEN_CLS"))
+    names = [n for n, m in model.named_modules() if isinstance(m, BitFitLayer)]
+    assert names and not any("classifier" in n for n in names)
+    assert any("classifier.modules_to_save" in n for n, _ in model.named_parameters())

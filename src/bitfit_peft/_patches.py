@@ -20,6 +20,9 @@ def install() -> None:
     install_load_rollback()
     install_peft_type_check()
     install_config_recover()
+    from .hub import install as install_model_card
+
+    install_model_card()  # BitFit model card on save_pretrained / push_to_hub (after the transactional save)
     if getattr(_peft_model.safe_save_file, "_bitfit", False):
         return
     original = _peft_model.safe_save_file

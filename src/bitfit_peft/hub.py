@@ -35,6 +35,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from bitfit_peft.utils import human_bytes
+
 BEGIN = "<!-- bitfit-peft:begin -->"
 END = "<!-- bitfit-peft:end -->"
 CONFIG_NAME = "adapter_config.json"
@@ -149,17 +151,6 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(_HUB_ID.match(name)) and not os.path.exists(name)  # type: ignore[arg-type]
 
 
-def _human(size: int | None) -> str:
-    if size is None:
-        return "unknown"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"  # pragma: no cover
-
-
 def _base_params(model: Any) -> int | None:
     try:
         return sum(
@@ -224,7 +215,7 @@ def _section(adapters: list[AdapterSummary], base_model: str | None, adapter_ref
         file_ = f"`{a.path + '/' if a.path != '.' else ''}{a.file_name}`" if a.file_name else "-"
         out.append(
             f"| `{a.name}` | {a.config.get('task_type') or '-'} | {terms} | {a.trainable_params:,}{share} | "
-            f"{a.delta_params:,} in {a.n_deltas} vectors | {saved} | {file_} | {_human(a.file_size)} |"
+            f"{a.delta_params:,} in {a.n_deltas} vectors | {saved} | {file_} | {human_bytes(a.file_size)} |"
         )
     out += ["", "## How to load", ""]
     sub = None if first.path == "." else first.path

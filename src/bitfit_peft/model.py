@@ -21,6 +21,12 @@ from .heads import route_heads
 from .layer import FUSED_TYPES, BitFitLayer, BitFitWrapper, bias_shape, can_merge_into
 from .routing import BASE_ADAPTER_NAME, Routing
 
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
 
 class BitFitError(ValueError):
     """A BitFit configuration or checkpoint does not fit the model; the message says what to change."""
@@ -90,6 +96,8 @@ class BitFitModel(BaseTuner):
     def resolve_targets(model: nn.Module, config: BitFitConfig) -> set[str]:
         """Names of the modules that ``config`` selects in ``model`` (raises a clear error if none)."""
         head = set(config.modules_to_save or [])
+        # PEFT adds these heads to modules_to_save for some task types only after targets are chosen
+        head |= set(_TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ()))
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if (
             isinstance(config.bias_terms, list)
@@ -114,9 +122,7 @@ class BitFitModel(BaseTuner):
                 module = module.get_base_layer()
             if any(name.endswith(h) or name.startswith(h + ".") or f".{h}." in name for h in head):
                 continue
-            if any(
-                f".{part}." in f".{name}." for part in ("modules_to_save", "original_module", "base_layer")
-            ):
+            if any(f".{part}." in f".{name}." for part in ("modules_to_save", "original_module", "base_layer")):
                 continue
             if ".bitfit_delta." in f".{name}.":
                 continue
@@ -132,14 +138,10 @@ class BitFitModel(BaseTuner):
                     continue
                 if not _has_bias(module) and not can_merge_into(module):
                     continue  # e.g. RMSNorm: a bias there could never be merged; target it explicitly if wanted
-                if isinstance(config.bias_terms, list) and not set(group_of(name, module)) & set(
-                    config.bias_terms
-                ):
+                if isinstance(config.bias_terms, list) and not set(group_of(name, module)) & set(config.bias_terms):
                     continue
                 if config.exclude_modules is not None:
-                    excluded = check_target_module_exists(
-                        BitFitConfig(target_modules=config.exclude_modules), name
-                    )
+                    excluded = check_target_module_exists(BitFitConfig(target_modules=config.exclude_modules), name)
                     if excluded:
                         continue
                 if config.layers_to_transform is not None:
@@ -191,9 +193,7 @@ class BitFitModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         if isinstance(target, BitFitLayer):
-            target.update_layer(
-                adapter_name, init_weights=config.init_weights, inference_mode=config.inference_mode
-            )
+            target.update_layer(adapter_name, init_weights=config.init_weights, inference_mode=config.inference_mode)
             return
         new_module = BitFitWrapper(
             target,
@@ -207,20 +207,14 @@ class BitFitModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(
-        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
-    ) -> None:
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
         if hasattr(child, "base_layer"):
             child = child.base_layer
         for name, module in new_module.named_modules():
             if self.prefix in name:
                 ref = next(
-                    (
-                        t
-                        for t in (getattr(child, "weight", None), getattr(child, "bias", None))
-                        if t is not None
-                    ),
+                    (t for t in (getattr(child, "weight", None), getattr(child, "bias", None)) if t is not None),
                     None,
                 )
                 if ref is not None and ref.device.type != "meta":
@@ -247,9 +241,7 @@ class BitFitModel(BaseTuner):
             yield
             return
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-            raise TypeError(
-                f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}."
-            )
+            raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}.")
         known = set(self.peft_config)
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
         if unknown:
@@ -259,9 +251,7 @@ class BitFitModel(BaseTuner):
             )
         batch = _batch_size(args, kwargs)
         if batch is not None and batch != len(adapter_names):
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples."
-            )
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples.")
         layers, heads, _ = self._structure()
         if any(layer.merged_adapters for layer in layers):
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
@@ -289,9 +279,7 @@ class BitFitModel(BaseTuner):
             >>> # model.base_model.add_weighted_adapter(["sst2", "spam"], [0.5, 0.5], "mix")
         """
         if adapter_name in self.peft_config:
-            raise ValueError(
-                f"Adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it first."
-            )
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it first.")
         if not adapters or len(adapters) != len(weights):
             raise ValueError("adapters and weights must be non-empty lists of equal length.")
         missing = [a for a in adapters if a not in self.peft_config]
@@ -448,8 +436,7 @@ class BitFitModel(BaseTuner):
         return {
             name: module
             for name, module in self.model.named_modules()
-            if isinstance(module, BitFitLayer)
-            and (adapter_name is None or adapter_name in module.bitfit_delta)
+            if isinstance(module, BitFitLayer) and (adapter_name is None or adapter_name in module.bitfit_delta)
         }
 
     # ------------------------------------------------------------------ merge
@@ -484,13 +471,9 @@ class BitFitModel(BaseTuner):
         if safe_merge:
             self._check_finite(adapter_names)
         created = [
-            n
-            for n, layer in self.bitfit_layers().items()
-            if getattr(layer.get_base_layer(), "bias", None) is None
+            n for n, layer in self.bitfit_layers().items() if getattr(layer.get_base_layer(), "bias", None) is None
         ]
-        model = super().merge_and_unload(
-            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         if created:
             _sync_bias_config_flags(model, created)
         return model
@@ -498,9 +481,7 @@ class BitFitModel(BaseTuner):
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        selected = super()._get_adapter_state_dict(
-            model, config, adapter_name, state_dict, unwanted_adapter_names
-        )
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         layers = {
             name: module
             for name, module in model.named_modules()
@@ -593,9 +574,7 @@ def _sync_bias_config_flags(model: nn.Module, created: list[str]) -> None:
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in leaves and isinstance(module, nn.Linear) and module.bias is None:
                 ref = module.weight
-                module.bias = nn.Parameter(
-                    torch.zeros(bias_shape(module), dtype=ref.dtype, device=ref.device)
-                )
+                module.bias = nn.Parameter(torch.zeros(bias_shape(module), dtype=ref.dtype, device=ref.device))
         setattr(config, flag, True)
         leftover -= set(hits)
     if leftover:

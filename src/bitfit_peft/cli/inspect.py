@@ -16,21 +16,13 @@ from rich.table import Table
 
 from bitfit_peft.cli import app
 from bitfit_peft.inspect import DEFAULT_TOLERANCE, BiasChangeReport, bias_change_report, plot_bias_heatmap
+from bitfit_peft.utils import human_bytes
 
 __all__ = ["inspect_command", "print_report", "register"]
 
 
 def _fmt(x: float) -> str:
     return "·" if math.isnan(x) else f"{x:.2e}"
-
-
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def print_report(report: BiasChangeReport, console: Console | None = None, max_listed: int = 10) -> None:
@@ -57,7 +49,7 @@ def print_report(report: BiasChangeReport, console: Console | None = None, max_l
     totals.add_row("adapter", report.adapter_name)
     totals.add_row("bias vectors", str(report.n_vectors))
     totals.add_row("delta parameters", f"{report.n_params:,}")
-    totals.add_row("delta size", f"{_human_bytes(report.nbytes)} ({report.nbytes:,} bytes)")
+    totals.add_row("delta size", f"{human_bytes(report.nbytes)} ({report.nbytes:,} bytes)")
     totals.add_row("mean |Δb| (all)", _fmt(report.mean_abs))
     nonfinite = report.n_nan + report.n_inf
     style = "red" if nonfinite else "green"
@@ -65,7 +57,7 @@ def print_report(report: BiasChangeReport, console: Console | None = None, max_l
     pr = report.prunable
     totals.add_row(
         f"prunable at tol {report.tolerance:g}",
-        f"{len(pr)} vector(s), {_human_bytes(report.prunable_bytes)}",
+        f"{len(pr)} vector(s), {human_bytes(report.prunable_bytes)}",
     )
     console.print(totals)
     if nonfinite:

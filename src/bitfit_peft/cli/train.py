@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from bitfit_peft.cli import app
+from bitfit_peft.utils import human_bytes
 
 
 class Task(str, Enum):
@@ -26,10 +27,6 @@ _DATA = "Data"
 _MODEL = "Model and adapter"
 _OPT = "Optimisation"
 _OUT = "Output"
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
 
 
 def _fmt_metric(value: float | None) -> str:
@@ -292,7 +289,7 @@ def train_command(
         f"{result.trainable_params:,} of {result.total_params:,} ({share:.3f}%): "
         f"{result.bias_params:,} bias + {result.head_params:,} head",
     )
-    table.add_row("adapter file size", _fmt_bytes(result.adapter_size_bytes))
+    table.add_row("adapter file size", human_bytes(result.adapter_size_bytes))
     table.add_row("examples (train / dev)", f"{result.num_train:,} / {result.num_dev:,}")
     table.add_row("epochs run", f"{result.epochs_run:g}")
     table.add_row("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)")
