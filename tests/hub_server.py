@@ -31,8 +31,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import unquote
 
+import pytest
 import uvicorn
 import yaml
 from fastapi import FastAPI, Request, Response
@@ -398,3 +400,24 @@ class HubServer:
             return _error(404, f"hub_server does not implement {request.method} /{full}")
 
         return app
+
+def point_hub_client_at(url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every huggingface_hub / transformers entry point use ``url`` and a private cache."""
+    import huggingface_hub.hf_api as hf_api_module
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_api_module.api, "endpoint", url)  # module-level HfApi behind `file_exists` & co
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches one HfApi per process

@@ -323,36 +323,16 @@ def test_default_demo_beats_majority(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert payload["adapter_size_bytes"] < 1_000_000
 
 
-def _point_hub_client_at(url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route huggingface_hub / transformers to a local test server with a private cache and a dummy token."""
-    import huggingface_hub.hf_api as hf_api_module
-    import transformers.utils.hub as transformers_hub
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_api_module.api, "endpoint", url)
-    monkeypatch.setattr(transformers_hub, "_hf_api", None)
-
 
 def test_push_to_hub_uploads_adapter(
     tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`push_to_hub=True` uploads the adapter and tokenizer (to the in-process Hub test server)."""
-    from hub_server import HubServer
+    from hub_server import HubServer, point_hub_client_at
     from huggingface_hub import HfApi
 
     with HubServer() as hub:
-        _point_hub_client_at(hub.url, tmp_path / "hf_home", monkeypatch)
+        point_hub_client_at(hub.url, tmp_path / "hf_home", monkeypatch)
         result = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "out", num_epochs=1, eval_before=False,
                        push_to_hub=True, hub_model_id="user/spam-bitfit", **FAST)  # fmt: skip
         assert result.hub_url

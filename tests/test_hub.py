@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_tiny_model
-from hub_server import HubServer
+from hub_server import HubServer, point_hub_client_at
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
 
 import bitfit_peft
@@ -50,31 +50,10 @@ def hub_server() -> Iterator[HubServer]:
         yield server
 
 
-def _point_client_at(url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every huggingface_hub / transformers entry point use ``url`` and a private cache."""
-    import huggingface_hub.hf_api as hf_api_module
-    import transformers.utils.hub as transformers_hub
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_api_module.api, "endpoint", url)  # module-level HfApi behind `file_exists` & co
-    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches one HfApi per process
-
 
 @pytest.fixture
 def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
-    _point_client_at(hub_server.url, tmp_path / "hf_home", monkeypatch)
+    point_hub_client_at(hub_server.url, tmp_path / "hf_home", monkeypatch)
     return hub_server
 
 
@@ -241,7 +220,7 @@ def test_unreachable_hub_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    _point_client_at(dead, tmp_path / "hf_home", monkeypatch)
+    point_hub_client_at(dead, tmp_path / "hf_home", monkeypatch)
     import huggingface_hub.utils._http as hf_http
 
     sleeps: list[float] = []  # the client backs off ~23 s before giving up; record instead of waiting
