@@ -97,6 +97,10 @@ class BitFitLayer(BaseTunerLayer):
         self.bias_group = kwargs.get("bias_group", "other")
         self._bitfit_routing: Routing | None = kwargs.get("routing")
         self._table_cache: tuple[Any, tuple, torch.Tensor] | None = None
+        #: ``base + delta`` of the active adapter, computed for all layers at once (one ``torch._foreach_add``)
+        #: by :meth:`BitFitModel.precomputed_biases` for the duration of one model call; None outside it.
+        self._eff_bias: torch.Tensor | None = None
+        self._bias_cast_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         base = self.get_base_layer()
         self._bias_shape = bias_shape(base)
         self._view_shape = (
@@ -255,6 +259,42 @@ class BitFitLayer(BaseTunerLayer):
             self._table_cache = (key, tuple(rows), table)
         return table
 
+    def effective_bias_operands(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """``(base bias in the delta's dtype or None, delta)`` of the single active adapter, or None when this
+        layer cannot take a precomputed bias (mixed routing, merged, disabled, several active adapters,
+        unfused op, Accelerate hooks)."""
+        if self._disable_adapters or self.merged_adapters or not self._fused:
+            return None
+        routing = self._bitfit_routing
+        if routing is not None and routing.rows is not None:
+            return None
+        active = self._active_adapter
+        if active.__class__ is not str:
+            if len(active) != 1:
+                return None
+            active = active[0]
+        module = self._deltas.get(active)
+        base = self._base_ref
+        if module is None or module._forward_pre_hooks or "_hf_hook" in module.__dict__ or "_hf_hook" in base.__dict__:
+            return None
+        delta = module._parameters["delta"]
+        bias = base._parameters.get("bias")
+        if bias is None or (bias.dtype is delta.dtype and bias.device == delta.device):
+            return bias, delta
+        if bias.requires_grad:
+            return None
+        cache = self._bias_cast_cache  # frozen base bias in another dtype (low-memory mode): cast once, reuse
+        if (
+            cache is None
+            or cache[0] is not bias
+            or cache[1] != bias._version
+            or cache[2].dtype is not delta.dtype
+            or cache[2].device != delta.device
+        ):
+            cache = (bias, bias._version, bias.detach().to(device=delta.device, dtype=delta.dtype))
+            self._bias_cast_cache = cache
+        return cache[2], delta
+
     def bitfit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Forward with the active adapter(s) or the per-sample routing of a mixed batch.
 
@@ -288,6 +328,9 @@ class BitFitLayer(BaseTunerLayer):
         if not active:
             return base(x, *args, **kwargs)
         if self._fused and not args and not kwargs and "_hf_hook" not in base.__dict__:
+            eff = self._eff_bias
+            if eff is not None:  # precomputed for this call: the base op only, as with naive bias training
+                return self._apply_op(x, eff)
             bias = base._parameters.get("bias")
             for name in active:
                 module = deltas[name]
@@ -295,7 +338,10 @@ class BitFitLayer(BaseTunerLayer):
                     bias = module(bias)
                 else:  # same as module(bias), without the module-call overhead on the hot path
                     delta = module._parameters["delta"]
-                    bias = delta if bias is None else bias.to(delta.dtype) + delta
+                    if bias is None:
+                        bias = delta
+                    else:
+                        bias = (bias if bias.dtype is delta.dtype else bias.to(delta.dtype)) + delta
             return self._apply_op(x, bias)
         out = base(x, *args, **kwargs)
         for name in active:
