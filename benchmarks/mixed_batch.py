@@ -11,10 +11,33 @@ Compares (all interleaved in one process, ratios to the plain base model):
 for an encoder forward (BERT-shape classifier) and for ``generate`` (Qwen2-shape causal LM, greedy,
 fixed number of new tokens). A one-off correctness check reports the max |mixed - split| logit difference.
 
+With ``--compile`` the forward part also times ``torch.compile`` variants after the eager patterns, in a second
+interleaved stage with the eager ``base`` as anchor:
+
+* ``base_compiled``            ``torch.compile(base)``
+* ``bitfit_single_compiled``   ``torch.compile(peft_model)``, one active adapter
+* ``bitfit_mixed_compiled``    the same compiled model with ``adapter_names=[...]`` (one list object, reused)
+* ``bitfit_single_compiled_after_mixed``  single-adapter calls again, once the mixed calls were compiled too
+
+each with two ratios: ``x base`` (eager base of that stage) and ``x base_compiled`` (the fair comparison).
+Stage 1 times base/single compiled in a fresh Dynamo state, stage 2 adds the mixed calls (Dynamo's caches are
+per code object, so mixed-call graph breaks and recompiles can change what single calls run afterwards).
+It records compile time per pattern, the max |compiled - eager| logit difference, and Dynamo counters: frames
+compiled on the first call, frames compiled again afterwards (= recompiles; should be 0 while timing) and
+graph breaks with their reasons. A pattern that fails to compile is recorded with its error and skipped.
+
+``--shape qwen05b`` runs ``generate`` at the Qwen2-0.5B shape (hidden 896, 24 layers, vocab 151936),
+batch 16: on CPU a one-off data point at the issue's shape (short prompt, few new tokens).
+
+JSON is rewritten after every stage and timing round, and on SIGTERM (``timeout``) the partial results are
+written before exiting, so a time-boxed run keeps what it measured.
+
 Usage::
 
     python benchmarks/mixed_batch.py                 # CPU, small shapes
-    python benchmarks/mixed_batch.py --gpu --json out/mixed_batch.json
+    python benchmarks/mixed_batch.py --compile --threads 1 --json benchmarks/results/cpu/mixed_batch.json
+    python benchmarks/mixed_batch.py --shape qwen05b --threads 1 --json benchmarks/results/cpu/mixed_batch_qwen05b.json
+    python benchmarks/mixed_batch.py --gpu --compile --json out/mixed_batch.json
 """
 
 from __future__ import annotations
@@ -23,6 +46,7 @@ import argparse
 import copy
 import gc
 import os
+import signal
 import sys
 import time
 import warnings
@@ -49,6 +73,7 @@ from _common import (  # noqa: E402
     make_batch,
     median,
     pick_device,
+    sync,
     write_json,
 )
 
@@ -190,78 +215,414 @@ def check_mixed(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
 # --------------------------------------------------------------------------------------------- driver
 
 
+class Terminated(BaseException):  # noqa: N818 - not an Exception, so ``except Exception`` cannot swallow it
+    """Raised by the SIGTERM handler (``timeout``) so the running part can write what it has."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"terminated by signal {signum} (time limit); results are partial")
+
+
+Flush = Callable[[], None]
+
+
 def timed(fns: dict[str, Callable[[], Any]], args: argparse.Namespace) -> dict[str, Callable[[], Any]]:
     """Patterns to time: LoRA's per-task split only with ``--lora-split`` (it is not the comparison)."""
     return {k: v for k, v in fns.items() if args.lora_split or k != "lora_split"}
 
 
-def summarize(times: dict[str, list[float]], unit_scale: float, label: str) -> dict[str, Any]:
+def summarize(
+    times: dict[str, list[float]], unit_scale: float, label: str, ref2: str | None = None, quiet: bool = False
+) -> dict[str, Any]:
+    """Median per pattern, ratio to ``base`` and (with ``ref2``) ``ratio_compiled`` to pattern ``ref2``."""
     ref = median(times["base"]) if times.get("base") else float("nan")
+    ref2_t = median(times[ref2]) if ref2 and times.get(ref2) else float("nan")
     res = {}
     rows = []
     for name, ts in times.items():
         med = median(ts)
-        res[name] = {f"{label}": med * unit_scale, "rounds": [t * unit_scale for t in ts], "ratio": med / ref}
-        rows.append([name, med * unit_scale, med / ref])
-    log(format_table(["pattern", label, "x base"], rows))
+        entry: dict[str, Any] = {label: med * unit_scale, "rounds": [t * unit_scale for t in ts], "ratio": med / ref}
+        row: list[Any] = [name, med * unit_scale, med / ref]
+        if ref2:
+            entry["ratio_compiled"] = med / ref2_t
+            row.append(med / ref2_t)
+        res[name] = entry
+        rows.append(row)
+    if not quiet:
+        log(format_table(["pattern", label, "x base"] + ([f"x {ref2}"] if ref2 else []), rows))
     return res
 
 
+def round_robin(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    rounds: int,
+    iters: int,
+    warmup: int,
+    budget_s: float | None,
+    min_rounds: int,
+    errors: dict[str, str],
+    on_round: Callable[[dict[str, list[float]]], None] | None = None,
+) -> dict[str, list[float]]:
+    """:func:`interleaved_timing` one round at a time (rotating the order), calling ``on_round`` after each."""
+    live = dict(fns)
+    if warmup:
+        interleaved_timing(live, device, 0, iters, warmup=warmup, errors=errors)
+        live = {k: v for k, v in live.items() if k not in errors}
+    times: dict[str, list[float]] = {k: [] for k in live}
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        names = list(live)
+        if not names:
+            break
+        i = r % len(names)
+        got = interleaved_timing({n: live[n] for n in names[i:] + names[:i]}, device, 1, iters, 0, errors=errors)
+        for n, ts in got.items():
+            times[n] += ts
+        live = {k: v for k, v in live.items() if k not in errors}
+        if on_round is not None:
+            on_round({n: ts for n, ts in times.items() if ts and n in live})
+        if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - t_start > budget_s:
+            log(f"  time budget reached after {r + 1} rounds")
+            break
+    return {n: ts for n, ts in times.items() if ts and n in live}
+
+
 def run_forward(
-    spec: ModelSpec, kinds: list[str], device: torch.device, dtype: torch.dtype, args: argparse.Namespace
-) -> dict[str, Any]:
+    spec: ModelSpec,
+    kinds: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    res: dict[str, Any],
+    flush: Flush,
+) -> None:
     log(f"\n== forward {spec.name}: batch {spec.batch}x{spec.seq}, {N_TASKS} tasks, dtype {dtype}")
     base = build_model(spec, device).to(dtype).eval()
     models = {k: build_peft(k, base, spec, dtype) for k in kinds}
     inputs = {k: v for k, v in make_batch(spec, device).items() if k != "labels"}
-    res: dict[str, Any] = {"spec": asdict(spec), "dtype": str(dtype)}
+    res.update({"spec": asdict(spec), "dtype": str(dtype)})
     with torch.no_grad():
         res["check"] = check_mixed(models, inputs)
         log(f"  check: {res['check']}")
+        flush()
         fns = timed(forward_fns(models, base, inputs), args)
-        times = interleaved_timing(fns, device, args.rounds, args.iters, warmup=2, budget_s=args.budget)
-    res["patterns"] = summarize(times, 1e3, "ms")
+        errors: dict[str, str] = {}
+
+        def on_round(t: dict[str, list[float]]) -> None:
+            res["patterns"] = summarize(t, 1e3, "ms", quiet=True)
+            flush()
+
+        times = round_robin(fns, device, args.rounds, args.iters, 2, args.budget, 2, errors, on_round)
+        res["patterns"] = summarize(times, 1e3, "ms")
+        if errors:
+            res["errors"] = errors
+        flush()
+        if args.compile:
+            run_compiled(models, base, inputs, device, args, res, flush)
     del models, base
-    return res
+
+
+def _frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
+def _dynamo_stats() -> dict[str, Any]:
+    """Graph breaks (by reason), recompile-limit hits and graph count from ``torch._dynamo.utils.counters``."""
+    from torch._dynamo.utils import counters
+
+    reasons: dict[str, int] = {}
+    for msg, n in counters["unimplemented"].items():
+        lines = [ln.strip() for ln in str(msg).strip().splitlines() if ln.strip()]
+        ctx = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Developer debug context")), "")
+        key = (lines[0] if lines else "?")[:80] + (f" [{ctx[:160]}]" if ctx else "")
+        reasons[key] = reasons.get(key, 0) + int(n)
+    limit_hits = sum(n for r, n in reasons.items() if "recompile limit" in r.lower())
+    return {
+        "frames_total": int(counters["frames"]["total"]),
+        "frames_ok": int(counters["frames"]["ok"]),
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": sum(reasons.values()) - limit_hits,
+        "recompile_limit_hits": limit_hits,
+        "break_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:8]),
+    }
+
+
+def run_compiled(
+    models: dict[str, torch.nn.Module],
+    base: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+    args: argparse.Namespace,
+    res: dict[str, Any],
+    flush: Flush,
+) -> None:
+    """``torch.compile`` stages: compile, check against eager, count recompiles, time vs eager ``base``.
+
+    Stage ``single``: ``base_compiled`` and ``bitfit_single_compiled`` in a fresh Dynamo state (what a user who
+    never mixes gets). Stage ``mixed``: the same compiled PEFT model is then also called with ``adapter_names``;
+    ``bitfit_mixed_compiled`` and ``bitfit_single_compiled_after_mixed`` (single-adapter calls once mixed
+    calls have been compiled too) are timed with ``base_compiled`` again. Ratios are within a stage.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    mode = args.compile_mode
+    log(f"\n  -- torch.compile, mode {mode!r}")
+    torch._dynamo.reset()
+    counters.clear()
+    info: dict[str, Any] = {
+        "mode": mode,
+        "recompile_limit": getattr(torch._dynamo.config, "recompile_limit", None),
+        "patterns": {},
+        "stages": {},
+    }
+    res["compile"] = info
+    names = sample_names(inputs["input_ids"].shape[0])  # ONE list object (same contents) for every mixed call
+    cbase = torch.compile(base, mode=mode)  # lazy: compiles on the first call
+    fns: dict[str, Callable[[], Any]] = {"base_compiled": lambda: cbase(**inputs).logits}
+    eager: dict[str, Callable[[], Any]] = {"base_compiled": lambda: base(**inputs).logits}
+    if "bitfit" in models:
+        pm = models["bitfit"]
+        cpm = torch.compile(pm, mode=mode)
+        fns["bitfit_single_compiled"] = lambda: cpm(**inputs).logits
+        fns["bitfit_mixed_compiled"] = lambda: cpm(**inputs, adapter_names=names).logits
+        eager["bitfit_single_compiled"] = lambda: pm(**inputs).logits
+        eager["bitfit_mixed_compiled"] = lambda: pm(**inputs, adapter_names=names).logits
+    t_start = time.perf_counter()
+
+    def fail(name: str, e: BaseException) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        info["patterns"].setdefault(name, {})["error"] = msg[:2000]
+        log(f"  {name} failed: {msg.splitlines()[0][:300]}")
+        fns.pop(name, None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def maxdiff(name: str) -> float:
+        return (fns[name]().float() - eager[name]().float()).abs().max().item()
+
+    def compile_first(name: str) -> None:
+        """First call = compile (Dynamo + Inductor); then check it against eager."""
+        if name not in fns:
+            return
+        if args.compile_budget is not None and time.perf_counter() - t_start > args.compile_budget:
+            fail(name, RuntimeError(f"skipped: compile budget {args.compile_budget:.0f}s used up"))
+            flush()
+            return
+        f0, t0 = _frames(), time.perf_counter()
+        try:
+            fns[name]()
+            sync(device)
+            entry = {"first_call_s": time.perf_counter() - t0, "frames_compiled": _frames() - f0}
+            entry["maxdiff_vs_eager"] = maxdiff(name)
+        except Exception as e:
+            fail(name, e)
+            flush()
+            return
+        info["patterns"][name] = entry
+        log(f"  {name}: first call {entry['first_call_s']:.1f}s, {entry['frames_compiled']} frames compiled")
+        flush()
+
+    def stage(key: str, warm: list[str], timed_names: dict[str, str]) -> None:
+        """Alternate ``warm`` (frames compiled now = recompiles), re-check outputs, then time ``timed_names``
+        (pattern name -> fn name) interleaved with the eager base."""
+        st: dict[str, Any] = {}
+        info["stages"][key] = st
+        warm = [n for n in warm if n in fns]
+        f0, t0 = _frames(), time.perf_counter()
+        for _ in range(args.compile_warmup):
+            for name in warm:
+                if name in fns:
+                    try:
+                        fns[name]()
+                    except Exception as e:
+                        fail(name, e)
+        sync(device)
+        st["warmup_s"] = time.perf_counter() - t0
+        st["recompiles_warmup"] = _frames() - f0
+        for name in [n for n in warm if n in fns]:  # a stale graph after switching would show up here
+            try:
+                d = maxdiff(name)
+            except Exception as e:
+                fail(name, e)
+                continue
+            info["patterns"][name][f"maxdiff_vs_eager_{key}"] = d
+            check = res.setdefault("check", {})
+            check[f"{name}_vs_eager_maxdiff"] = max(d, check.get(f"{name}_vs_eager_maxdiff", 0.0))
+        st["dynamo"] = _dynamo_stats()
+        summary = {k: v for k, v in st["dynamo"].items() if k != "break_reasons"}
+        log(f"  [{key}] {st['recompiles_warmup']} recompiles in {args.compile_warmup} alternating rounds, {summary}")
+        for r, n in st["dynamo"]["break_reasons"].items():
+            log(f"    {n:3d}x {r}")
+        flush()
+        todo = {pat: fns[fn] for pat, fn in timed_names.items() if fn in fns}
+        if not todo:
+            return
+        errors: dict[str, str] = {}
+
+        def merge(summary: dict[str, Any]) -> None:
+            for name, entry in summary.items():
+                if name == "base":
+                    st["base_ms"] = entry["ms"]
+                elif name == "base_compiled" and key != "single" and "base_compiled" in res["patterns"]:
+                    st["base_compiled_ms"] = entry["ms"]  # keep the first stage's row in the table
+                else:
+                    entry["stage"] = key
+                    res["patterns"][name] = entry
+            flush()
+
+        f0 = _frames()
+        log(f"  [{key}] timing eager base + {', '.join(todo)}")
+        times = round_robin(
+            {"base": eager["base_compiled"], **todo},
+            device,
+            args.rounds,
+            args.iters,
+            1,
+            args.budget,
+            2,
+            errors,
+            lambda t: merge(summarize(t, 1e3, "ms", ref2="base_compiled", quiet=True)),
+        )
+        st["recompiles_timed"] = _frames() - f0
+        for name, msg in errors.items():
+            info["patterns"].setdefault(name, {})["error"] = msg[:2000]
+        merge(summarize(times, 1e3, "ms", ref2="base_compiled"))
+        log(f"  [{key}] recompiles while timing: {st['recompiles_timed']}")
+
+    compile_first("base_compiled")
+    compile_first("bitfit_single_compiled")
+    stage(
+        "single",
+        ["base_compiled", "bitfit_single_compiled"],
+        {"base_compiled": "base_compiled", "bitfit_single_compiled": "bitfit_single_compiled"},
+    )
+    if "bitfit_mixed_compiled" in fns:
+        compile_first("bitfit_mixed_compiled")
+        stage(
+            "mixed",
+            ["bitfit_single_compiled", "bitfit_mixed_compiled"],
+            {
+                "base_compiled": "base_compiled",
+                "bitfit_mixed_compiled": "bitfit_mixed_compiled",
+                "bitfit_single_compiled_after_mixed": "bitfit_single_compiled",
+            },
+        )
+    info["compile_stage_s"] = time.perf_counter() - t_start
+    info["dynamo"] = _dynamo_stats()
+    flush()
 
 
 def run_generate(
-    spec: ModelSpec, kinds: list[str], device: torch.device, dtype: torch.dtype, args: argparse.Namespace
-) -> dict[str, Any]:
+    spec: ModelSpec,
+    kinds: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    res: dict[str, Any],
+    flush: Flush,
+) -> None:
     log(
         f"\n== generate {spec.name}: batch {spec.batch}, prompt {spec.seq}, {args.new_tokens} new tokens, "
         f"{N_TASKS} tasks, dtype {dtype}"
     )
+    t0 = time.perf_counter()
     base = build_model(spec, device).to(dtype).eval()
     models = {k: build_peft(k, base, spec, dtype) for k in kinds}
     inputs = {k: v for k, v in make_batch(spec, device).items() if k != "labels"}
-    res: dict[str, Any] = {"spec": asdict(spec), "dtype": str(dtype), "new_tokens": args.new_tokens}
+    res.update({"spec": asdict(spec), "dtype": str(dtype), "new_tokens": args.new_tokens})
+    log(f"  models built in {time.perf_counter() - t0:.0f}s")
+
+    def pick(fns: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
+        fns = timed(fns, args)
+        if args.gen_patterns:
+            keep = {"base", *args.gen_patterns}
+            fns = {k: v for k, v in fns.items() if k in keep}
+        return fns
+
     with torch.no_grad():
         # Shorter warm-up generate per pattern, then 1 generate per pattern per round.
-        for fn in timed(gen_fns(models, base, inputs, max(2, args.new_tokens // 4)), args).values():
-            fn()
-        fns = timed(gen_fns(models, base, inputs, args.new_tokens), args)
-        times = interleaved_timing(fns, device, args.gen_rounds, 1, warmup=0, budget_s=args.gen_budget, min_rounds=1)
+        t0 = time.perf_counter()
+        errors: dict[str, str] = {}
+        warm = pick(gen_fns(models, base, inputs, max(2, args.new_tokens // 4)))
+        interleaved_timing(warm, device, 0, 1, warmup=1, errors=errors)
+        log(f"  warm-up generate took {time.perf_counter() - t0:.0f}s")
+        fns = {k: v for k, v in pick(gen_fns(models, base, inputs, args.new_tokens)).items() if k not in errors}
+
+        def on_round(t: dict[str, list[float]]) -> None:
+            res["patterns"] = summarize(t, 1.0, "s", quiet=True)
+            flush()
+
+        times = round_robin(fns, device, args.gen_rounds, 1, 0, args.gen_budget, 1, errors, on_round)
     res["patterns"] = summarize(times, 1.0, "s")
+    if errors:
+        res["errors"] = errors
     del models, base
-    return res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, BERT-base bs64x128 / Qwen2-0.5B bs16")
+    ap.add_argument(
+        "--shape",
+        choices=("default", "qwen05b", "smoke"),
+        default="default",
+        help="default: CPU small / GPU issue shapes; qwen05b: generate only, Qwen2-0.5B shape bs16 (CPU: "
+        "prompt 16, 8 new tokens, 2 rounds); smoke: tiny shapes, a few seconds per part",
+    )
     ap.add_argument("--kinds", default="bitfit,lora", help="adapter kinds: bitfit,lora")
-    ap.add_argument("--parts", default="forward,generate")
+    ap.add_argument("--parts", default=None, help="forward,generate (default both; qwen05b: generate)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--gen-rounds", type=int, default=None, help="generate rounds (GPU 2, CPU 5)")
+    ap.add_argument("--gen-patterns", default=None, help="only these generate patterns (+ base), comma list")
     ap.add_argument("--lora-split", action="store_true", help="also time LoRA per-task split")
     ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, default=None, help="generate prompt length")
     ap.add_argument("--budget", type=float, default=60.0, help="forward timing seconds before early stop")
     ap.add_argument("--gen-budget", type=float, default=90.0, help="generate timing s before early stop")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time torch.compile(base) / torch.compile(peft_model) forward (single and mixed)",
+    )
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode (default | reduce-overhead | max-autotune-no-cudagraphs | ...)",
+    )
+    ap.add_argument(
+        "--compile-budget",
+        type=float,
+        default=None,
+        help="seconds of compiling after which the remaining compiled patterns are skipped",
+    )
+    ap.add_argument("--compile-warmup", type=int, default=3, help="alternating warm-up calls after compiling")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     return ap.parse_args(argv)
+
+
+def shapes(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
+    """(forward spec, generate spec) for ``--shape`` / ``--gpu``."""
+    if args.shape == "smoke":
+        return (
+            replace(CPU_BERT, batch=16, seq=32, layers=2),
+            replace(CPU_QWEN, batch=8, seq=8, layers=2),
+        )
+    if args.gpu:
+        fwd_spec, gen_spec = GPU_BERT_BASE, replace(GPU_QWEN_05B, batch=16, seq=64)
+    elif args.shape == "qwen05b":
+        fwd_spec, gen_spec = replace(GPU_QWEN_05B, batch=16, seq=16), replace(GPU_QWEN_05B, batch=16, seq=16)
+    else:
+        fwd_spec, gen_spec = replace(CPU_BERT, batch=32), replace(CPU_QWEN, batch=8, seq=16)
+    if args.prompt_len:
+        gen_spec = replace(gen_spec, seq=args.prompt_len)
+    return fwd_spec, gen_spec
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,37 +630,57 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        if args.compile and not args.gpu:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = args.threads  # shared CPU: no wider compile worker pool
     device = pick_device(args.gpu)
     dtype = torch.bfloat16 if args.gpu else torch.float32
-    args.rounds = args.rounds or (10 if args.gpu else 5)
-    args.iters = args.iters or (5 if args.gpu else 2)
-    args.new_tokens = args.new_tokens or (128 if args.gpu else 16)
-    args.gen_rounds = args.gen_rounds or (2 if args.gpu else 5)
+    q05 = args.shape == "qwen05b" and not args.gpu
+    smoke = args.shape == "smoke"
+    args.rounds = args.rounds or (2 if smoke else 10 if args.gpu else 5)
+    args.iters = args.iters or (1 if smoke else 5 if args.gpu else 2)
+    args.new_tokens = args.new_tokens or (4 if smoke else 128 if args.gpu else 8 if q05 else 16)
+    args.gen_rounds = args.gen_rounds or (2 if smoke or args.gpu or q05 else 5)
+    args.parts = args.parts or ("generate" if args.shape == "qwen05b" else "forward,generate")
+    args.gen_patterns = [p.strip() for p in args.gen_patterns.split(",") if p.strip()] if args.gen_patterns else None
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if "bitfit" in kinds and not ensure_bitfit_importable():
         log("bitfit_peft not importable: skipping bitfit")
         kinds.remove("bitfit")
-    if args.gpu:
-        fwd_spec, gen_spec = GPU_BERT_BASE, replace(GPU_QWEN_05B, batch=16, seq=64)
-    else:
-        fwd_spec, gen_spec = replace(CPU_BERT, batch=32), replace(CPU_QWEN, batch=8, seq=16)
+    fwd_spec, gen_spec = shapes(args)
 
     payload: dict[str, Any] = {"benchmark": "mixed_batch", "env": env_info(device), "n_tasks": N_TASKS, "results": {}}
+    payload["env"]["shape"] = args.shape
+    payload["env"]["argv"] = sys.argv[1:] if argv is None else list(argv)
     log(f"device: {payload['env']['device']} | torch {torch.__version__} | kinds {kinds}")
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def flush() -> None:
+        write_json(args.json, payload)
+
     for part in [p.strip() for p in args.parts.split(",")]:
         t0 = time.perf_counter()
+        res: dict[str, Any] = {}
+        payload["results"][part] = res
         try:
             if part == "forward":
-                payload["results"]["forward"] = run_forward(fwd_spec, kinds, device, dtype, args)
+                run_forward(fwd_spec, kinds, device, dtype, args, res, flush)
             elif part == "generate":
-                payload["results"]["generate"] = run_generate(gen_spec, kinds, device, dtype, args)
+                run_generate(gen_spec, kinds, device, dtype, args, res, flush)
             else:
                 raise SystemExit(f"unknown part {part!r}")
+        except Terminated as e:
+            log(f"  {part}: {e}")
+            res["error"] = str(e)
+            flush()
+            raise SystemExit(143) from None
         except Exception as e:
             log(f"  {part} failed: {type(e).__name__}: {e}")
-            payload["results"][part] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"  ({part} took {time.perf_counter() - t0:.0f}s)")
-        write_json(args.json, payload)
+            res["error"] = f"{type(e).__name__}: {e}"
+        res["seconds"] = time.perf_counter() - t0
+        log(f"  ({part} took {res['seconds']:.0f}s)")
+        flush()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,8 +1,9 @@
 """Turn benchmark JSON outputs into PNG plots (docs/img/bench_*.png) and docs/benchmarks.md.
 
-Each results directory holds any of ``train_speed.json``, ``mixed_batch.json``, ``adapter_io.json`` from one
-machine (e.g. ``benchmarks/results/cpu`` from a local run, ``benchmarks/results/gpu`` copied from the
-``$OUT`` of ``benchmarks/gpu_all.sh``). Every directory becomes one section of the markdown page.
+Each results directory holds any of ``train_speed.json``, ``mixed_batch.json``, ``mixed_batch_qwen05b.json``
+(``mixed_batch.py --shape qwen05b``), ``adapter_io.json`` from one machine (e.g. ``benchmarks/results/cpu``
+from a local run, ``benchmarks/results/gpu`` copied from the ``$OUT`` of ``benchmarks/gpu_all.sh``). Every
+directory becomes one section of the markdown page.
 
 Usage::
 
@@ -34,7 +35,7 @@ MODE_LABELS = {
 def load_dir(d: Path) -> dict[str, Any]:
     """All known JSON results in ``d`` keyed by benchmark name."""
     out = {}
-    for name in ("train_speed", "mixed_batch", "adapter_io"):
+    for name in ("train_speed", "mixed_batch", "mixed_batch_qwen05b", "adapter_io"):
         p = d / f"{name}.json"
         if p.exists():
             out[name] = json.loads(p.read_text())
@@ -117,27 +118,45 @@ def plot_train(ts: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_mixed(mb: dict[str, Any], path: Path, title: str) -> None:
+def mixed_panels(mbs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(part, result) of every mixed-batch part with timings, over the given mixed_batch JSONs."""
+    return [
+        (part, mb["results"][part])
+        for mb in mbs
+        for part in ("forward", "generate")
+        if mb["results"].get(part, {}).get("patterns")
+    ]
+
+
+def plot_mixed(mbs: list[dict[str, Any]], path: Path, title: str) -> None:
     plt = _plt()
-    parts = [p for p in ("forward", "generate") if "patterns" in mb["results"].get(p, {})]
-    if not parts:
+    panels = mixed_panels(mbs)
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
-    for ax, part in zip(axes[0], parts, strict=True):
-        pats = mb["results"][part]["patterns"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (part, r) in zip(axes[0], panels, strict=True):
+        pats = r["patterns"]
         names = list(pats)
         vals = [pats[n]["ratio"] for n in names]
-        colors = ["#888" if n == "base" else "#1f77b4" if n.startswith("bitfit") else "#ff7f0e" for n in names]
+        colors = ["#888" if n.startswith("base") else "#1f77b4" if n.startswith("bitfit") else "#ff7f0e" for n in names]
         bars = ax.bar(range(len(names)), vals, color=colors)
-        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=7)
+        for bar, n in zip(bars, names, strict=True):
+            if "_compiled" in n:
+                bar.set_hatch("//")
+                bar.set_edgecolor("white")
+        labels = [
+            f"{v:.2f}\n({pats[n]['ratio_compiled']:.2f})" if "ratio_compiled" in pats[n] else f"{v:.2f}"
+            for n, v in zip(names, vals, strict=True)
+        ]
+        ax.bar_label(bars, labels=labels, fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=8)
-        ax.set_ylabel("time / base model")
-        spec = mb["results"][part]["spec"]
-        extra = f", {mb['results'][part].get('new_tokens')} new tokens" if part == "generate" else ""
+        ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=7 if len(names) > 6 else 8)
+        ax.set_ylabel("time / eager base model")
+        spec = r["spec"]
+        extra = f", {r.get('new_tokens')} new tokens" if part == "generate" else ""
         ax.set_title(f"{part}: {spec['name']} bs{spec['batch']}x{spec['seq']}{extra}", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + "; hatched: torch.compile, (× base_compiled)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -225,26 +244,74 @@ def md_train(ts: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def md_mixed(mb: dict[str, Any]) -> str:
+def md_compile(r: dict[str, Any]) -> str:
+    """One paragraph on the torch.compile stages of a forward result."""
+    c = r.get("compile")
+    if not c:
+        return ""
+    bits = []
+    for name, p in c.get("patterns", {}).items():
+        if "error" in p:
+            bits.append(f"`{name}` failed: `{p['error'].splitlines()[0][:120]}`")
+        elif "first_call_s" in p:
+            bits.append(f"`{name}` first call {fmt(p['first_call_s'])} s, frames compiled: {p['frames_compiled']}")
+    text = (
+        f"\n`torch.compile` (mode `{c.get('mode')}`): compiled patterns are timed in interleaved stages against the"
+        " eager `base` of the same stage (× base) and against `base_compiled` (× base_compiled, the fair comparison)."
+        " Stage *single* runs in a fresh Dynamo state; stage *mixed* then adds mixed-batch calls on the same"
+        " compiled model (`bitfit_single_compiled_after_mixed`: one-adapter calls after that). " + "; ".join(bits) + "."
+    )
+    for key, st in c.get("stages", {}).items():
+        d = st.get("dynamo", {})
+        text += (
+            f" Stage *{key}*: {st.get('recompiles_warmup')} recompiles while alternating, "
+            f"{st.get('recompiles_timed', '–')} while timing"
+            + (f"; eager base {fmt(st['base_ms'])} ms" if "base_ms" in st else "")
+            + (f", base_compiled {fmt(st['base_compiled_ms'])} ms" if "base_compiled_ms" in st else "")
+            + (
+                f"; Dynamo so far: {d.get('unique_graphs')} graphs, {d.get('graph_breaks')} graph breaks, "
+                f"{d.get('recompile_limit_hits')} recompile-limit hits"
+                if d
+                else ""
+            )
+            + "."
+        )
+    reasons = c.get("dynamo", {}).get("break_reasons") or {}
+    if reasons:
+        text += " Graph-break reasons: " + "; ".join(f"{n}× `{k}`" for k, n in list(reasons.items())[:6]) + "."
+    return text + "\n"
+
+
+def md_mixed(mb: dict[str, Any], label: str = "") -> str:
     out = []
     for part in ("forward", "generate"):
         r = mb["results"].get(part)
         if r is None:
             continue
         if "patterns" not in r:
-            out.append(f"**{part}** failed: `{r.get('error')}`\n")
+            out.append(f"**{label}{part}** failed: `{r.get('error')}`\n")
             continue
         s = r["spec"]
         unit = "s" if part == "generate" else "ms"
-        head = f"**{part}**: {s['name']} batch {s['batch']}×{s['seq']}, {mb['n_tasks']} tasks, {r['dtype']}" + (
+        head = f"**{label}{part}**: {s['name']} batch {s['batch']}×{s['seq']}, {mb['n_tasks']} tasks, {r['dtype']}" + (
             f", {r['new_tokens']} new tokens (greedy)" if part == "generate" else ""
         )
         out.append(head + ":\n")
-        rows = [[k, v.get(unit), v["ratio"]] for k, v in r["patterns"].items()]
-        out.append(md_table(["pattern", f"{unit} (median)", "× base"], rows))
+        pats = r["patterns"]
+        if any("ratio_compiled" in v for v in pats.values()):
+            rows = [[k, v.get(unit), v["ratio"], v.get("ratio_compiled")] for k, v in pats.items()]
+            out.append(md_table(["pattern", f"{unit} (median)", "× base", "× base_compiled"], rows))
+        else:
+            rows = [[k, v.get(unit), v["ratio"]] for k, v in pats.items()]
+            out.append(md_table(["pattern", f"{unit} (median)", "× base"], rows))
+        if r.get("error"):
+            out.append(f"\nPartial: `{r['error'][:200]}`\n")
         if r.get("check"):
             checks = ", ".join(f"{k} = {fmt(v) if isinstance(v, float) else v}" for k, v in r["check"].items())
             out.append(f"\nCorrectness (max |logit diff|): {checks}\n")
+        compiled = md_compile(r)
+        if compiled:
+            out.append(compiled)
     return "\n".join(out)
 
 
@@ -314,13 +381,15 @@ What is measured (all numbers are ratios against a baseline measured **in the sa
   (CUDA: `max_memory_allocated` delta; CPU: fresh subprocess per mode, peak RSS delta).
 - **Mixed-task batch** (`benchmarks/mixed_batch.py`): 8 adapters, one task per sample
   (`model(**batch, adapter_names=[...])`) vs the plain base model, one active adapter, and a per-task split
-  (`set_adapter` + sub-batch forward per task); PEFT LoRA r8 with 8 adapters for comparison.
+  (`set_adapter` + sub-batch forward per task); PEFT LoRA r8 with 8 adapters for comparison. With `--compile`
+  also `torch.compile(base)` vs `torch.compile(peft_model)` (one adapter and mixed; `*_compiled`, hatched bars).
+  `--shape qwen05b` adds `generate` at the Qwen2-0.5B shape, batch 16 (a one-off data point on CPU).
 - **Adapter I/O** (`benchmarks/adapter_io.py`): `PeftModel.load_adapter` / `from_pretrained` of a BERT-base
   adapter from local disk, `set_adapter` switch time, saved file size (fp32 and `save_dtype` bf16/fp16).
 
 Reproduce: `python benchmarks/train_speed.py`, `python benchmarks/mixed_batch.py`,
 `python benchmarks/adapter_io.py` (CPU shapes; add `--gpu --json ...` for GPU shapes), or on a GPU machine
-`OUT=out bash benchmarks/gpu_all.sh` (< 7 min), then `python benchmarks/plot.py --results out`.
+`OUT=out bash benchmarks/gpu_all.sh` (≤ 8 min), then `python benchmarks/plot.py --results out`.
 """
 
 
@@ -342,14 +411,16 @@ def section(res: dict[str, Any], tag: str, img_dir: Path, md_path: Path) -> str:
             md_train(res["train_speed"]),
             f"\n![training step ratios]({rel}/{p.name})\n",
         ]
-    if "mixed_batch" in res:
+    mbs = [res[k] for k in ("mixed_batch", "mixed_batch_qwen05b") if k in res]
+    if mbs:
         p = img_dir / f"bench_mixed_batch_{tag}.png"
-        plot_mixed(res["mixed_batch"], p, f"Mixed 8-task batch vs base model ({env.get('device')})")
-        parts += [
-            "### Mixed-task batches\n",
-            md_mixed(res["mixed_batch"]),
-            f"\n![mixed batch ratios]({rel}/{p.name})\n",
-        ]
+        plot_mixed(mbs, p, f"Mixed 8-task batch vs base model ({env.get('device')})")
+        parts.append("### Mixed-task batches\n")
+        if "mixed_batch" in res:
+            parts.append(md_mixed(res["mixed_batch"]))
+        if "mixed_batch_qwen05b" in res:
+            parts.append("\n" + md_mixed(res["mixed_batch_qwen05b"], label="Qwen2-0.5B shape, "))
+        parts.append(f"\n![mixed batch ratios]({rel}/{p.name})\n")
     if "adapter_io" in res:
         p = img_dir / f"bench_adapter_io_{tag}.png"
         plot_io(res["adapter_io"], p, f"Adapter I/O ({env.get('device')})")
