@@ -57,7 +57,7 @@ def randomize(model, adapter: str = "default", scale: float = 0.1, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if f".bitfit_delta.{adapter}." in name:
+            if name.endswith(f".bitfit_delta.{adapter}"):
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 

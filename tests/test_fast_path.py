@@ -150,7 +150,7 @@ def test_fast_path_follows_set_adapter_disable_and_merge() -> None:
     model.add_adapter("other", BitFitConfig(task_type="SEQ_CLS"))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".other." in name and "bitfit_delta" in name:
+            if name.endswith(".bitfit_delta.other"):
                 param.fill_(0.05)
     batch = {k: v for k, v in _batch("bert").items() if k != "labels"}
     with torch.no_grad():
@@ -169,3 +169,17 @@ def test_fast_path_follows_set_adapter_disable_and_merge() -> None:
     assert isinstance(model.base_model.model.bert.encoder.layer[0].output.dense, BitFitLayer)
     with torch.no_grad():
         torch.testing.assert_close(bare, make_tiny_model("bert")(**batch).logits, rtol=0, atol=0)
+
+
+def test_module_tree_does_not_grow_with_adapters(tmp_path: Any) -> None:
+    """All adapters of a layer share one BiasDeltas bank: loading more adapters adds vectors, not modules."""
+    model = _bitfit("bert")
+    model.save_pretrained(tmp_path)
+    modules_before = sum(1 for _ in model.modules())
+    for i in range(3):
+        model.load_adapter(tmp_path, adapter_name=f"extra{i}")
+    assert sum(1 for _ in model.modules()) - modules_before == 3 * 1  # only the heads' per-adapter copies
+    layer = model.base_model._structure()[0][0]
+    assert sorted(layer.bitfit_delta.keys()) == ["default", "extra0", "extra1", "extra2"]
+    assert all(not layer.delta_of(f"extra{i}").requires_grad for i in range(3))
+    torch.testing.assert_close(layer.delta_of("extra2"), layer.delta_of("default"), rtol=0, atol=0)

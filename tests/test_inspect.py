@@ -24,7 +24,7 @@ P = "bert.encoder.layer"
 def _set(model: torch.nn.Module, path: str, values: torch.Tensor) -> None:
     layer = model.base_model.model.get_submodule(path)
     with torch.no_grad():
-        layer.bitfit_delta["default"].delta.copy_(values)
+        layer.delta_of("default").copy_(values)
 
 
 @pytest.fixture(scope="module")

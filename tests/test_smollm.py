@@ -111,7 +111,7 @@ def test_only_projection_biases_are_trainable(trained: Trained) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     # q, o, down: hidden; k, v: kv heads x head_dim; gate, up: intermediate
     per_layer = 3 * cfg.hidden_size + 2 * head_dim * cfg.num_key_value_heads + 2 * cfg.intermediate_size
-    assert all(n.endswith(".bitfit_delta.default.delta") for n in names)
+    assert all(n.endswith(".bitfit_delta.default") for n in names)
     assert len(names) == 7 * cfg.num_hidden_layers  # q/k/v/o/gate/up/down; no RMSNorm, no (tied) lm_head
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == per_layer * cfg.num_hidden_layers
 

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from . import _registration
 from ._patches import install as _install_patches
 from .config import BitFitConfig
-from .layer import BiasDelta, BitFitLayer
+from .layer import BiasDeltas, BitFitLayer
 from .lowmem import cast_frozen_base
 from .model import BitFitError, BitFitModel
 from .routing import BASE_ADAPTER_NAME
@@ -36,7 +36,7 @@ _install_patches()
 
 __all__ = [
     "BASE_ADAPTER_NAME",
-    "BiasDelta",
+    "BiasDeltas",
     "BitFitConfig",
     "BitFitError",
     "BitFitLayer",

@@ -20,6 +20,8 @@ def install() -> None:
     install_load_rollback()
     install_peft_type_check()
     install_config_recover()
+    install_offload_keys()
+    install_skip_dtensor_reshard()
     from .hub import install as install_model_card
 
     install_model_card()  # BitFit model card on save_pretrained / push_to_hub (after the transactional save)
@@ -51,13 +53,16 @@ def install_transformers_load_adapter() -> None:
             from peft import PeftConfig
             from peft.utils.save_and_load import load_peft_weights
 
-            from .delta_format import unpack
+            from .delta_format import DELTA_SUFFIX, unpack
 
             hub_kwargs = {k: kw[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kw}
             config = peft_config or PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
             if getattr(config, "peft_type", None) == "BITFIT":
                 weights = load_peft_weights(peft_model_id, device="cpu", **hub_kwargs)
-                adapter_state_dict = unpack(weights)
+                # transformers renames '<module>.bitfit_delta' to '<module>.bitfit_delta.<adapter>', the bank's key
+                adapter_state_dict = {
+                    k.removesuffix(".delta") if k.endswith(DELTA_SUFFIX) else k: v for k, v in unpack(weights).items()
+                }
                 peft_config = config
         return original(
             self,
@@ -76,6 +81,58 @@ def install_transformers_load_adapter() -> None:
 def _is_bitfit(peft_model) -> bool:  # noqa: ANN001
     configs = getattr(peft_model, "peft_config", {}) or {}
     return any(getattr(c, "peft_type", None) == "BITFIT" for c in configs.values())
+
+
+def install_offload_keys() -> None:
+    """Disk offload: PEFT's ``_update_offload`` names an offloaded adapter vector ``<file key>`` with the adapter
+    name inserted before its last part (``...bitfit_delta.<adapter>.delta``, the LoRA layout); BitFit keeps all
+    adapters of a layer in one bank, ``...bitfit_delta.<adapter>``. Re-key the offload index to the model's names
+    (the tensor's name inside the offload file stays as written)."""
+    original = _peft_model.PeftModel._update_offload
+    if getattr(original, "_bitfit", False):
+        return
+
+    def _update_offload(self, offload_index, adapters_weights):  # noqa: ANN001
+        result = original(self, offload_index, adapters_weights)
+        if offload_index and _is_bitfit(self):
+            for key in [k for k in offload_index if ".bitfit_delta." in k and k.endswith(".delta")]:
+                offload_index[key.removesuffix(".delta")] = offload_index.pop(key)
+        return result
+
+    _update_offload._bitfit = True  # type: ignore[attr-defined]
+    _peft_model.PeftModel._update_offload = _update_offload
+
+
+def _may_hold_dtensors(model) -> bool:  # noqa: ANN001
+    """Tensor parallel (transformers' ``_tp_size``) or FSDP2 (DTensor parameters) could be in play."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (getattr(base, "_tp_size", None) or 1) > 1:
+        return True
+    first = next(iter(model.parameters()), None)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(first, DTensor)
+
+
+def install_skip_dtensor_reshard() -> None:
+    """PEFT re-shards loaded tensors for DTensor models by building ``dict(model.named_parameters())`` on every load,
+    whether or not the model holds DTensors; with hundreds of resident adapters that walk dominates a hot load.
+    Skip it for BitFit models that cannot hold DTensors."""
+    from peft.utils import save_and_load
+
+    original = save_and_load._reshard_dtensor_values_for_load
+    if getattr(original, "_bitfit", False):
+        return
+
+    def _reshard_dtensor_values_for_load(model, state_dict):  # noqa: ANN001
+        if _is_bitfit(model) and not _may_hold_dtensors(model):
+            return state_dict
+        return original(model, state_dict)
+
+    _reshard_dtensor_values_for_load._bitfit = True  # type: ignore[attr-defined]
+    save_and_load._reshard_dtensor_values_for_load = _reshard_dtensor_values_for_load
 
 
 def install_transactional_save() -> None:
@@ -150,35 +207,24 @@ def install_load_weights() -> None:
     _peft_model.load_peft_weights = load_peft_weights
 
 
-def _training_state(model) -> tuple[dict, dict]:  # noqa: ANN001
-    return (
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        {n: m.training for n, m in model.named_modules()},
-    )
+def _training_state(model) -> tuple[list, list]:  # noqa: ANN001
+    """``requires_grad`` of every parameter (with its module and key) and ``training`` of every module, by object:
+    no name building, since this runs before every adapter load and a model serving hundreds of adapters holds tens
+    of thousands of vectors."""
+    modules = list(model.modules())
+    params = [(m, k, p, p.requires_grad) for m in modules for k, p in m._parameters.items() if p is not None]
+    return params, [(m, m.training) for m in modules]
 
 
 def _restore_training_state(model, state) -> None:  # noqa: ANN001
     grads, training = state
-    for name, param in model.named_parameters():
-        if name in grads:
-            param.requires_grad_(grads[name])
-    for name, module in model.named_modules():
-        if name in training:
-            module.training = training[name]
-
-
-def _strip_wrappers(model) -> None:  # noqa: ANN001
-    """Put every BitFit layer's base module and every head's original module back in place."""
-    from peft.utils import ModulesToSaveWrapper
-
-    from .layer import BitFitLayer
-
-    for name, module in list(model.named_modules()):
-        if name and isinstance(module, (BitFitLayer, ModulesToSaveWrapper)):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            original = module.get_base_layer() if isinstance(module, BitFitLayer) else module.original_module
-            setattr(parent, child, original)
+    for module, key, param, requires_grad in grads:
+        current = module._parameters.get(key)
+        for p in (param, current) if current is not None and current is not param else (param,):
+            if p.requires_grad != requires_grad:
+                p.requires_grad_(requires_grad)
+    for module, was_training in training:
+        module.training = was_training
 
 
 def _config_is_bitfit(model_id, kwargs) -> bool:  # noqa: ANN001
@@ -195,7 +241,7 @@ def _config_is_bitfit(model_id, kwargs) -> bool:  # noqa: ANN001
 
 def install_load_rollback() -> None:
     from .layer import BitFitLayer
-    from .model import BitFitError, _rollback
+    from .model import BitFitError, _rollback, strip_wrappers
 
     peft_model_cls = _peft_model.PeftModel
     if getattr(peft_model_cls.load_adapter, "_bitfit_rollback", False):
@@ -212,7 +258,7 @@ def install_load_rollback() -> None:
         except Exception as err:
             if not _config_is_bitfit(model_id, kwargs):
                 raise
-            _strip_wrappers(model)
+            strip_wrappers(model)
             _restore_training_state(model, state)
             if isinstance(err, BitFitError):
                 raise

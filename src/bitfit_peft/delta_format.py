@@ -210,7 +210,7 @@ def expected_delta_shapes(model: nn.Module, adapter_name: str) -> dict[str, tupl
     from .layer import BitFitLayer
 
     return {
-        f"{name}.bitfit_delta.{adapter_name}.delta": module._bias_shape
+        f"{name}.bitfit_delta.{adapter_name}": module._bias_shape
         for name, module in model.named_modules()
         if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
     }

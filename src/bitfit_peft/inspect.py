@@ -318,7 +318,7 @@ def _report_from_model(model: nn.Module, tolerance: float, adapter_name: str | N
         kind = getattr(module, "bias_group", None) or primary_group(path)
         original = getattr(module, "original_bias", None)
         b0 = original() if callable(original) else getattr(getattr(module, "base_layer", None), "bias", None)
-        report.vectors.append(_vector_stat(path, deltas[adapter_name].delta, kind, tolerance, b0))
+        report.vectors.append(_vector_stat(path, deltas[adapter_name], kind, tolerance, b0))
     if not report.vectors:
         raise ValueError(f"the model has no BitFit deltas for adapter {adapter_name!r}")
     return report

@@ -1,7 +1,8 @@
 """BitFit layers: a frozen base module plus per-adapter bias deltas.
 
-Each adapter's delta lives in its own small *callable* :class:`BiasDelta` module, so Accelerate's offload hooks
-(which only fire when a module is called) load it like any other weight.
+The deltas of all adapters of one layer live in one small *callable* :class:`BiasDeltas` module, so Accelerate's
+offload hooks (which only fire when a module is called) load them like any other weight, and the module tree does
+not grow with the number of loaded adapters.
 """
 
 from __future__ import annotations
@@ -22,29 +23,36 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, *_CONV_TYPES, nn.LayerNorm, nn.GroupNorm)
 
 
-class BiasDelta(nn.Module):
-    """One adapter's additive delta for one bias vector.
+class BiasDeltas(nn.ParameterDict):
+    """The additive bias deltas of every adapter of one layer: ``{adapter name: Parameter}``.
 
-    Calling it returns ``base_bias + delta`` (or ``delta`` when there is no base bias), computed in the delta's
-    dtype so a bf16/fp16 base keeps fp32 deltas and fp32 gradients.
+    One module per layer, not per adapter: hot-loading the 500th adapter walks no more modules than the first, and
+    an extra adapter costs its vector plus one ``Parameter`` object. Calling it with one adapter name returns
+    ``base_bias + delta`` (or ``delta`` when there is no base bias), computed in the delta's dtype so a bf16/fp16
+    base keeps fp32 deltas and fp32 gradients; with a tuple of names it returns their raw deltas. The layer calls
+    it whenever a hook sits on it, so Accelerate's offload hooks load the vectors (PEFT's BEFT keeps a
+    ParameterDict that is never called, which breaks under disk offload).
 
     Example:
         >>> import torch
-        >>> d = BiasDelta((3,))
-        >>> d(torch.ones(3)).tolist()
+        >>> bank = BiasDeltas()
+        >>> bank["task"] = torch.nn.Parameter(torch.zeros(3))
+        >>> bank("task", torch.ones(3)).tolist()
         [1.0, 1.0, 1.0]
     """
 
-    def __init__(
-        self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: Any = None
-    ) -> None:
-        super().__init__()
-        self.delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+    __call__ = nn.Module.__call__  # ParameterDict forbids calls; this one must be callable (see above)
 
-    def forward(self, base_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, adapter_name: str | tuple[str, ...], base_bias: torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        params = self._parameters
+        if not isinstance(adapter_name, str):
+            return [params[name] for name in adapter_name]
+        delta = params[adapter_name]
         if base_bias is None:
-            return self.delta
-        return base_bias.to(self.delta.dtype) + self.delta
+            return delta
+        return base_bias.to(delta.dtype) + delta
 
 
 def bias_shape(base: nn.Module) -> tuple[int, ...]:
@@ -86,10 +94,11 @@ class BitFitLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.bitfit_delta = nn.ModuleDict({})
+        self.bitfit_delta = BiasDeltas()
         # plain (unregistered) references for the hot path, which must not go through nn.Module.__getattr__
         object.__setattr__(self, "_base_ref", base_layer)
-        self._deltas = self.bitfit_delta._modules
+        object.__setattr__(self, "_bank", self.bitfit_delta)
+        self._deltas = self.bitfit_delta._parameters  # {adapter name: delta Parameter}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._premerge_bias: torch.Tensor | None = None
@@ -130,12 +139,14 @@ class BitFitLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if getattr(base, "bias", None) is None and getattr(self, "_warn_no_bias", True):
             self._warn_no_bias = False
-        self.bitfit_delta[adapter_name] = BiasDelta(self._bias_shape)
+        delta = nn.Parameter(torch.zeros(self._bias_shape))
         if not init_weights:
             with torch.no_grad():
-                self.bitfit_delta[adapter_name].delta.normal_(0.0, 0.02)
+                delta.normal_(0.0, 0.02)
+        self.bitfit_delta[adapter_name] = delta
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        # Only the new vector's flag: PEFT's set_adapter would revisit every adapter of the layer (O(adapters)).
+        delta.requires_grad_(not inference_mode and adapter_name in self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
         """Deltas follow the base layer's device but always stay floating point (fp32 unless set otherwise)."""
@@ -147,13 +158,13 @@ class BitFitLayer(BaseTunerLayer):
                     break
         if device is None or device.type == "meta":
             return
-        module = self.bitfit_delta[adapter_name] if adapter_name in self.bitfit_delta else None
-        if module is not None and module.delta.device != device and module.delta.device.type != "meta":
-            module.to(device)
+        delta = self._deltas.get(adapter_name)
+        if delta is not None and delta.device != device and delta.device.type != "meta":
+            delta.data = delta.data.to(device)  # same Parameter object: optimizers keep their reference
 
     def delta_of(self, adapter_name: str) -> torch.Tensor:
-        """The raw delta tensor of one adapter."""
-        return self.bitfit_delta[adapter_name].delta
+        """The raw delta tensor (a Parameter) of one adapter."""
+        return self._deltas[adapter_name]
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -235,11 +246,13 @@ class BitFitLayer(BaseTunerLayer):
         Cached (already on ``device`` and in the compute dtype) while no delta changes, so inference does one
         gather and one add per layer; when gradients are needed it is rebuilt each call so they flow back.
         """
-        modules = self._deltas
-        if "_hf_hook" in self._base_ref.__dict__:  # offloaded: calling the modules lets their hooks load them
-            rows = [modules[a]() if a in modules else None for a in adapters]
+        deltas = self._deltas
+        present_names = tuple(a for a in adapters if a in deltas)
+        if self._bank_hooked():  # offloaded: calling the bank lets its hook load the vectors
+            loaded = dict(zip(present_names, self._bank(present_names), strict=True))
         else:
-            rows = [modules[a]._parameters["delta"] if a in modules else None for a in adapters]
+            loaded = deltas
+        rows = [loaded[a] if a in loaded else None for a in adapters]
         present = next((r for r in rows if r is not None), None)
         if present is None:
             return torch.zeros((1 + len(adapters), *self._bias_shape), device=device, dtype=dtype)
@@ -273,11 +286,10 @@ class BitFitLayer(BaseTunerLayer):
             if len(active) != 1:
                 return None
             active = active[0]
-        module = self._deltas.get(active)
+        delta = self._deltas.get(active)
         base = self._base_ref
-        if module is None or module._forward_pre_hooks or "_hf_hook" in module.__dict__ or "_hf_hook" in base.__dict__:
+        if delta is None or "_hf_hook" in base.__dict__ or self._bank_hooked():
             return None
-        delta = module._parameters["delta"]
         bias = base._parameters.get("bias")
         if bias is None or (bias.dtype is delta.dtype and bias.device == delta.device):
             return bias, delta
@@ -332,21 +344,27 @@ class BitFitLayer(BaseTunerLayer):
             if eff is not None:  # precomputed for this call: the base op only, as with naive bias training
                 return self._apply_op(x, eff)
             bias = base._parameters.get("bias")
+            hooked = self._bank_hooked()
             for name in active:
-                module = deltas[name]
-                if module._forward_pre_hooks or "_hf_hook" in module.__dict__:
-                    bias = module(bias)
-                else:  # same as module(bias), without the module-call overhead on the hot path
-                    delta = module._parameters["delta"]
+                if hooked:
+                    bias = self._bank(name, bias)
+                else:  # same as self._bank(name, bias), without the module-call overhead on the hot path
+                    delta = deltas[name]
                     if bias is None:
                         bias = delta
                     else:
                         bias = (bias if bias.dtype is delta.dtype else bias.to(delta.dtype)) + delta
             return self._apply_op(x, bias)
         out = base(x, *args, **kwargs)
+        hooked = self._bank_hooked()
         for name in active:
-            out = self._add(out, deltas[name]())
+            out = self._add(out, self._bank(name) if hooked else deltas[name])
         return out
+
+    def _bank_hooked(self) -> bool:
+        """Whether a hook (e.g. Accelerate offload) sits on the delta bank, so it must be called to load them."""
+        bank = self._bank
+        return "_hf_hook" in bank.__dict__ or bool(bank._forward_pre_hooks)
 
 
 class BitFitWrapper(nn.Module, BitFitLayer):

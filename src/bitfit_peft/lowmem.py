@@ -19,7 +19,7 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         >>> from peft import get_peft_model
         >>> m = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), bitfit_peft.BitFitConfig())
         >>> _ = cast_frozen_base(m)
-        >>> m.base_model.model[0].base_layer.weight.dtype, m.base_model.model[0].bitfit_delta["default"].delta.dtype
+        >>> m.base_model.model[0].base_layer.weight.dtype, m.base_model.model[0].delta_of("default").dtype
         (torch.bfloat16, torch.float32)
     """
     if not dtype.is_floating_point:

@@ -56,7 +56,7 @@ class BitFitModel(BaseTuner):
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
         >>> model = get_peft_model(net, bitfit_peft.BitFitConfig())
         >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)  # doctest: +NORMALIZE_WHITESPACE
-        ['base_model.model.0.bitfit_delta.default.delta', 'base_model.model.1.bitfit_delta.default.delta']
+        ['base_model.model.0.bitfit_delta.default', 'base_model.model.1.bitfit_delta.default']
     """
 
     prefix: str = "bitfit_"
@@ -400,8 +400,8 @@ class BitFitModel(BaseTuner):
                 heads.append(module)
         params: dict[str, list] = {}
         for layer in layers:
-            for name, delta in layer.bitfit_delta._modules.items():
-                params.setdefault(name, []).append(delta.delta)
+            for name, delta in layer._deltas.items():
+                params.setdefault(name, []).append(delta)
         result = (layers, heads, params)
         if not getattr(self, "_injecting", False):  # PEFT adds head wrappers right after injection
             self._structure_cache = result
@@ -448,11 +448,14 @@ class BitFitModel(BaseTuner):
         layers = [model.get_submodule(name) for name in targets]
         if not all(isinstance(layer, BitFitLayer) for layer in layers):
             return False
-        existing = [(p, p.requires_grad) for p in model.parameters()]  # adding must not change trainability
+        # Adding must not change trainability. update_layer only sets the new vectors' flags, so only the head
+        # wrappers (set_additional_trainable_modules) can touch existing ones: snapshot just those.
+        heads = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        existing = [(p, p.requires_grad) for head in heads for p in head.parameters()]
         for layer in layers:
             layer.update_layer(adapter_name, init_weights=config.init_weights, inference_mode=config.inference_mode)
             if adapter_name not in self.active_adapters:
-                layer.bitfit_delta[adapter_name].requires_grad_(False)
+                layer.delta_of(adapter_name).requires_grad_(False)
         self.targeted_module_names = sorted(set(self.targeted_module_names) | set(targets))
         set_additional_trainable_modules(
             model=model,
@@ -545,6 +548,9 @@ class BitFitModel(BaseTuner):
             if ".bitfit_delta." not in name:
                 out[name] = tensor
                 continue
+            # model key '<module>.bitfit_delta.<adapter>' -> file key '<module>.bitfit_delta.delta' once PEFT drops
+            # the adapter name (the file format predates the one-module-per-layer bank)
+            name = name + ".delta"
             if not torch.isfinite(tensor).all():
                 warnings.warn(f"Saving NaN/Inf values in {name}: this adapter is broken.", stacklevel=2)
             elif config.prune_tolerance is not None and tensor.abs().float().mean() < config.prune_tolerance:
@@ -558,7 +564,7 @@ class BitFitModel(BaseTuner):
         expected = delta_format.expected_delta_shapes(model, adapter_name)
         checkpoint_to_model = {}
         for model_key in expected:
-            checkpoint_key = model_key.replace(f".bitfit_delta.{adapter_name}.delta", ".bitfit_delta.delta")
+            checkpoint_key = model_key.removesuffix(f".bitfit_delta.{adapter_name}") + delta_format.DELTA_SUFFIX
             checkpoint_to_model[checkpoint_key] = model_key
             if not model_key.startswith("base_model.model."):  # layers injected straight into a model
                 checkpoint_to_model["base_model.model." + checkpoint_key] = model_key
@@ -581,8 +587,19 @@ def _rollback(model: nn.Module, adapter_name: str) -> None:
     if others and hasattr(model, "delete_adapter"):
         model.delete_adapter(adapter_name)
     elif isinstance(tuner, BitFitModel):
-        tuner.unload()
+        strip_wrappers(tuner.model)  # not unload(): that would keep the heads' adapter copies
+        tuner._invalidate_structure()
         tuner.peft_config.pop(adapter_name, None)
+
+
+def strip_wrappers(model: nn.Module) -> None:
+    """Put every BitFit layer's base module and every head's original module back in place."""
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, (BitFitLayer, ModulesToSaveWrapper)):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            original = module.get_base_layer() if isinstance(module, BitFitLayer) else module.original_module
+            setattr(parent, child, original)
 
 
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "x")

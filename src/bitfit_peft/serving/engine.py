@@ -576,7 +576,7 @@ class MultiTaskEngine:
     def _sizes(self, key: str) -> tuple[int, int, int]:
         """Delta params, delta bytes and head bytes of the PEFT adapter ``key``."""
         n_delta, delta_bytes = _param_bytes(
-            [layer.bitfit_delta[key].delta for layer in self._layers if key in layer.bitfit_delta]
+            [layer.delta_of(key) for layer in self._layers if key in layer.bitfit_delta]
         )
         _, head_bytes = _param_bytes(
             [p for w in self._heads if key in w.modules_to_save for p in w.modules_to_save[key].parameters()]
