@@ -183,3 +183,36 @@ def test_module_tree_does_not_grow_with_adapters(tmp_path: Any) -> None:
     assert sorted(layer.bitfit_delta.keys()) == ["default", "extra0", "extra1", "extra2"]
     assert all(not layer.delta_of(f"extra{i}").requires_grad for i in range(3))
     torch.testing.assert_close(layer.delta_of("extra2"), layer.delta_of("default"), rtol=0, atol=0)
+
+
+def _two_task_bert() -> Any:
+    model = get_peft_model(make_tiny_model("bert", task="base"), BitFitConfig(task_type="FEATURE_EXTRACTION"))
+    model.add_adapter("b", BitFitConfig(task_type="FEATURE_EXTRACTION"))
+    model.add_adapter("c", BitFitConfig(task_type="FEATURE_EXTRACTION"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "bitfit_delta" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model.eval()
+
+
+def test_compiled_mixed_batches_do_not_recompile_per_task_mix() -> None:
+    """The layers read one prepared table and one index tensor: a new mix of tasks is new data, not new code."""
+    import torch._dynamo
+
+    model = _two_task_bert()
+    batch = {k: v for k, v in _batch("bert").items() if k != "labels"}
+    mixes = [["default", "b"], ["b", "default"], ["c", "default"], ["b", "c"]]
+    with torch.no_grad():
+        eager = [model(**batch, adapter_names=m).last_hidden_state for m in mixes]
+        torch._dynamo.reset()
+        model.get_base_model().compile(backend="eager")
+        try:
+            model(**batch, adapter_names=mixes[0])  # compiles
+            model(**batch, adapter_names=mixes[0])
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = [model(**batch, adapter_names=m).last_hidden_state for m in mixes]
+        finally:
+            torch._dynamo.reset()
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -63,13 +63,17 @@ def _routed_forward(self: ModulesToSaveWrapper, *args: Any, routing: Routing, **
     explicit = kwargs.pop("adapter_names", None)
     if self.disable_adapters or not args or not isinstance(args[0], torch.Tensor):
         return ModulesToSaveWrapper.forward(self, *args, **kwargs)
-    x = args[0]
-    if explicit is not None:
-        names = list(explicit)
-    elif routing.active:
-        names = _sample_names(routing, x.shape[0])
-    else:
+    if explicit is None and routing.index is None:  # single-adapter call: stays traceable by torch.compile
         return ModulesToSaveWrapper.forward(self, *args, **kwargs)
+    return _per_sample_heads(self, args, kwargs, explicit, routing)
+
+
+@torch.compiler.disable  # groups samples by name in Python: run eagerly instead of recompiling per task mix
+def _per_sample_heads(
+    self: ModulesToSaveWrapper, args: tuple, kwargs: dict, explicit: Any, routing: Routing
+) -> torch.Tensor:
+    x = args[0]
+    names = list(explicit) if explicit is not None else _sample_names(routing, x.shape[0])
 
     def module_for(name: str) -> nn.Module:
         return self.modules_to_save[name] if name in self.modules_to_save else self.original_module

@@ -109,6 +109,9 @@ class BitFitLayer(BaseTunerLayer):
         #: ``base + delta`` of the active adapter, computed for all layers at once (one ``torch._foreach_add``)
         #: by :meth:`BitFitModel.precomputed_biases` for the duration of one model call; None outside it.
         self._eff_bias: torch.Tensor | None = None
+        #: the stacked ``[1 + n, *bias_shape]`` delta table of the current mixed batch, set by the model before the
+        #: call (so the layer's traced code reads one tensor: no Python caches under ``torch.compile``).
+        self._mixed_rows: torch.Tensor | None = None
         self._bias_cast_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         base = self.get_base_layer()
         self._bias_shape = bias_shape(base)
@@ -133,9 +136,7 @@ class BitFitLayer(BaseTunerLayer):
         )
 
     # ------------------------------------------------------------------ adapters
-    def update_layer(
-        self, adapter_name: str, init_weights: bool = True, inference_mode: bool = False
-    ) -> None:
+    def update_layer(self, adapter_name: str, init_weights: bool = True, inference_mode: bool = False) -> None:
         base = self.get_base_layer()
         if getattr(base, "bias", None) is None and getattr(self, "_warn_no_bias", True):
             self._warn_no_bias = False
@@ -279,7 +280,7 @@ class BitFitLayer(BaseTunerLayer):
         if self._disable_adapters or self.merged_adapters or not self._fused:
             return None
         routing = self._bitfit_routing
-        if routing is not None and routing.rows is not None:
+        if routing is not None and routing.index is not None:
             return None
         active = self._active_adapter
         if active.__class__ is not str:
@@ -319,11 +320,15 @@ class BitFitLayer(BaseTunerLayer):
                 self.unmerge()
             return base(x, *args, **kwargs)
         routing = self._bitfit_routing
-        if routing is not None and routing.rows is not None:
+        if routing is not None and routing.index is not None:
             if self.merged_adapters:
                 raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
             out = base(x, *args, **kwargs)
-            table = self._mixed_table(routing.adapters, out.device, out.dtype)
+            table = self._mixed_rows
+            if table is None:
+                table = self._mixed_table(routing.adapters, out.device, out.dtype)
+            elif table.dtype != out.dtype or table.device != out.device:
+                table = table.to(device=out.device, dtype=out.dtype)
             gathered = table.index_select(0, routing.index_for(out.shape[0], out.device))
             if out.dim() == 2 and len(self._view_shape) == 1:
                 return out + gathered
@@ -361,6 +366,19 @@ class BitFitLayer(BaseTunerLayer):
             out = self._add(out, self._bank(name) if hooked else deltas[name])
         return out
 
+    def stage_mixed_rows(self, adapters: tuple[str, ...]) -> None:
+        """Build (or reuse) this call's delta table before the model runs; layers with hooks build it themselves."""
+        table = None
+        if not self._bank_hooked() and "_hf_hook" not in self._base_ref.__dict__:
+            ref = next((self._deltas[a] for a in adapters if a in self._deltas), None)
+            if ref is not None:
+                table = self._mixed_table(adapters, ref.device, ref.dtype)
+            else:
+                weight = self._base_ref._parameters.get("weight")
+                if weight is not None:
+                    table = self._mixed_table(adapters, weight.device, weight.dtype)
+        self.__dict__["_mixed_rows"] = table
+
     def _bank_hooked(self) -> bool:
         """Whether a hook (e.g. Accelerate offload) sits on the delta bank, so it must be called to load them."""
         bank = self._bank
@@ -370,15 +388,11 @@ class BitFitLayer(BaseTunerLayer):
 class BitFitWrapper(nn.Module, BitFitLayer):
     """A base module wrapped with BitFit deltas (any supported module type)."""
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True, **kwargs: Any
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True, **kwargs: Any) -> None:
         super().__init__()
         BitFitLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(
-            adapter_name, init_weights=init_weights, inference_mode=kwargs.get("inference_mode", False)
-        )
+        self.update_layer(adapter_name, init_weights=init_weights, inference_mode=kwargs.get("inference_mode", False))
 
     forward = BitFitLayer.bitfit_forward
 

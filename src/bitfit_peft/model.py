@@ -69,6 +69,8 @@ class BitFitModel(BaseTuner):
         self._injecting = False
         self._resolved_targets: dict[str, set[str]] = {}
         self._precomputing = False
+        self._mixed_staged: list[BitFitLayer] | None = None
+        self._batch_check_handle: Any = None
         super().__init__(model, config, adapter_name, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -242,7 +244,7 @@ class BitFitModel(BaseTuner):
         """Route ``adapter_names=[...]`` (one per sample) through every layer with one index per call."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
-            self._routing.clear()
+            self._clear_routing()
             with self.precomputed_biases():
                 yield
             return
@@ -262,20 +264,44 @@ class BitFitModel(BaseTuner):
         if any(layer.merged_adapters for layer in layers):
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
         route_heads(heads, self._routing)
-        check = None
-        if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: check the model's first call
-            check = self.model.register_forward_pre_hook(
-                partial(_check_first_batch, expected=len(adapter_names)), with_kwargs=True
-            )
-        self._routing.set(list(adapter_names))
+        self._install_batch_check()
+        device = next(  # the layers' device (cached layer list: no model walk per call)
+            (
+                w.device
+                for w in (la._base_ref._parameters.get("weight") for la in layers)
+                if w is not None and w.device.type != "meta"
+            ),
+            None,
+        )
+        self._routing.set(list(adapter_names), device=device)
+        if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: the model's first call checks it
+            self._routing.expected_batch = len(adapter_names)
+        for layer in layers:  # every layer reads one prepared table: no Python caches inside the model call
+            layer.stage_mixed_rows(self._routing.adapters)
+        self._mixed_staged = layers
         keep_for_backward = self.model.training and torch.is_grad_enabled()
         try:
             yield
         finally:
-            if check is not None:
-                check.remove()
+            self._routing.expected_batch = None
             if not keep_for_backward:  # gradient checkpointing re-runs forward during backward
-                self._routing.clear()
+                self._clear_routing()
+
+    def _clear_routing(self) -> None:
+        self._routing.clear()
+        staged = getattr(self, "_mixed_staged", None)
+        if staged:
+            for layer in staged:
+                layer.__dict__["_mixed_rows"] = None
+            self._mixed_staged = None
+
+    def _install_batch_check(self) -> None:
+        """One permanent pre-hook on the model (not one per call, which would make torch.compile recompile)."""
+        if self._batch_check_handle is not None:
+            return
+        self._batch_check_handle = self.model.register_forward_pre_hook(
+            partial(_check_first_batch, routing=self._routing), with_kwargs=True
+        )
 
     @contextmanager
     def precomputed_biases(self) -> Iterator[None]:
@@ -475,6 +501,10 @@ class BitFitModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
         self._invalidate_structure()
+        self._clear_routing()
+        if self._batch_check_handle is not None:  # the unloaded model must not keep our hook
+            self._batch_check_handle.remove()
+            self._batch_check_handle = None
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _layers_with(self, adapter_name: str) -> set[str]:
@@ -605,7 +635,12 @@ def strip_wrappers(model: nn.Module) -> None:
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "x")
 
 
-def _check_first_batch(module: nn.Module, args: tuple, kwargs: dict, expected: int) -> None:
+@torch.compiler.disable
+def _check_first_batch(module: nn.Module, args: tuple, kwargs: dict, routing: Routing) -> None:
+    expected = routing.expected_batch
+    if expected is None:
+        return
+    routing.expected_batch = None  # the first call of this forward only (generate calls the model repeatedly)
     tensors = [kwargs[k] for k in _BATCH_KEYS if isinstance(kwargs.get(k), torch.Tensor)]
     tensors += [a for a in args if isinstance(a, torch.Tensor)]
     if tensors and tensors[0].dim() >= 1 and tensors[0].shape[0] != expected:
