@@ -7,8 +7,9 @@
 # also capped so that all steps end by DEADLINE_S (465 s after the start), and the Python scripts stop their
 # timing loops early on a time budget. A failing/timed-out step does not stop the others; partial JSON is
 # written after every model/part (mixed_batch.py: after every stage and timing round, and on SIGTERM).
-# Files written (<= 6):
-#   env.txt  gpu_all.log  adapter_io.json  train_speed.json  mixed_batch.json  mixed_batch_qwen05b.json
+# Files written (<= 7):
+#   env.txt  gpu_all.log  gpu_checks.json  adapter_io.json  train_speed.json  mixed_batch.json
+#   mixed_batch_qwen05b.json
 # Afterwards (on a machine with matplotlib):  python benchmarks/plot.py --results <dir with the JSONs>
 set -u
 cd "$(dirname "$0")/.."
@@ -50,15 +51,19 @@ step() { # step NAME LIMIT_S script args...
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" | tee -a "$LOG"
 
-# Expected: adapter_io ~20 s, train_speed ~80 s, mixed_batch ~60 s eager + ~60-120 s compiling, mixed_batch_qwen05b
-# ~60-80 s; hard limits sum to 455 s (+ env ~15 s), and DEADLINE_S caps the last steps if earlier ones overran.
-step adapter_io 45 benchmarks/adapter_io.py --gpu --json "$OUT/adapter_io.json"
-step train_speed 140 benchmarks/train_speed.py --gpu --budget 20 --json "$OUT/train_speed.json"
+# Expected: gpu_checks ~40 s, adapter_io ~20 s, train_speed ~90 s (7 modes incl. naive on a bf16 base), mixed_batch
+# ~60 s eager + ~60-90 s compiling, mixed_batch_qwen05b ~60-80 s; hard limits sum to 475 s, and DEADLINE_S caps
+# the last steps if earlier ones overran.
+# Correctness on CUDA that CI cannot run (mixed batches, low-memory mode vs naive on a bf16 base incl. dispatched
+# ops, device_map split, inductor compile incl. the in-place pattern with mixed batches): ~30-50 s.
+step gpu_checks 60 benchmarks/gpu_checks.py --out "$OUT"
+step adapter_io 40 benchmarks/adapter_io.py --gpu --json "$OUT/adapter_io.json"
+step train_speed 125 benchmarks/train_speed.py --gpu --budget 18 --json "$OUT/train_speed.json"
 # BERT-base bs64x128 bf16 forward: eager patterns, then torch.compile (mode "default": "max-autotune-no-cudagraphs"
 # benchmarks GEMM configs for minutes, which does not fit the box) of base and of the PEFT model, single adapter
 # and mixed 8-task batch, timed against the eager base and base_compiled. Compiled patterns still uncompiled after
 # 90 s of compiling are skipped (recorded in the JSON).
-step mixed_batch 170 benchmarks/mixed_batch.py --gpu --parts forward --compile --compile-budget 90 --budget 8 \
+step mixed_batch 150 benchmarks/mixed_batch.py --gpu --parts forward --compile --compile-budget 90 --budget 8 \
     --json "$OUT/mixed_batch.json"
 # Issue shape: Qwen2-0.5B, batch 16, prompt 64, 128 new tokens (greedy), bf16. To fit the box the per-task split
 # (8 sequential generate calls) is left out; 2 rounds, or 1 when a round takes > 30 s.

@@ -2,7 +2,10 @@
 
 Run on a CUDA machine from the repo root: ``PYTHONPATH=src python benchmarks/gpu_checks.py --out $OUT``.
 Checks: init equality and mixed-batch equivalence on CUDA (fp32 and bf16 autocast), the low-memory mode
-(bf16 base, fp32 deltas) training step, a GPU+CPU ``device_map`` split, and ``torch.compile`` (inductor).
+(bf16 base, fp32 deltas) training step, the low-memory mode against naive bias training on a bf16 base (same
+logits, gradients and dispatched ops under CUDA autocast), a GPU+CPU ``device_map`` split, and ``torch.compile``
+(inductor): the raw model, and the documented in-place pattern with single-adapter and mixed batches (recompiles
+counted).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def randomize(model, adapter: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if f".bitfit_delta.{adapter}." in name:
+            if name.endswith(f".bitfit_delta.{adapter}"):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
 
 
@@ -97,6 +100,93 @@ def check_lowmem_training() -> dict:
             "ok": losses[-1] < losses[0] and dtypes == {"torch.float32"}}  # fmt: skip
 
 
+def check_lowmem_vs_naive_bf16_base() -> dict:
+    """bf16 frozen base + fp32 deltas vs naive bias training with the base in bf16, under CUDA autocast: the
+    naive model's trainable biases are set to ``b0 + delta`` so both compute the same function."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    ours = get_peft_model(base(), BitFitConfig(task_type="SEQ_CLS")).to(DEVICE).eval()
+    randomize(ours, "default", 5)
+    naive = base().to(DEVICE).eval()
+    with torch.no_grad():
+        for name, layer in ours.base_model.bitfit_layers("default").items():
+            target = naive.get_submodule(name.removeprefix("model."))
+            target.bias.copy_(layer.original_bias() + layer.delta_of("default"))
+        naive.classifier.load_state_dict(ours.base_model.model.classifier.modules_to_save["default"].state_dict())
+    for name, param in naive.named_parameters():
+        param.requires_grad_(name.endswith("bias") or name.startswith("classifier."))
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    bitfit_peft.cast_frozen_base(ours, torch.bfloat16)
+    b = batch(DEVICE)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
+    results = {}
+    for key, model in (("naive", naive), ("bitfit", ours)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            model(**b, labels=labels)  # warm-up (cached casts)
+            counter = CountOps()
+            with counter:
+                out = model(**b, labels=labels)
+        out.loss.backward()
+        grads = {n.split(".bitfit_delta")[0].removeprefix("base_model.model."): p.grad.float()
+                 for n, p in model.named_parameters() if p.grad is not None and "bitfit_delta" in n}  # fmt: skip
+        if key == "naive":
+            grads = {n.removesuffix(".bias"): p.grad.float() for n, p in model.named_parameters()
+                     if p.grad is not None and n.endswith(".bias") and not n.startswith("classifier")}  # fmt: skip
+        results[key] = (out.logits.float(), grads, counter.ops)
+    logits_diff = (results["naive"][0] - results["bitfit"][0]).abs().max().item()
+    common = set(results["naive"][1]) & set(results["bitfit"][1])
+    grad_diff = max((results["naive"][1][k] - results["bitfit"][1][k]).abs().max().item() for k in common)
+    extra = results["bitfit"][2] - results["naive"][2]
+    missing = results["naive"][2] - results["bitfit"][2]
+    return {"logits_max_abs_diff": logits_diff, "grad_max_abs_diff": grad_diff, "grads_compared": len(common),
+            "extra_ops": dict(extra), "missing_ops": dict(missing),
+            "ok": logits_diff <= 1e-2 and grad_diff <= 1e-2 and not missing
+            and set(extra) <= {"aten._foreach_add.List"}}  # fmt: skip
+
+
+def check_compile_in_place_mixed() -> dict:
+    """``model.get_base_model().compile()`` (inductor): single and mixed calls equal eager; recompiles counted."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = get_peft_model(base(), BitFitConfig(task_type="SEQ_CLS"), adapter_name="a").to(DEVICE).eval()
+    model.add_adapter("b", BitFitConfig(task_type="SEQ_CLS"))
+    model.add_adapter("c", BitFitConfig(task_type="SEQ_CLS"))
+    for i, name in enumerate("abc"):
+        randomize(model, name, 10 + i)
+    b = batch(DEVICE)
+    mixes = [["a", "b", "c", "a", "b", "c"], ["c", "c", "a", "b", "a", "b"], ["b", "a", "c", "c", "b", "a"]]
+    with torch.no_grad():
+        eager_single = model(**b).logits
+        eager_mixed = [model(**b, adapter_names=m).logits for m in mixes]
+        torch._dynamo.reset()
+        counters.clear()
+        model.get_base_model().compile()
+        single = model(**b).logits
+        mixed = [model(**b, adapter_names=m).logits for m in mixes]
+        graphs = counters["stats"]["unique_graphs"]
+        mixed_again = [model(**b, adapter_names=m).logits for m in mixes]
+        graphs_after = counters["stats"]["unique_graphs"]
+    pairs = [(single, eager_single), *zip(mixed + mixed_again, eager_mixed * 2, strict=True)]
+    diff = max((x - y).abs().max().item() for x, y in pairs)
+    torch._dynamo.reset()
+    return {"max_abs_diff": diff, "unique_graphs": graphs, "new_graphs_on_repeat": graphs_after - graphs,
+            "graph_breaks": dict(counters["graph_break"]), "ok": diff <= 1e-3 and graphs_after == graphs}  # fmt: skip
+
+
 def check_device_map_split() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base().save_pretrained(f"{tmp}/base")
@@ -138,7 +228,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"}
     for name, fn in [("cuda_equivalence", check_cuda_equivalence), ("lowmem_training", check_lowmem_training),
-                     ("device_map_split", check_device_map_split), ("compile", check_compile)]:  # fmt: skip
+                     ("lowmem_vs_naive_bf16_base", check_lowmem_vs_naive_bf16_base),
+                     ("device_map_split", check_device_map_split), ("compile", check_compile),
+                     ("compile_in_place_mixed", check_compile_in_place_mixed)]:  # fmt: skip
         start = time.time()
         try:
             report[name] = fn()

@@ -25,6 +25,7 @@ DEFAULT_RESULTS = [REPO / "benchmarks" / "results" / "gpu", REPO / "benchmarks" 
 MODE_LABELS = {
     "full": "full FT",
     "naive_bias": "naive bias-freeze",
+    "naive_bias_lowmem": "naive bias-freeze (bf16 base)",
     "lora": "LoRA r8 (all-linear)",
     "beft": "PEFT BEFT (all-linear)",
     "bitfit": "bitfit-peft",

@@ -216,3 +216,4 @@ def test_compiled_mixed_batches_do_not_recompile_per_task_mix() -> None:
             torch._dynamo.reset()
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+

@@ -224,9 +224,12 @@ class BitFitLayer(BaseTunerLayer):
         """Run the base module's own op with ``bias`` in place of its bias (no extra kernel)."""
         base = self._base_ref
         weight = base._parameters["weight"]
-        if bias.dtype != weight.dtype:
-            bias = bias.to(weight.dtype)  # fp32 delta on a bf16/fp16 base: one tiny cast, gradient stays fp32
         kind = self._op_kind
+        if bias.dtype != weight.dtype and not (
+            # CUDA autocast runs norms in fp32: hand them the fp32 bias as is (no round trip through bf16)
+            kind in ("layer_norm", "group_norm") and x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        ):
+            bias = bias.to(weight.dtype)  # fp32 delta on a bf16/fp16 base: one tiny cast, gradient stays fp32
         if kind == "linear":
             return F.linear(x, weight, bias)
         if kind == "conv1d_hf":
