@@ -570,10 +570,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, BERT-base bs64x128 / Qwen2-0.5B bs16")
     ap.add_argument(
         "--shape",
-        choices=("default", "qwen05b", "smoke"),
+        choices=("default", "qwen05b", "bertbase", "smoke"),
         default="default",
         help="default: CPU small / GPU issue shapes; qwen05b: generate only, Qwen2-0.5B shape bs16 (CPU: "
-        "prompt 16, 8 new tokens, 2 rounds); smoke: tiny shapes, a few seconds per part",
+        "prompt 16, 8 new tokens, 2 rounds); bertbase: forward only, BERT-base dims x128 tokens (CPU: batch 16, "
+        "3 rounds); smoke: tiny shapes, a few seconds per part",
     )
     ap.add_argument("--kinds", default="bitfit,lora", help="adapter kinds: bitfit,lora")
     ap.add_argument("--parts", default=None, help="forward,generate (default both; qwen05b: generate)")
@@ -620,6 +621,8 @@ def shapes(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
         fwd_spec, gen_spec = GPU_BERT_BASE, replace(GPU_QWEN_05B, batch=16, seq=64)
     elif args.shape == "qwen05b":
         fwd_spec, gen_spec = replace(GPU_QWEN_05B, batch=16, seq=16), replace(GPU_QWEN_05B, batch=16, seq=16)
+    elif args.shape == "bertbase":
+        fwd_spec, gen_spec = replace(GPU_BERT_BASE, batch=16), replace(CPU_QWEN, batch=8, seq=16)
     else:
         fwd_spec, gen_spec = replace(CPU_BERT, batch=32), replace(CPU_QWEN, batch=8, seq=16)
     if args.prompt_len:
@@ -640,11 +643,14 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if args.gpu else torch.float32
     q05 = args.shape == "qwen05b" and not args.gpu
     smoke = args.shape == "smoke"
-    args.rounds = args.rounds or (2 if smoke else 10 if args.gpu else 5)
-    args.iters = args.iters or (1 if smoke else 5 if args.gpu else 2)
+    bertbase = args.shape == "bertbase" and not args.gpu
+    args.rounds = args.rounds or (2 if smoke else 10 if args.gpu else 3 if bertbase else 5)
+    args.iters = args.iters or (1 if smoke or bertbase else 5 if args.gpu else 2)
     args.new_tokens = args.new_tokens or (4 if smoke else 128 if args.gpu else 8 if q05 else 16)
     args.gen_rounds = args.gen_rounds or (2 if smoke or args.gpu or q05 else 5)
-    args.parts = args.parts or ("generate" if args.shape == "qwen05b" else "forward,generate")
+    args.parts = args.parts or (
+        "generate" if args.shape == "qwen05b" else "forward" if args.shape == "bertbase" else "forward,generate"
+    )
     args.gen_patterns = [p.strip() for p in args.gen_patterns.split(",") if p.strip()] if args.gen_patterns else None
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if "bitfit" in kinds and not ensure_bitfit_importable():

@@ -1,7 +1,8 @@
 """Turn benchmark JSON outputs into PNG plots (docs/img/bench_*.png) and docs/benchmarks.md.
 
-Each results directory holds any of ``train_speed.json``, ``mixed_batch.json``, ``mixed_batch_qwen05b.json``
-(``mixed_batch.py --shape qwen05b``), ``adapter_io.json`` from one machine (e.g. ``benchmarks/results/cpu``
+Each results directory holds any of ``train_speed.json``, ``mixed_batch.json``, ``mixed_batch_bertbase.json`` /
+``mixed_batch_qwen05b.json`` (``mixed_batch.py --shape bertbase|qwen05b``), ``adapter_io.json`` from one machine
+(e.g. ``benchmarks/results/cpu``
 from a local run, ``benchmarks/results/gpu`` copied from the ``$OUT`` of ``benchmarks/gpu_all.sh``). Every
 directory becomes one section of the markdown page.
 
@@ -36,7 +37,7 @@ MODE_LABELS = {
 def load_dir(d: Path) -> dict[str, Any]:
     """All known JSON results in ``d`` keyed by benchmark name."""
     out = {}
-    for name in ("train_speed", "mixed_batch", "mixed_batch_qwen05b", "adapter_io"):
+    for name in ("train_speed", "mixed_batch", "mixed_batch_bertbase", "mixed_batch_qwen05b", "adapter_io"):
         p = d / f"{name}.json"
         if p.exists():
             out[name] = json.loads(p.read_text())
@@ -383,8 +384,9 @@ What is measured (all numbers are ratios against a baseline measured **in the sa
 - **Mixed-task batch** (`benchmarks/mixed_batch.py`): 8 adapters, one task per sample
   (`model(**batch, adapter_names=[...])`) vs the plain base model, one active adapter, and a per-task split
   (`set_adapter` + sub-batch forward per task); PEFT LoRA r8 with 8 adapters for comparison. With `--compile`
-  also `torch.compile(base)` vs `torch.compile(peft_model)` (one adapter and mixed; `*_compiled`, hatched bars).
-  `--shape qwen05b` adds `generate` at the Qwen2-0.5B shape, batch 16 (a one-off data point on CPU).
+  also `torch.compile(base)` vs `peft_model.get_base_model().compile()` (one adapter and mixed; `*_compiled`,
+  hatched bars). `--shape bertbase` is the forward at BERT-base dims (on CPU batch 16 x 128) and `--shape qwen05b`
+  adds `generate` at the Qwen2-0.5B shape, batch 16 (one-off data points at the issue's shapes on CPU).
 - **Adapter I/O** (`benchmarks/adapter_io.py`): `PeftModel.load_adapter` / `from_pretrained` of a BERT-base
   adapter from local disk, `set_adapter` switch time, saved file size (fp32 and `save_dtype` bf16/fp16).
 
@@ -412,13 +414,15 @@ def section(res: dict[str, Any], tag: str, img_dir: Path, md_path: Path) -> str:
             md_train(res["train_speed"]),
             f"\n![training step ratios]({rel}/{p.name})\n",
         ]
-    mbs = [res[k] for k in ("mixed_batch", "mixed_batch_qwen05b") if k in res]
+    mbs = [res[k] for k in ("mixed_batch", "mixed_batch_bertbase", "mixed_batch_qwen05b") if k in res]
     if mbs:
         p = img_dir / f"bench_mixed_batch_{tag}.png"
         plot_mixed(mbs, p, f"Mixed 8-task batch vs base model ({env.get('device')})")
         parts.append("### Mixed-task batches\n")
         if "mixed_batch" in res:
             parts.append(md_mixed(res["mixed_batch"]))
+        if "mixed_batch_bertbase" in res:
+            parts.append("\n" + md_mixed(res["mixed_batch_bertbase"], label="BERT-base shape, "))
         if "mixed_batch_qwen05b" in res:
             parts.append("\n" + md_mixed(res["mixed_batch_qwen05b"], label="Qwen2-0.5B shape, "))
         parts.append(f"\n![mixed batch ratios]({rel}/{p.name})\n")
