@@ -175,12 +175,14 @@ def interleaved_timing(
     budget_s: float | None = None,
     min_rounds: int = 2,
     errors: dict[str, str] | None = None,
+    on_round: Callable[[dict[str, list[float]]], None] | None = None,
 ) -> dict[str, list[float]]:
     """Round-robin timing: each round times every fn (``iters`` calls), rotating the order per round.
 
     Stops early after ``min_rounds`` once ``budget_s`` seconds have elapsed. Returns per-round
     seconds-per-call lists keyed like ``fns``. A fn that raises is dropped and its error stored in
-    ``errors`` (the other fns keep going).
+    ``errors`` (the other fns keep going). ``on_round`` gets the partial results after every round (to write
+    partial JSON that survives a timeout).
     """
     errors = {} if errors is None else errors
     live = list(fns)
@@ -210,6 +212,8 @@ def interleaved_timing(
             t = attempt(name, lambda n=name: time_call(fns[n], device, iters))
             if t is not None:
                 out[name].append(t)
+        if on_round is not None:
+            on_round({n: ts for n, ts in out.items() if n in live and ts})
         if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - t_start > budget_s:
             log(f"  time budget reached after {r + 1} rounds")
             break

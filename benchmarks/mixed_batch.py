@@ -254,41 +254,6 @@ def summarize(
     return res
 
 
-def round_robin(
-    fns: dict[str, Callable[[], Any]],
-    device: torch.device,
-    rounds: int,
-    iters: int,
-    warmup: int,
-    budget_s: float | None,
-    min_rounds: int,
-    errors: dict[str, str],
-    on_round: Callable[[dict[str, list[float]]], None] | None = None,
-) -> dict[str, list[float]]:
-    """:func:`interleaved_timing` one round at a time (rotating the order), calling ``on_round`` after each."""
-    live = dict(fns)
-    if warmup:
-        interleaved_timing(live, device, 0, iters, warmup=warmup, errors=errors)
-        live = {k: v for k, v in live.items() if k not in errors}
-    times: dict[str, list[float]] = {k: [] for k in live}
-    t_start = time.perf_counter()
-    for r in range(rounds):
-        names = list(live)
-        if not names:
-            break
-        i = r % len(names)
-        got = interleaved_timing({n: live[n] for n in names[i:] + names[:i]}, device, 1, iters, 0, errors=errors)
-        for n, ts in got.items():
-            times[n] += ts
-        live = {k: v for k, v in live.items() if k not in errors}
-        if on_round is not None:
-            on_round({n: ts for n, ts in times.items() if ts and n in live})
-        if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - t_start > budget_s:
-            log(f"  time budget reached after {r + 1} rounds")
-            break
-    return {n: ts for n, ts in times.items() if ts and n in live}
-
-
 def run_forward(
     spec: ModelSpec,
     kinds: list[str],
@@ -314,7 +279,7 @@ def run_forward(
             res["patterns"] = summarize(t, 1e3, "ms", quiet=True)
             flush()
 
-        times = round_robin(fns, device, args.rounds, args.iters, 2, args.budget, 2, errors, on_round)
+        times = interleaved_timing(fns, device, args.rounds, args.iters, 2, args.budget, 2, errors, on_round)
         res["patterns"] = summarize(times, 1e3, "ms")
         if errors:
             res["errors"] = errors
@@ -478,7 +443,7 @@ def run_compiled(
 
         f0 = _frames()
         log(f"  [{key}] timing eager base + {', '.join(todo)}")
-        times = round_robin(
+        times = interleaved_timing(
             {"base": eager["base_compiled"], **todo},
             device,
             args.rounds,
@@ -558,7 +523,7 @@ def run_generate(
             res["patterns"] = summarize(t, 1.0, "s", quiet=True)
             flush()
 
-        times = round_robin(fns, device, args.gen_rounds, 1, 0, args.gen_budget, 1, errors, on_round)
+        times = interleaved_timing(fns, device, args.gen_rounds, 1, 0, args.gen_budget, 1, errors, on_round)
     res["patterns"] = summarize(times, 1.0, "s")
     if errors:
         res["errors"] = errors
