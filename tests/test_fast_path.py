@@ -217,3 +217,28 @@ def test_compiled_mixed_batches_do_not_recompile_per_task_mix() -> None:
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
+
+
+def test_calls_nested_in_a_precomputed_call_see_their_own_state() -> None:
+    """A model call made while another call's biases are precomputed (a hook, a reference model in a training
+    step) must honour disable_adapter / mixed routing / set_adapter, not the outer call's biases."""
+    model = _two_task_bert()
+    batch = {k: v for k, v in _batch("bert").items() if k != "labels"}
+    with torch.no_grad():
+        with model.disable_adapter():
+            bare = model(**batch).last_hidden_state
+        mixed = model(**batch, adapter_names=["b", "c"]).last_hidden_state
+        model.set_adapter("c")
+        only_c = model(**batch).last_hidden_state
+        model.set_adapter("default")
+        single = model(**batch).last_hidden_state
+        with model.base_model.precomputed_biases():
+            with model.disable_adapter():
+                torch.testing.assert_close(model(**batch).last_hidden_state, bare, rtol=0, atol=0)
+        with model.base_model.precomputed_biases():
+            torch.testing.assert_close(model(**batch, adapter_names=["b", "c"]).last_hidden_state, mixed)
+        with model.base_model.precomputed_biases():
+            model.set_adapter("c")
+            torch.testing.assert_close(model(**batch).last_hidden_state, only_c, rtol=0, atol=0)
+            model.set_adapter("default")
+        torch.testing.assert_close(model(**batch).last_hidden_state, single, rtol=0, atol=0)

@@ -163,6 +163,14 @@ class BitFitLayer(BaseTunerLayer):
         if delta is not None and delta.device != device and delta.device.type != "meta":
             delta.data = delta.data.to(device)  # same Parameter object: optimizers keep their reference
 
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self.__dict__["_eff_bias"] = None
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        self.__dict__["_eff_bias"] = None  # a precomputed bias belongs to the enabled state it was made for
+
     def delta_of(self, adapter_name: str) -> torch.Tensor:
         """The raw delta tensor (a Parameter) of one adapter."""
         return self._deltas[adapter_name]
@@ -197,6 +205,7 @@ class BitFitLayer(BaseTunerLayer):
         new_bias = base.bias.detach().float() + total.to(base.bias.device)
         base.bias.data = new_bias.to(base.bias.dtype)
         self.merged_adapters.extend(adapter_names)
+        self.__dict__["_eff_bias"] = None
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -210,6 +219,7 @@ class BitFitLayer(BaseTunerLayer):
         self._premerge_bias = None
         self._created_bias = False
         self.merged_adapters = []
+        self.__dict__["_eff_bias"] = None
 
     def original_bias(self) -> torch.Tensor | None:
         """The base bias as it was before any merge (None if the base has none)."""
@@ -317,6 +327,11 @@ class BitFitLayer(BaseTunerLayer):
         This is the hot path of every step: it reads plain attributes (``_base_ref``, ``_deltas``) rather than
         going through ``nn.Module.__getattr__``, and calls no extra module when nothing is hooked.
         """
+        eff = self._eff_bias
+        if eff is not None and not args and not kwargs:
+            # precomputed by the model for this call, which already checked what the rest of this method checks
+            # (enabled, unmerged, no mixed routing, one active adapter, fused op, no hooks): the base op only
+            return self._apply_op(x, eff)
         base = self._base_ref
         if self._disable_adapters:
             if self.merged_adapters:
@@ -348,9 +363,6 @@ class BitFitLayer(BaseTunerLayer):
         if not active:
             return base(x, *args, **kwargs)
         if self._fused and not args and not kwargs and "_hf_hook" not in base.__dict__:
-            eff = self._eff_bias
-            if eff is not None:  # precomputed for this call: the base op only, as with naive bias training
-                return self._apply_op(x, eff)
             bias = base._parameters.get("bias")
             hooked = self._bank_hooked()
             for name in active:
@@ -371,6 +383,7 @@ class BitFitLayer(BaseTunerLayer):
 
     def stage_mixed_rows(self, adapters: tuple[str, ...]) -> None:
         """Build (or reuse) this call's delta table before the model runs; layers with hooks build it themselves."""
+        self.__dict__["_eff_bias"] = None  # a mixed call nested in a single-adapter call must not reuse its bias
         table = None
         if not self._bank_hooked() and "_hf_hook" not in self._base_ref.__dict__:
             ref = next((self._deltas[a] for a in adapters if a in self._deltas), None)
