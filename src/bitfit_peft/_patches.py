@@ -208,21 +208,23 @@ def install_load_weights() -> None:
 
 
 def _training_state(model) -> tuple[list, list]:  # noqa: ANN001
-    """``requires_grad`` of every parameter (with its module and key) and ``training`` of every module, by object:
-    no name building, since this runs before every adapter load and a model serving hundreds of adapters holds tens
-    of thousands of vectors."""
+    """The trainable parameters and every module's ``training`` flag, by object: no name building and no object
+    per frozen parameter, since this runs before every adapter load and a model serving hundreds of adapters holds
+    tens of thousands of frozen vectors (allocations there also wake Python's cyclic GC)."""
     modules = list(model.modules())
-    params = [(m, k, p, p.requires_grad) for m in modules for k, p in m._parameters.items() if p is not None]
-    return params, [(m, m.training) for m in modules]
+    trainable = [p for m in modules for p in m._parameters.values() if p is not None and p.requires_grad]
+    return trainable, [(m, m.training) for m in modules]
 
 
 def _restore_training_state(model, state) -> None:  # noqa: ANN001
-    grads, training = state
-    for module, key, param, requires_grad in grads:
-        current = module._parameters.get(key)
-        for p in (param, current) if current is not None and current is not param else (param,):
-            if p.requires_grad != requires_grad:
-                p.requires_grad_(requires_grad)
+    trainable, training = state
+    keep = {id(p) for p in trainable}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param.requires_grad != (id(param) in keep):
+                param.requires_grad_(id(param) in keep)
+    for param in trainable:  # also those no longer reachable from the model (restored below by the caller)
+        param.requires_grad_(True)
     for module, was_training in training:
         module.training = was_training
 

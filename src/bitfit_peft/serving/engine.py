@@ -387,7 +387,7 @@ class MultiTaskEngine:
         self._serial = 0
         self._lock = threading.RLock()
         # BitFit layers and head wrappers of the PeftModel, found in one module walk per load: with hundreds of
-        # adapters, walking the model (every layer holds one delta module per adapter) costs milliseconds.
+        # adapters, walking the model (every adapter adds a vector per layer and a head copy) costs milliseconds.
         self._layers: list[BitFitLayer] = []
         self._heads: list[ModulesToSaveWrapper] = []
 
