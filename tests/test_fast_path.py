@@ -242,3 +242,34 @@ def test_calls_nested_in_a_precomputed_call_see_their_own_state() -> None:
             torch.testing.assert_close(model(**batch).last_hidden_state, only_c, rtol=0, atol=0)
             model.set_adapter("default")
         torch.testing.assert_close(model(**batch).last_hidden_state, single, rtol=0, atol=0)
+
+
+class _ToBf16(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16)
+
+
+def test_precompute_handles_layers_of_different_dtypes() -> None:
+    """Layers whose deltas differ in dtype (a partly half-precision model) are precomputed in separate groups."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), _ToBf16(), torch.nn.Linear(4, 3))
+    model = get_peft_model(net, BitFitConfig())
+    model.base_model.model[2].to(torch.bfloat16)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            param.add_(0.1)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        first = model.base_model.model[0]
+        second = model.base_model.model[2]
+        expected = torch.nn.functional.linear(
+            torch.nn.functional.linear(x, first.base_layer.weight, first.base_layer.bias + first.delta_of("default"))
+            .to(torch.bfloat16),
+            second.base_layer.weight,
+            second.base_layer.bias + second.delta_of("default"),
+        )
+        counter = _CountOps()
+        with counter:
+            out = model(x)
+    assert counter.ops[FOREACH] == 2
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

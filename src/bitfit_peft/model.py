@@ -318,23 +318,31 @@ class BitFitModel(BaseTuner):
         if self._precomputing:
             yield
             return
-        layers, bases, deltas, direct = [], [], [], []
+        groups: dict[tuple, tuple[list, list, list]] = {}  # one foreach per (device, dtype): usually one
+        direct = []
         for layer in self._structure()[0]:
             operands = layer.effective_bias_operands()
             if operands is None:
                 continue
-            if operands[0] is None:
-                direct.append((layer, operands[1]))
-            else:
-                layers.append(layer)
-                bases.append(operands[0])
-                deltas.append(operands[1])
-        if not layers and not direct:
+            base, delta = operands
+            if base is None:
+                direct.append((layer, delta))
+                continue
+            group = groups.get((delta.device, delta.dtype))
+            if group is None:
+                group = groups[(delta.device, delta.dtype)] = ([], [], [])
+            group[0].append(layer)
+            group[1].append(base)
+            group[2].append(delta)
+        if not groups and not direct:
             yield
             return
+        staged = [layer for layer, _ in direct]
         # plain __dict__ writes: nn.Module.__setattr__ would cost more than the adds this saves
-        for layer, eff in zip(layers, torch._foreach_add(bases, deltas) if layers else (), strict=True):
-            layer.__dict__["_eff_bias"] = eff
+        for layers, bases, deltas in groups.values():
+            for layer, eff in zip(layers, torch._foreach_add(bases, deltas), strict=True):
+                layer.__dict__["_eff_bias"] = eff
+            staged += layers
         for layer, delta in direct:
             layer.__dict__["_eff_bias"] = delta
         self._precomputing = True
@@ -342,9 +350,7 @@ class BitFitModel(BaseTuner):
             yield
         finally:
             self._precomputing = False
-            for layer in layers:
-                layer.__dict__["_eff_bias"] = None
-            for layer, _ in direct:
+            for layer in staged:
                 layer.__dict__["_eff_bias"] = None
 
     # ------------------------------------------------------------------ adapters
