@@ -38,6 +38,28 @@ def install() -> None:
     _peft_model.safe_save_file = safe_save_file
 
 
+def _keys_for_transformers(weights: dict, config, adapter_name: str) -> dict:  # noqa: ANN001
+    """File keys -> what transformers' ``load_adapter`` needs to reach our parameters.
+
+    transformers renames ``<module>.bitfit_delta`` to ``<module>.bitfit_delta.<adapter>`` (the bank's parameter) by
+    itself, so deltas lose their ``.delta`` suffix. Head (``modules_to_save``) keys get the wrapper's adapter path
+    here, because only newer transformers releases (5.2x) map them (5.17 loaded no head and warned ``MISSING``).
+    """
+    from .delta_format import DELTA_SUFFIX
+
+    heads = [str(t) for t in (getattr(config, "modules_to_save", None) or [])]
+    out = {}
+    for key, value in weights.items():
+        if key.endswith(DELTA_SUFFIX):
+            out[key.removesuffix(".delta")] = value
+            continue
+        module, _, leaf = key.rpartition(".")
+        if ".modules_to_save." not in key and any(module == t or module.endswith("." + t) for t in heads):
+            key = f"{module}.modules_to_save.{adapter_name}.{leaf}"
+        out[key] = value
+    return out
+
+
 def install_transformers_load_adapter() -> None:
     """transformers' ``model.load_adapter(dir)`` reads adapter files itself: hand it the unstacked deltas."""
     from transformers.integrations.peft import PeftAdapterMixin
@@ -53,16 +75,13 @@ def install_transformers_load_adapter() -> None:
             from peft import PeftConfig
             from peft.utils.save_and_load import load_peft_weights
 
-            from .delta_format import DELTA_SUFFIX, unpack
+            from .delta_format import unpack
 
             hub_kwargs = {k: kw[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kw}
             config = peft_config or PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
             if getattr(config, "peft_type", None) == "BITFIT":
                 weights = load_peft_weights(peft_model_id, device="cpu", **hub_kwargs)
-                # transformers renames '<module>.bitfit_delta' to '<module>.bitfit_delta.<adapter>', the bank's key
-                adapter_state_dict = {
-                    k.removesuffix(".delta") if k.endswith(DELTA_SUFFIX) else k: v for k, v in unpack(weights).items()
-                }
+                adapter_state_dict = _keys_for_transformers(unpack(weights), config, adapter_name or "default")
                 peft_config = config
         return original(
             self,
@@ -122,8 +141,8 @@ def install_skip_dtensor_reshard() -> None:
     Skip it for BitFit models that cannot hold DTensors."""
     from peft.utils import save_and_load
 
-    original = save_and_load._reshard_dtensor_values_for_load
-    if getattr(original, "_bitfit", False):
+    original = getattr(save_and_load, "_reshard_dtensor_values_for_load", None)
+    if original is None or getattr(original, "_bitfit", False):  # absent before peft 0.21.1
         return
 
     def _reshard_dtensor_values_for_load(model, state_dict):  # noqa: ANN001
