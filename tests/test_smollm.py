@@ -69,6 +69,8 @@ def trained() -> Iterator[Trained]:
     try:
         torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
+        if tok.pad_token is None:  # transformers 5.17 reads no pad token from this GGUF file (5.24 does)
+            tok.pad_token = tok.eos_token
         # dequantize=True: a plain fp32 model, not flagged as GGUF-quantized (which save_pretrained refuses)
         base = AutoModelForCausalLM.from_pretrained(
             path, gguf_file=GGUF_FILE, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
