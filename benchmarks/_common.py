@@ -9,6 +9,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,6 +220,18 @@ def interleaved_timing(
             log(f"  time budget reached after {r + 1} rounds")
             break
     return {n: ts for n, ts in out.items() if n in live and ts}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten op dispatched while active (exact and device independent; on a GPU each is a launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------- env / output

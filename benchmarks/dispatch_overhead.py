@@ -20,15 +20,13 @@ import argparse
 import os
 import sys
 import warnings
-from collections import Counter
-from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
+    CountOps,
     ModelSpec,
     build_model,
     ensure_bitfit_importable,
@@ -45,18 +43,6 @@ from train_speed import make_trainer, setup_mode  # noqa: E402
 
 MODES = ["full", "naive_bias", "bitfit", "lora", "beft"]
 THIN = ModelSpec("bert-thin-24L", "bert_cls", 32, 24, 2, 64, 128, batch=2, seq=8)
-
-
-class CountOps(TorchDispatchMode):
-    """Counts every aten op dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main(argv: list[str] | None = None) -> None:
