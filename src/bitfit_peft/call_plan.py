@@ -1,0 +1,176 @@
+"""How one model call runs: precomputed biases for single-adapter calls, per-sample routing for mixed batches.
+
+:class:`CallPlanMixin` is the part of :class:`~bitfit_peft.model.BitFitModel` that runs around every forward /
+``generate``: PEFT enters ``_enable_peft_forward_hooks`` once per call, and this mixin either computes every layer's
+``b0 + delta`` in one ``torch._foreach_add`` (so each layer runs only its base op) or prepares each layer's delta
+table and one per-sample index tensor for a mixed batch (so no Python caches run inside the model, which keeps
+``torch.compile`` from recompiling per task mix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heads import route_heads
+from .routing import BASE_ADAPTER_NAME, Routing
+
+
+class CallPlanMixin:
+    """Per-call setup of :class:`~bitfit_peft.model.BitFitModel` (see the module docstring)."""
+
+    # provided by BitFitModel
+    model: nn.Module
+    peft_config: dict
+    _routing: Routing
+    _precomputing: bool
+    _mixed_staged: list | None
+    _batch_check_handle: Any
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precomputed_biases():
+            return self.model(*args, **kwargs)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Route ``adapter_names=[...]`` (one per sample) through every layer with one index per call."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            self._clear_routing()
+            with self.precomputed_biases():
+                yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}.")
+        known = set(self.peft_config)
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter name(s) in adapter_names: {unknown}. Loaded adapters: {sorted(known)}; "
+                f"use {BASE_ADAPTER_NAME!r} for the bare base model."
+            )
+        batch = _batch_size(args, kwargs)
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples.")
+        layers, heads, _ = self._structure()
+        if any(layer.merged_adapters for layer in layers):
+            raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        route_heads(heads, self._routing)
+        self._install_batch_check()
+        device = next(  # the layers' device (cached layer list: no model walk per call)
+            (
+                w.device
+                for w in (la._base_ref._parameters.get("weight") for la in layers)
+                if w is not None and w.device.type != "meta"
+            ),
+            None,
+        )
+        self._routing.set(list(adapter_names), device=device)
+        if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: the model's first call checks it
+            self._routing.expected_batch = len(adapter_names)
+        for layer in layers:  # every layer reads one prepared table: no Python caches inside the model call
+            layer.stage_mixed_rows(self._routing.adapters)
+        self._mixed_staged = layers
+        keep_for_backward = self.model.training and torch.is_grad_enabled()
+        try:
+            yield
+        finally:
+            self._routing.expected_batch = None
+            if not keep_for_backward:  # gradient checkpointing re-runs forward during backward
+                self._clear_routing()
+
+    def _clear_routing(self) -> None:
+        self._routing.clear()
+        staged = getattr(self, "_mixed_staged", None)
+        if staged:
+            for layer in staged:
+                layer.__dict__["_mixed_rows"] = None
+            self._mixed_staged = None
+
+    def _install_batch_check(self) -> None:
+        """One permanent pre-hook on the model (not one per call, which would make torch.compile recompile)."""
+        if self._batch_check_handle is not None:
+            return
+        self._batch_check_handle = self.model.register_forward_pre_hook(
+            partial(_check_first_batch, routing=self._routing), with_kwargs=True
+        )
+
+    @contextmanager
+    def precomputed_biases(self) -> Iterator[None]:
+        """For one model call, compute every layer's ``base bias + delta`` in a single ``torch._foreach_add``.
+
+        Each wrapped layer then runs exactly the op of its base module (``F.linear(x, W, b + d)``), so a training
+        step launches the same kernels as naive bias training plus one multi-tensor add, instead of one small add
+        per layer. Gradients flow through the foreach add to the deltas. Layers that cannot use it (mixed
+        routing, merged, offloaded, several active adapters) keep the per-layer path. Re-entrant.
+
+        Example:
+            >>> # with model.base_model.precomputed_biases(): model(**batch)   # what every forward does
+        """
+        if self._precomputing:
+            yield
+            return
+        groups: dict[tuple, tuple[list, list, list]] = {}  # one foreach per (device, dtype): usually one
+        direct = []
+        for layer in self._structure()[0]:
+            operands = layer.effective_bias_operands()
+            if operands is None:
+                continue
+            base, delta = operands
+            if base is None:
+                direct.append((layer, delta))
+                continue
+            group = groups.get((delta.device, delta.dtype))
+            if group is None:
+                group = groups[(delta.device, delta.dtype)] = ([], [], [])
+            group[0].append(layer)
+            group[1].append(base)
+            group[2].append(delta)
+        if not groups and not direct:
+            yield
+            return
+        staged = [layer for layer, _ in direct]
+        # plain __dict__ writes: nn.Module.__setattr__ would cost more than the adds this saves
+        for layers, bases, deltas in groups.values():
+            for layer, eff in zip(layers, torch._foreach_add(bases, deltas), strict=True):
+                layer.__dict__["_eff_bias"] = eff
+            staged += layers
+        for layer, delta in direct:
+            layer.__dict__["_eff_bias"] = delta
+        self._precomputing = True
+        try:
+            yield
+        finally:
+            self._precomputing = False
+            for layer in staged:
+                layer.__dict__["_eff_bias"] = None
+
+
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "x")
+
+
+@torch.compiler.disable
+def _check_first_batch(module: nn.Module, args: tuple, kwargs: dict, routing: Routing) -> None:
+    expected = routing.expected_batch
+    if expected is None:
+        return
+    routing.expected_batch = None  # the first call of this forward only (generate calls the model repeatedly)
+    tensors = [kwargs[k] for k in _BATCH_KEYS if isinstance(kwargs.get(k), torch.Tensor)]
+    tensors += [a for a in args if isinstance(a, torch.Tensor)]
+    if tensors and tensors[0].dim() >= 1 and tensors[0].shape[0] != expected:
+        raise ValueError(
+            f"adapter_names has {expected} entries but the batch has {tensors[0].shape[0]} samples; "
+            "pass exactly one adapter name per sample."
+        )
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
