@@ -273,3 +273,20 @@ def test_precompute_handles_layers_of_different_dtypes() -> None:
     assert counter.ops[FOREACH] == 2
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_mixed_batch_gathers_all_layers_at_once() -> None:
+    """A mixed call gathers every layer's per-sample rows with one index_select; each layer then adds once."""
+    model = _two_task_bert()
+    batch = {k: v for k, v in _batch("bert").items() if k != "labels"}
+    n_layers = len(model.base_model._structure()[0])
+    with torch.no_grad():
+        model(**batch, adapter_names=["b", "c"])  # builds the cached tables
+        with model.disable_adapter():
+            bare = _ops(model, batch, False)
+        mixed_counter = _CountOps()
+        with mixed_counter:
+            model(**batch, adapter_names=["b", "c"])
+    mixed = mixed_counter.ops
+    assert mixed["aten.index_select.default"] - bare["aten.index_select.default"] == 1
+    assert mixed["aten.add.Tensor"] - bare["aten.add.Tensor"] == n_layers

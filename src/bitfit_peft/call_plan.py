@@ -76,6 +76,7 @@ class CallPlanMixin:
         for layer in layers:  # every layer reads one prepared table: no Python caches inside the model call
             layer.stage_mixed_rows(self._routing.adapters)
         self._mixed_staged = layers
+        self._gather_all_layers(layers)
         keep_for_backward = self.model.training and torch.is_grad_enabled()
         try:
             yield
@@ -90,7 +91,41 @@ class CallPlanMixin:
         if staged:
             for layer in staged:
                 layer.__dict__["_mixed_rows"] = None
+                layer.__dict__["_mixed_gathered"] = None
             self._mixed_staged = None
+
+    def _gather_all_layers(self, layers: list) -> None:
+        """Gather every layer's per-sample delta rows with ONE ``index_select`` per (device, dtype).
+
+        The staged tables are concatenated into one ``[1 + n_adapters, sum of bias sizes]`` tensor (cached while
+        the tables are), the per-sample rows gathered once, and each layer gets a view of its columns: inside the
+        model a layer then adds a ready ``[batch, bias]`` tensor (one kernel per layer instead of two).
+        """
+        index = self._routing.index
+        groups: dict[tuple, list] = {}
+        for layer in layers:
+            table = layer._mixed_rows
+            if table is not None:
+                groups.setdefault((table.device, table.dtype), []).append(layer)
+        cache = self._flat_tables if isinstance(getattr(self, "_flat_tables", None), dict) else {}
+        fresh: dict[tuple, tuple[list, torch.Tensor]] = {}
+        for key, members in groups.items():
+            tables = [layer._mixed_rows for layer in members]
+            hit = cache.get(key)
+            same = hit is not None and len(hit[0]) == len(tables)
+            if same and all(a is b for a, b in zip(hit[0], tables, strict=True)):
+                flat = hit[1]
+            else:
+                flat = torch.cat([t.reshape(t.shape[0], -1) for t in tables], dim=1)
+            if not flat.requires_grad:  # built from cached (inference) tables: reusable next call
+                fresh[key] = (tables, flat)
+            rows = flat.index_select(0, index.to(flat.device))
+            offset = 0
+            for layer, table in zip(members, tables, strict=True):
+                width = table[0].numel()
+                layer.__dict__["_mixed_gathered"] = rows[:, offset : offset + width]
+                offset += width
+        self.__dict__["_flat_tables"] = fresh
 
     def _install_batch_check(self) -> None:
         """One permanent pre-hook on the model (not one per call, which would make torch.compile recompile)."""

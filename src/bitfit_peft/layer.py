@@ -112,6 +112,7 @@ class BitFitLayer(BaseTunerLayer):
         #: the stacked ``[1 + n, *bias_shape]`` delta table of the current mixed batch, set by the model before the
         #: call (so the layer's traced code reads one tensor: no Python caches under ``torch.compile``).
         self._mixed_rows: torch.Tensor | None = None
+        self._mixed_gathered: torch.Tensor | None = None  # this call's ``[batch, bias]`` rows, gathered by the model
         self._bias_cast_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         base = self.get_base_layer()
         self._bias_shape = bias_shape(base)
@@ -342,6 +343,12 @@ class BitFitLayer(BaseTunerLayer):
             if self.merged_adapters:
                 raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
             out = base(x, *args, **kwargs)
+            rows = self._mixed_gathered
+            if rows is not None and rows.shape[0] == out.shape[0]:  # gathered for all layers at once
+                if rows.dtype != out.dtype or rows.device != out.device:
+                    rows = rows.to(device=out.device, dtype=out.dtype)
+                extra = (1,) * (out.dim() - 1 - len(self._view_shape))
+                return out + rows.reshape(out.shape[0], *extra, *self._view_shape)
             table = self._mixed_rows
             if table is None:
                 table = self._mixed_table(routing.adapters, out.device, out.dtype)
@@ -384,6 +391,7 @@ class BitFitLayer(BaseTunerLayer):
     def stage_mixed_rows(self, adapters: tuple[str, ...]) -> None:
         """Build (or reuse) this call's delta table before the model runs; layers with hooks build it themselves."""
         self.__dict__["_eff_bias"] = None  # a mixed call nested in a single-adapter call must not reuse its bias
+        self.__dict__["_mixed_gathered"] = None
         table = None
         if not self._bank_hooked() and "_hf_hook" not in self._base_ref.__dict__:
             ref = next((self._deltas[a] for a in adapters if a in self._deltas), None)
