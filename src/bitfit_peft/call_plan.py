@@ -2,9 +2,9 @@
 
 :class:`CallPlanMixin` is the part of :class:`~bitfit_peft.model.BitFitModel` that runs around every forward /
 ``generate``: PEFT enters ``_enable_peft_forward_hooks`` once per call, and this mixin either computes every layer's
-``b0 + delta`` in one ``torch._foreach_add`` (so each layer runs only its base op) or prepares each layer's delta
-table and one per-sample index tensor for a mixed batch (so no Python caches run inside the model, which keeps
-``torch.compile`` from recompiling per task mix).
+``b0 + delta`` in one ``torch._foreach_add`` (so each layer runs only its base op) or, for a mixed batch, gathers
+every layer's per-sample delta rows with one ``index_select`` (so each layer adds a ready tensor, and no Python
+caches run inside the model, which keeps ``torch.compile`` from recompiling per task mix).
 """
 
 from __future__ import annotations
