@@ -141,7 +141,7 @@ class BitFitLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if getattr(base, "bias", None) is None and getattr(self, "_warn_no_bias", True):
             self._warn_no_bias = False
-        delta = nn.Parameter(torch.zeros(self._bias_shape))
+        delta = nn.Parameter(torch.zeros(self._bias_shape, dtype=torch.float32))  # fp32 whatever the default dtype
         if not init_weights:
             with torch.no_grad():
                 delta.normal_(0.0, 0.02)
