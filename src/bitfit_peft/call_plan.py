@@ -31,6 +31,7 @@ class CallPlanMixin:
     _precomputing: bool
     _mixed_staged: list | None
     _batch_check_handle: Any
+    _flat_tables: dict  # (device, dtype) -> (staged tables, their concatenation), reused while the tables are
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.precomputed_biases():
@@ -107,7 +108,7 @@ class CallPlanMixin:
             table = layer._mixed_rows
             if table is not None:
                 groups.setdefault((table.device, table.dtype), []).append(layer)
-        cache = self._flat_tables if isinstance(getattr(self, "_flat_tables", None), dict) else {}
+        cache = self._flat_tables
         fresh: dict[tuple, tuple[list, torch.Tensor]] = {}
         for key, members in groups.items():
             tables = [layer._mixed_rows for layer in members]
@@ -125,7 +126,7 @@ class CallPlanMixin:
                 width = table[0].numel()
                 layer.__dict__["_mixed_gathered"] = rows[:, offset : offset + width]
                 offset += width
-        self.__dict__["_flat_tables"] = fresh
+        self._flat_tables = fresh
 
     def _install_batch_check(self) -> None:
         """One permanent pre-hook on the model (not one per call, which would make torch.compile recompile)."""

@@ -68,6 +68,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         self._precomputing = False
         self._mixed_staged: list[BitFitLayer] | None = None
         self._batch_check_handle: Any = None
+        self._flat_tables: dict = {}
         super().__init__(model, config, adapter_name, **kwargs)
 
     # ------------------------------------------------------------------ target selection
@@ -350,7 +351,8 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         PEFT's generic injection re-scans every module against every existing adapter layer; here the targets
         are resolved once and each layer just gains a delta. Returns False (nothing done) if any target is new.
         """
-        if not any(isinstance(m, BitFitLayer) for m in model.modules()):
+        modules = list(model.modules())  # one walk serves both checks below
+        if not any(isinstance(m, BitFitLayer) for m in modules):
             return False
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
@@ -361,7 +363,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
             return False
         # Adding must not change trainability. update_layer only sets the new vectors' flags, so only the head
         # wrappers (set_additional_trainable_modules) can touch existing ones: snapshot just those.
-        heads = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        heads = [m for m in modules if isinstance(m, AuxiliaryTrainingWrapper)]
         existing = [(p, p.requires_grad) for head in heads for p in head.parameters()]
         for layer in layers:
             layer.update_layer(adapter_name, init_weights=config.init_weights, inference_mode=config.inference_mode)
