@@ -237,13 +237,13 @@ def _training_state(model) -> tuple[list, list]:  # noqa: ANN001
 
 def _restore_training_state(model, state) -> None:  # noqa: ANN001
     trainable, training = state
+    for param in trainable:  # also those no longer reachable from the model (put back by the caller)
+        param.requires_grad_(True)
     keep = {id(p) for p in trainable}
     for module in model.modules():
         for param in module._parameters.values():
-            if param is not None and param.requires_grad != (id(param) in keep):
-                param.requires_grad_(id(param) in keep)
-    for param in trainable:  # also those no longer reachable from the model (restored below by the caller)
-        param.requires_grad_(True)
+            if param is not None and param.requires_grad and id(param) not in keep:
+                param.requires_grad_(False)
     for module, was_training in training:
         module.training = was_training
 
