@@ -45,12 +45,7 @@ WORDS = ["what", "a", "lovely", "film", "win", "free", "cruise", "now", "the", "
 OVERLOAD = (429, 503)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ TOL = 1e-5
 TEXTS = ["what a lovely film", "win a free cruise now", "the cat sat on the mat", "ok", "call me back later"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
