@@ -87,21 +87,9 @@ def test_from_pretrained_onto_disk_offloaded_model(dirs: tuple[Path, Path], tmp_
     _assert_same(_out(loaded.eval()), _reference(base_dir, adapter_dir))
 
 
-def test_from_pretrained_onto_disk_offloaded_model_without_fingerprint(
-    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Same as above with the fingerprint check switched off and an extra (idempotent) unpack of the weights; the
-    disk-offloaded pooler's delta must stay on ``meta`` (loaded by the offload hook, not materialised)."""
-    import peft.peft_model as peft_model_module
-
-    from bitfit_peft import delta_format
-
-    original = peft_model_module.load_peft_weights
-
-    def load_unstacked(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
-        return delta_format.unpack(original(*args, **kwargs))
-
-    monkeypatch.setattr(peft_model_module, "load_peft_weights", load_unstacked)
+def test_from_pretrained_onto_disk_offloaded_model_without_fingerprint(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Same as above with the fingerprint check switched off; the disk-offloaded pooler's delta must stay on
+    ``meta`` (loaded by the offload hook, not materialised)."""
     base_dir, adapter_dir = dirs
     model = _offloaded(base_dir, tmp_path / "offload")
     config = bitfit_peft.allow_base_mismatch(BitFitConfig.from_pretrained(adapter_dir))

@@ -250,31 +250,41 @@ def test_multiple_adapters_and_weighted(tmp_path: Path) -> None:
         model.set_adapter("nope")
 
 
-def test_delta_file_is_tiny_and_stamped(tmp_path: Path) -> None:
+def test_delta_file_is_peft_layout(tmp_path: Path) -> None:
+    """The file holds exactly PEFT's own ``get_peft_model_state_dict`` keys: no stacking, suffixes or metadata."""
+    from peft import get_peft_model_state_dict
+    from peft.utils.save_and_load import load_peft_weights
+
     model = get_peft_model(make_tiny_model("bert"), config_for("bert"))
+    randomize(model)
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
-        keys = list(handle.keys())
-    assert meta["bitfit_format_version"] == "1" and meta["bitfit_fingerprint"].startswith("sha256:")
-    assert any(".*." in k for k in keys)
+        keys = set(handle.keys())
+    expected = get_peft_model_state_dict(model)
+    assert keys == set(expected)
+    assert meta == {"format": "pt"}
+    deltas = {k for k in keys if "bitfit" in k}
+    assert deltas and all(k.startswith("base_model.model.") and k.endswith(".bitfit_delta") for k in deltas)
+    assert keys - deltas == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+    read = load_peft_weights(str(tmp_path), device="cpu")
+    assert all(torch.equal(read[k], expected[k]) for k in keys)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "BITFIT" and cfg["base_fingerprint"] == meta["bitfit_fingerprint"]
+    assert cfg["peft_type"] == "BITFIT" and cfg["base_fingerprint"]["version"] == 2
 
 
 @pytest.mark.slow
 def test_bert_base_delta_file_overhead(tmp_path: Path) -> None:
-    """BERT-base shape, bias_terms='all': the file is at most 1.02x the raw bytes of the delta vectors."""
+    """BERT-base shape, bias_terms='all': PEFT's layout costs a few % over the raw bytes of the delta vectors."""
     from transformers import BertConfig, BertModel
 
-    with torch.device("meta"):
-        pass
     model = get_peft_model(BertModel(BertConfig()), BitFitConfig())
     model.save_pretrained(tmp_path)
     raw = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "bitfit_delta" in n)
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
-    assert size <= 1.02 * raw, (size, raw)
+    print(f"BERT-base 'all': file {size} B, raw deltas {raw} B, ratio {size / raw:.4f}")
+    assert raw < size <= 1.06 * raw, (size, raw)
 
 
 def test_fingerprint_mismatch_leaves_model_unchanged(tmp_path: Path) -> None:
@@ -300,7 +310,7 @@ def test_missing_keys_leave_existing_peft_model_unchanged(tmp_path: Path) -> Non
     model.save_pretrained(tmp_path)
     tmp_path = tmp_path / "task_a"  # PEFT saves a non-default adapter in a subfolder
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    tensors.pop(next(k for k in tensors if "bitfit_delta.delta" in k))
+    tensors.pop(next(k for k in tensors if k.endswith(".bitfit_delta")))
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     names_before = [n for n, _ in model.named_parameters()]
     with pytest.raises(BitFitError, match="missing"):

@@ -15,8 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitfit_peft.delta_format import unpack
-
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "ddp_train.py"
 pytestmark = pytest.mark.slow
@@ -39,7 +37,7 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 
 def _deltas(directory: Path) -> dict[str, torch.Tensor]:
-    return unpack(load_file(str(directory / "adapter_model.safetensors")))
+    return load_file(str(directory / "adapter_model.safetensors"))
 
 
 def _free_port() -> int:

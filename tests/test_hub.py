@@ -30,20 +30,6 @@ MASK = (IDS != 0).long()
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def card_hooks() -> Iterator[None]:
-    """``bitfit_peft.hub.install()`` for this module only (other test modules keep PEFT's stock behaviour)."""
-    saved = {name: PeftModel.__dict__.get(name) for name in ("save_pretrained", "push_to_hub")}
-    bhub.install()
-    yield
-    for name, value in saved.items():
-        if value is None:
-            if name in PeftModel.__dict__:
-                delattr(PeftModel, name)
-        else:
-            setattr(PeftModel, name, value)
-
-
 @pytest.fixture(scope="module")
 def hub_server() -> Iterator[HubServer]:
     with HubServer() as server:
@@ -89,7 +75,7 @@ def test_push_then_from_pretrained(hub: HubServer) -> None:
     model = _bitfit_model()
     expected = _logits(model)
     n_before = len(hub.requests)
-    info = model.push_to_hub(repo)
+    info = bhub.push_to_hub(model, repo)
 
     files = hub.files(repo)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
@@ -112,7 +98,7 @@ def test_push_then_from_pretrained(hub: HubServer) -> None:
 def test_load_adapter_by_name_onto_existing_peft_model(hub: HubServer) -> None:
     repo = _repo()
     remote = _bitfit_model(adapter_seed=7)
-    remote.push_to_hub(repo)
+    bhub.push_to_hub(remote, repo)
     expected = _logits(remote)
 
     local = _bitfit_model(adapter_seed=3)  # holds "default" (other deltas)
@@ -127,7 +113,7 @@ def test_load_adapter_by_name_onto_existing_peft_model(hub: HubServer) -> None:
 def test_mixed_batch_uses_each_adapters_head(hub: HubServer) -> None:
     repo = _repo()
     remote = _bitfit_model(adapter_seed=7)
-    remote.push_to_hub(repo)
+    bhub.push_to_hub(remote, repo)
     local = _bitfit_model(adapter_seed=3)
     local.load_adapter(repo, adapter_name="task_b")
     mixed = _logits(local, adapter_names=["task_b", "default"])
@@ -138,7 +124,7 @@ def test_mixed_batch_uses_each_adapters_head(hub: HubServer) -> None:
 def test_transformers_load_adapter_from_hub(hub: HubServer) -> None:
     repo = _repo()
     remote = _bitfit_model(adapter_seed=5)
-    remote.push_to_hub(repo)
+    bhub.push_to_hub(remote, repo)
     base = make_tiny_model("bert", task="seq_cls")
     base.load_adapter(repo, adapter_name="task_a")
     torch.testing.assert_close(_logits(base), _logits(remote), rtol=0, atol=1e-6)
@@ -153,7 +139,7 @@ def test_auto_peft_model_from_hub(hub: HubServer, tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS", init_weights=False)).eval()
     repo = _repo()
-    model.push_to_hub(repo)
+    bhub.push_to_hub(model, repo)
     config = json.loads(hub.files(repo)["adapter_config.json"])
     assert config["base_model_name_or_path"] == str(base_dir)
 
@@ -168,13 +154,13 @@ def test_revisions_push_twice_load_first(hub: HubServer) -> None:
     repo = _repo()
     model = _bitfit_model(adapter_seed=11)
     first_out = _logits(model)
-    first = model.push_to_hub(repo, commit_message="v1")
+    first = bhub.push_to_hub(model, repo, commit_message="v1")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".bitfit_delta." in name:
                 param.add_(0.5)
     second_out = _logits(model)
-    second = model.push_to_hub(repo, commit_message="v2")
+    second = bhub.push_to_hub(model, repo, commit_message="v2")
     assert first.oid != second.oid and hub.history(repo)[:2] == [second.oid, first.oid]
     assert not torch.allclose(first_out, second_out)
 
@@ -187,7 +173,7 @@ def test_revisions_push_twice_load_first(hub: HubServer) -> None:
     torch.testing.assert_close(_logits(new.eval()), second_out, rtol=0, atol=0)
 
     # a branch: push to "dev", main stays at v2
-    model.push_to_hub(repo, revision="dev")
+    bhub.push_to_hub(model, repo, revision="dev")
     assert hub.repos[repo].branches["main"] == second.oid and "dev" in hub.repos[repo].branches
 
 
@@ -196,7 +182,7 @@ def test_offline_mode_uses_the_cache(hub: HubServer, monkeypatch: pytest.MonkeyP
 
     repo = _repo()
     model = _bitfit_model(adapter_seed=4)
-    model.push_to_hub(repo)
+    bhub.push_to_hub(model, repo)
     online = PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), repo).eval()
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -229,7 +215,7 @@ def test_unreachable_hub_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(hf_http, "time", fake_time)
     model = _bitfit_model()
     with pytest.raises(bhub.HubUnreachableError, match=r"Cannot reach the Hugging Face Hub at http://127\.0\.0\.1"):
-        model.push_to_hub("user/anything")
+        bhub.push_to_hub(model, "user/anything")
     with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json' at 'user/anything'") as err:
         PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), "user/anything")
     assert "connection" in str(err.value.__cause__ or err.value.__context__).lower()
@@ -241,11 +227,11 @@ def test_push_keeps_user_text_of_an_existing_card(hub: HubServer) -> None:
 
     repo = _repo()
     model = _bitfit_model()
-    model.push_to_hub(repo)
+    bhub.push_to_hub(model, repo)
     readme = hub.files(repo)["README.md"].decode()
     edited = readme.replace("library_name: peft", "library_name: peft\nlicense: mit") + "\n## My notes\n\nKeep me.\n"
     HfApi().create_commit(repo, [CommitOperationAdd("README.md", edited.encode())], commit_message="edit card")
-    model.push_to_hub(repo)
+    bhub.push_to_hub(model, repo)
     card = hub.files(repo)["README.md"].decode()
     assert "Keep me." in card and card.count(bhub.BEGIN) == 1
     meta = _front_matter(card)
@@ -253,9 +239,9 @@ def test_push_keeps_user_text_of_an_existing_card(hub: HubServer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- card
-def test_save_pretrained_writes_the_bitfit_card(tmp_path: Path) -> None:
+def test_bitfit_save_pretrained_writes_the_bitfit_card(tmp_path: Path) -> None:
     model = _bitfit_model()
-    model.save_pretrained(tmp_path)
+    bitfit_peft.save_pretrained(model, tmp_path)
     card = (tmp_path / "README.md").read_text()
     meta = _front_matter(card)
     assert meta["library_name"] == "peft"
@@ -273,7 +259,7 @@ def test_save_pretrained_writes_the_bitfit_card(tmp_path: Path) -> None:
 
 def test_card_base_model_and_regeneration(tmp_path: Path) -> None:
     model = _bitfit_model()
-    model.save_pretrained(tmp_path)
+    bitfit_peft.save_pretrained(model, tmp_path)
     bhub.write_model_card(tmp_path, base_model="google-bert/bert-base-uncased", tags=["sms"])
     text = (tmp_path / "README.md").read_text()
     meta = _front_matter(text)
@@ -290,11 +276,16 @@ def test_card_base_model_and_regeneration(tmp_path: Path) -> None:
 def test_card_lists_named_adapters(tmp_path: Path) -> None:
     model = _bitfit_model()
     model.add_adapter("task_b", BitFitConfig(task_type="SEQ_CLS", bias_terms=["query"]))
-    model.save_pretrained(tmp_path)
+    bitfit_peft.save_pretrained(model, tmp_path)
     names = [a.name for a in bhub.read_adapters(tmp_path)]
     assert names == ["default", "task_b"]
     card = (tmp_path / "README.md").read_text()
     assert "`task_b`" in card and "`task_b/adapter_model.safetensors`" in card
+
+
+def test_pefts_own_save_keeps_pefts_card_for_every_tuner(tmp_path: Path) -> None:
+    _bitfit_model().save_pretrained(tmp_path / "bitfit")  # PEFT's save_pretrained is PEFT's own, also for BitFit
+    assert bhub.BEGIN not in (tmp_path / "bitfit" / "README.md").read_text()
 
 
 def test_other_tuners_keep_pefts_card(tmp_path: Path) -> None:

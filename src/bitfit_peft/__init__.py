@@ -16,12 +16,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _registration
-from ._patches import install as _install_patches
+from . import _compat, _registration
+from .atomic_save import save_pretrained
 from .config import BitFitConfig
+from .errors import BitFitError
 from .layer import BiasDeltas, BitFitLayer
 from .lowmem import cast_frozen_base
-from .model import BitFitError, BitFitModel
+from .model import BitFitModel
 from .routing import BASE_ADAPTER_NAME
 
 
@@ -32,7 +33,7 @@ def allow_base_mismatch(config: BitFitConfig) -> BitFitConfig:
 
 
 PEFT_TYPE = _registration.register()
-_install_patches()
+_compat.install()
 
 __all__ = [
     "BASE_ADAPTER_NAME",
@@ -44,5 +45,6 @@ __all__ = [
     "PEFT_TYPE",
     "allow_base_mismatch",
     "cast_frozen_base",
+    "save_pretrained",
     "__version__",
 ]

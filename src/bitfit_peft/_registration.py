@@ -1,13 +1,14 @@
 """Register BitFit as a PEFT tuner type.
 
 PEFT 0.21 only registers methods whose name is already a :class:`peft.PeftType` member and has no plugin entry
-points, so the enum gains a ``BITFIT`` member first (guarded and idempotent), then the config/tuner pair is put
-into PEFT's mappings.
+points, so the enum gains a ``BITFIT`` member first (``_compat`` entry 1), then the config/tuner pair is put into
+PEFT's mappings. :func:`is_bitfit` is the one test for "is this BitFit?".
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from peft.utils.peft_types import PeftType, register_peft_method
 
@@ -15,20 +16,14 @@ PEFT_TYPE_NAME = "BITFIT"
 PREFIX = "bitfit_"
 
 
-def _extend_peft_type_enum(name: str = PEFT_TYPE_NAME) -> PeftType:
-    """Add ``name`` to :class:`PeftType` unless it is already there; return the member."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member.__init__(name)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    type.__setattr__(PeftType, name, member)
-    return member
+def is_bitfit(obj: Any) -> bool:
+    """Whether ``obj`` is a BitFit config (object or ``adapter_config.json`` dict) or a model holding one."""
+    if isinstance(obj, dict):
+        return obj.get("peft_type") == PEFT_TYPE_NAME
+    configs = getattr(obj, "peft_config", None)
+    if isinstance(configs, dict):
+        return any(is_bitfit(c) for c in configs.values())
+    return getattr(obj, "peft_type", None) == PEFT_TYPE_NAME
 
 
 def register() -> PeftType:
@@ -44,10 +39,11 @@ def register() -> PeftType:
         PEFT_TYPE_TO_TUNER_MAPPING,
     )
 
+    from ._compat import extend_peft_type
     from .config import BitFitConfig
     from .model import BitFitModel
 
-    peft_type = _extend_peft_type_enum()
+    peft_type = extend_peft_type()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is BitFitModel:
         return peft_type
     if peft_type in PEFT_TYPE_TO_TUNER_MAPPING or peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:

@@ -39,7 +39,8 @@ class BitFitConfig(PeftConfig):
             ``"float16"`` (half the size; deltas are loaded back into fp32).
         prune_tolerance: if set, delta vectors whose mean absolute value is below it are left out of the saved
             file and load as zero (the paper finds changes concentrate in a few vectors). ``None`` keeps all.
-        base_fingerprint: filled in on save: identifies the base model the deltas were trained on.
+        base_fingerprint: filled in on save: identifies the base model the deltas were trained on (any dtype of
+            it); see ``bitfit_peft.fingerprint``.
 
     Example:
         >>> from bitfit_peft import BitFitConfig
@@ -77,8 +78,8 @@ class BitFitConfig(PeftConfig):
     prune_tolerance: float | None = field(
         default=None, metadata={"help": "Drop delta vectors with mean |delta| below this from the saved file."}
     )
-    base_fingerprint: str | None = field(
-        default=None, metadata={"help": "Fingerprint of the base model's targeted biases (set on save)."}
+    base_fingerprint: dict | str | None = field(
+        default=None, metadata={"help": "Fingerprint of the base model's targeted modules (set on save)."}
     )
 
     def __post_init__(self) -> None:
@@ -113,6 +114,9 @@ class BitFitConfig(PeftConfig):
             self.bias_terms = list(dict.fromkeys(terms))
         else:
             fail("bias_terms", f"must be 'all' or a list, got {type(self.bias_terms).__name__}", "")
+        from .targets import check_config  # lazy (targets imports the layer classes)
+
+        check_config(self)  # pattern/list sizes, regexes that backtrack badly, layers_pattern a module-name path
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
@@ -150,9 +154,13 @@ class BitFitConfig(PeftConfig):
         tol = self.prune_tolerance
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
             fail("prune_tolerance", f"must be a number >= 0 or None, got {tol!r}", "")
-        if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, str):
+        fp = self.base_fingerprint
+        if fp is not None and not (
+            isinstance(fp, str)
+            or (isinstance(fp, dict) and fp.get("version") == 2 and isinstance(fp.get("structure"), str))
+        ):
             fail(
                 "base_fingerprint",
-                "must be a string",
+                f"must be a fingerprint object (version 2) or a 0.1.0 'sha256:' string, got {str(fp)[:60]!r}",
                 "Remove it from adapter_config.json to skip the check.",
             )

@@ -1,159 +1,62 @@
-"""The BitFit delta file: ``adapter_model.safetensors`` holding only bias deltas (+ ``modules_to_save``).
+"""The BitFit adapter file: PEFT's own layout, plus a reader for the bitfit-peft 0.1.0 layout.
 
-Layout (format version 1, see ``docs/delta-format.md``):
+``adapter_model.safetensors`` holds exactly what PEFT's ``get_peft_model_state_dict`` gives a ParameterDict tuner
+(as BEFT's files do): one tensor per adapted module under ``base_model.model.<module>.bitfit_delta``, plus the
+``modules_to_save`` tensors (``base_model.model.<head>.<param>``). No stacking, no suffixes, no metadata of our own:
+any PEFT tool, safetensors viewer or ``load_peft_weights`` reads it as is. The base fingerprint lives in
+``adapter_config.json`` (``base_fingerprint``); see ``docs/delta-format.md``.
 
-- Per-layer delta vectors that differ only in their block index are stacked into one tensor under a key with
-  ``*`` in place of the index, e.g. ``base_model.model.bert.encoder.layer.*.attention.self.query.bitfit_delta.delta``
-  (shape ``[n_layers, 768]``) plus ``....bitfit_delta.layer_index`` (int32 ``[n_layers]``). This keeps the
-  safetensors header tiny (a few dozen keys instead of hundreds), so the file is ~raw bytes of the vectors.
-- Vectors outside numbered blocks keep their plain key ``<module path>.bitfit_delta.delta``.
-- Metadata: ``format="pt"``, ``bitfit_format_version``, ``bitfit_fingerprint`` (see :func:`fingerprint_layers`),
-  ``bitfit_peft_version``.
+0.1.0 files (per-layer vectors stacked under ``...layer.*....bitfit_delta.delta`` with a ``....layer_index``
+tensor, flat vectors under ``....bitfit_delta.delta``) are converted by :func:`from_legacy` when they are loaded.
 
-Files written by plain PEFT (unstacked keys, no metadata) load too: :func:`unpack` is a no-op on them.
+:func:`check_adapter_state_dict` is the strict gate every load passes before any weight changes: only deltas of the
+targeted modules and the config's ``modules_to_save`` tensors get in.
+
+Example:
+    >>> import torch
+    >>> old = {"base_model.model.l.*.fc.bitfit_delta.delta": torch.ones(2, 3),
+    ...        "base_model.model.l.*.fc.bitfit_delta.layer_index": torch.tensor([0, 1], dtype=torch.int32)}
+    >>> sorted(from_legacy(old))
+    ['base_model.model.l.0.fc.bitfit_delta', 'base_model.model.l.1.fc.bitfit_delta']
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import tempfile
-import threading
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-FORMAT_VERSION = "1"
-DELTA_SUFFIX = ".bitfit_delta.delta"
-INDEX_SUFFIX = ".bitfit_delta.layer_index"
-_PEFT_PREFIXES = ("base_model.model.", "_orig_mod.")
-_BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<suffix>.*\.bitfit_delta\.delta)$")
-_staged = threading.local()
+from .errors import BitFitError
+
+PEFT_PREFIX = "base_model.model."  #: what PeftModel puts before every module name in a state dict
+DELTA_KEY = "bitfit_delta"  #: the layer's ParameterDict: model key ``<module>.bitfit_delta.<adapter>``
+LEGACY_DELTA_SUFFIX = ".bitfit_delta.delta"
+LEGACY_INDEX_SUFFIX = ".bitfit_delta.layer_index"
+MAX_LISTED = 3  # keys named in one error message
 
 
-# ---------------------------------------------------------------------------- fingerprint
-def _relative(name: str) -> str:
-    for prefix in _PEFT_PREFIXES:
-        name = name.removeprefix(prefix)
-    return name
+def is_legacy(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` was written in the 0.1.0 layout."""
+    return any(k.endswith((LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX)) for k in state_dict)
 
 
-def _materialize(module: nn.Module, tensor: torch.Tensor | None, attr: str = "bias") -> torch.Tensor | None:
-    """Real values of a parameter, also when Accelerate offloaded it (meta tensor + weights_map)."""
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
-        return tensor if isinstance(tensor, torch.Tensor) else None
-    hook = getattr(module, "_hf_hook", None)
-    weights_map = getattr(hook, "weights_map", None)
-    if weights_map is not None and attr in weights_map:
-        return weights_map[attr]
-    raise OffloadedValuesUnavailable(
-        f"the {attr} of a {type(module).__name__} is offloaded (meta) with no weights map to read it from"
-    )
-
-
-class OffloadedValuesUnavailable(RuntimeError):
-    """An offloaded parameter's values cannot be read (PEFT removed Accelerate's hooks before injection)."""
-
-
-WEIGHT_SAMPLE = 16
-
-
-def fingerprint(
-    entries: Iterable[tuple[str, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]],
-) -> str:
-    """``sha256`` over the targeted modules' names, bias shapes, original bias values and a weight sample.
-
-    Each entry is ``(name, bias shape, original bias or None, first WEIGHT_SAMPLE weight values or None)``.
-    Values are rounded to bf16, so the fingerprint is the same for a base loaded in fp32, fp16 or bf16; the
-    weight sample tells apart bases whose biases are identical (e.g. all zero after random init).
-    """
-    digest = hashlib.sha256()
-    for name, shape, bias, weight_sample in sorted(entries, key=lambda e: e[0]):
-        digest.update(f"{name}|{tuple(shape)}|".encode())
-        for tensor in (bias, weight_sample):
-            if tensor is None:
-                digest.update(b"none|")
-            else:
-                values = tensor.detach().reshape(-1).to("cpu", torch.bfloat16).contiguous().view(torch.int16)
-                digest.update(values.numpy().tobytes() + b"|")
-        digest.update(b";")
-    return "sha256:" + digest.hexdigest()
-
-
-def _weight_sample(module: nn.Module) -> torch.Tensor | None:
-    weight = _materialize(module, getattr(module, "weight", None), "weight")
-    return None if weight is None else weight.detach().reshape(-1)[:WEIGHT_SAMPLE]
-
-
-def fingerprint_layers(layers: Mapping[str, Any]) -> str:
-    """Fingerprint of BitFit layers ``{module name: BitFitLayer}`` (uses the pre-merge biases)."""
-    entries = []
-    for name, layer in layers.items():
-        base = layer.get_base_layer()
-        bias = _materialize(base, layer.original_bias())
-        entries.append((_relative(name), layer._bias_shape, bias, _weight_sample(base)))
-    return fingerprint(entries)
-
-
-def fingerprint_model(model: nn.Module, names: Iterable[str]) -> str:
-    """Fingerprint of the modules ``names`` of an (unwrapped or partly wrapped) model."""
-    from .layer import BitFitLayer, bias_shape
-
-    entries = []
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, BitFitLayer):
-            base = module.get_base_layer()
-            bias = _materialize(base, module.original_bias())
-            entries.append((_relative(name), module._bias_shape, bias, _weight_sample(base)))
-        else:
-            bias = _materialize(module, getattr(module, "bias", None))
-            entries.append((_relative(name), bias_shape(module), bias, _weight_sample(module)))
-    return fingerprint(entries)
-
-
-# ---------------------------------------------------------------------------- stacking
-def pack(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stack per-block delta vectors (same module path except the block index, same shape and dtype)."""
-    groups: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
+def from_legacy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """0.1.0 layout -> PEFT layout (a no-op copy for files in PEFT's layout); a clear error on broken stacks."""
+    if not is_legacy(state_dict):
+        return dict(state_dict)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        match = _BLOCK.match(key) if key.endswith(DELTA_SUFFIX) else None
-        if match is None:
+        if key.endswith(LEGACY_INDEX_SUFFIX):
+            continue
+        if not key.endswith(LEGACY_DELTA_SUFFIX):
             out[key] = value
             continue
-        group = (match["prefix"], match["suffix"], tuple(value.shape), value.dtype)
-        groups[group].append((int(match["idx"]), key))
-    for (prefix, suffix, _, _), members in groups.items():
-        if len(members) == 1:
-            out[members[0][1]] = state_dict[members[0][1]]
-            continue
-        members.sort()
-        stacked_key = f"{prefix}.*.{suffix}"
-        out[stacked_key] = torch.stack([state_dict[k] for _, k in members]).contiguous()
-        out[stacked_key.removesuffix(DELTA_SUFFIX) + INDEX_SUFFIX] = torch.tensor(
-            [i for i, _ in members], dtype=torch.int32
-        )
-    return out
-
-
-def unpack(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack`; raises a clear error on inconsistent stacked entries."""
-    from .model import BitFitError
-
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.endswith(INDEX_SUFFIX):
-            continue
+        plain = key.removesuffix(".delta")
         if ".*." not in key:
-            out[key] = value
+            out[plain] = value
             continue
-        index_key = key.removesuffix(DELTA_SUFFIX) + INDEX_SUFFIX
+        index_key = key.removesuffix(LEGACY_DELTA_SUFFIX) + LEGACY_INDEX_SUFFIX
         index = state_dict.get(index_key)
         if index is None or index.dim() != 1 or value.dim() < 1 or index.shape[0] != value.shape[0]:
             raise BitFitError(
@@ -161,115 +64,82 @@ def unpack(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 f"{value.shape[0] if value.dim() else 0}. Re-save the adapter."
             )
         for row, idx in enumerate(index.tolist()):
-            out[key.replace(".*.", f".{int(idx)}.", 1)] = value[row]
+            out[plain.replace(".*.", f".{int(idx)}.", 1)] = value[row]
     return out
-
-
-# ---------------------------------------------------------------------------- checks
-def check_complete(
-    model: nn.Module,
-    adapter_name: str,
-    state_dict: Mapping[str, torch.Tensor],
-    expected: Mapping[str, tuple[int, ...]] | None = None,
-) -> None:
-    """Every delta the model expects for ``adapter_name`` is present with the right shape, and nothing else."""
-    from .model import BitFitError
-
-    expected = expected_delta_shapes(model, adapter_name) if expected is None else expected
-    given = {k: v for k, v in state_dict.items() if ".bitfit_delta." in k}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {expected[k]}"
-        for k, v in given.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
-    bad_dtype = [k for k, v in given.items() if not v.is_floating_point()]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} delta(s) missing from the file (e.g. {missing[:3]})")
-    if unexpected:
-        problems.append(
-            f"{len(unexpected)} delta(s) in the file match no module of this model (e.g. {unexpected[:3]})"
-        )
-    if wrong:
-        problems.append(f"shape mismatch: {wrong[:3]}")
-    if bad_dtype:
-        problems.append(f"non-float deltas: {bad_dtype[:3]}")
-    if problems:
-        raise BitFitError(
-            f"BitFit adapter {adapter_name!r} does not fit this model: "
-            + "; ".join(problems)
-            + ". The model is "
-            "unchanged. Load the adapter onto the base model (and config) it was trained with."
-        )
 
 
 def expected_delta_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
-    """``{state-dict key: shape}`` of every delta the model holds for ``adapter_name``."""
-    from .layer import BitFitLayer
+    """``{model state-dict key: shape}`` of every delta the model holds for ``adapter_name``."""
+    from .layer import layers_holding
 
-    return {
-        f"{name}.bitfit_delta.{adapter_name}": module._bias_shape
-        for name, module in model.named_modules()
-        if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
-    }
+    layers = layers_holding(model, adapter_name)
+    return {f"{name}.{DELTA_KEY}.{adapter_name}": layer._bias_shape for name, layer in layers.items()}
 
 
-def fill_pruned(
-    model: nn.Module,
-    adapter_name: str,
-    state_dict: Mapping[str, torch.Tensor],
-    expected: Mapping[str, tuple[int, ...]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Deltas pruned at save time (``prune_tolerance``) load as zeros."""
-    out = dict(state_dict)
-    expected = expected_delta_shapes(model, adapter_name) if expected is None else expected
-    for key, shape in expected.items():
-        out.setdefault(key, torch.zeros(shape))
+def expected_head_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{model state-dict key: tensor}`` of the ``modules_to_save`` copies the model holds for ``adapter_name``."""
+    from peft.utils import ModulesToSaveWrapper
+
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            prefix = f"{name}.modules_to_save.{adapter_name}."
+            copy = module.modules_to_save[adapter_name]
+            out.update({prefix + k: v for k, v in copy.state_dict().items()})
     return out
 
 
-# ---------------------------------------------------------------------------- writing
-def stage_metadata(fingerprint_value: str) -> None:
-    """Remember the fingerprint for the next BitFit file written by this thread."""
-    _staged.fingerprint = fingerprint_value
-
-
-def metadata_for_save() -> dict[str, str]:
-    from . import __version__
-
-    meta = {"format": "pt", "bitfit_format_version": FORMAT_VERSION, "bitfit_peft_version": __version__}
-    fp = getattr(_staged, "fingerprint", None)
-    if fp:
-        meta["bitfit_fingerprint"] = fp
-    return meta
-
-
-def atomic_save_file(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+def check_adapter_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    adapter_name: str,
+    deltas: Mapping[str, tuple[int, ...]],
+    heads: Mapping[str, torch.Tensor],
 ) -> None:
-    """``safetensors`` save to a temporary file in the same directory, fsync, then ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Refuse (before anything changes) a state dict that holds anything but the expected deltas and heads.
+
+    ``state_dict`` is keyed like the model (adapter name inserted). Every key must be a delta of a targeted module
+    (``deltas``: expected shapes) or a ``modules_to_save`` tensor (``heads``: the model's tensors); every expected
+    delta must be present, floating point, finite and of the right shape.
+    """
+    problems = []
+    unexpected = sorted(k for k in state_dict if k not in deltas and k not in heads)
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} tensor(s) that are neither a delta of a targeted module nor a modules_to_save tensor "
+            f"of the config (e.g. {unexpected[:MAX_LISTED]})"
+        )
+    missing = sorted(set(deltas) - set(state_dict))
+    if missing:
+        problems.append(f"{len(missing)} delta(s) missing from the file (e.g. {missing[:MAX_LISTED]})")
+    wrong, bad_dtype, non_finite = [], [], []
+    for key, value in state_dict.items():
+        want = deltas.get(key, heads[key].shape if key in heads else None)
+        if want is None:
+            continue
+        if tuple(value.shape) != tuple(want):
+            wrong.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
+        elif key in deltas and not value.is_floating_point():
+            bad_dtype.append(f"{key} ({value.dtype})")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            non_finite.append(key)
+    if wrong:
+        problems.append(f"shape mismatch: {wrong[:MAX_LISTED]}")
+    if bad_dtype:
+        problems.append(f"non-float deltas: {bad_dtype[:MAX_LISTED]}")
+    if non_finite:
+        problems.append(f"NaN/Inf values in {non_finite[:MAX_LISTED]}")
+    if problems:
+        raise BitFitError(
+            f"BitFit adapter {adapter_name!r} does not fit this model: {'; '.join(problems)}. The model is unchanged. "
+            "Load the adapter onto the base model (and config) it was trained with, or re-save it."
+        )
 
 
-def save_delta_file(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
-) -> None:
-    """Write a (BitFit or other) PEFT state dict; BitFit ones are stacked and stamped with metadata."""
-    if any(DELTA_SUFFIX in k for k in tensors):
-        tensors = pack(tensors)
-        metadata = {**(metadata or {}), **metadata_for_save()}
-    atomic_save_file(tensors, path, metadata=metadata)
+def fill_pruned(
+    state_dict: Mapping[str, torch.Tensor], deltas: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Deltas pruned at save time (``prune_tolerance``) load as zeros."""
+    out = dict(state_dict)
+    for key, shape in deltas.items():
+        out.setdefault(key, torch.zeros(shape))
+    return out

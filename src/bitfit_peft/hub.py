@@ -7,15 +7,15 @@
 - :func:`push_to_hub` uploads a BitFit ``PeftModel`` with that card. Transformers' ``push_to_hub`` would replace
   PEFT's card by a generic ``library_name: transformers`` one; ours keeps the BitFit card and fails with a clear
   :class:`HubUnreachableError` when the Hub cannot be reached.
-- :func:`install` (idempotent) makes ``PeftModel.save_pretrained`` and ``PeftModel.push_to_hub`` do the above for
-  models holding BitFit adapters; other tuners are untouched.
+- Both are explicit: ``PeftModel.save_pretrained`` / ``push_to_hub`` stay PEFT's own (PEFT's generic card);
+  :func:`bitfit_peft.save_pretrained` writes this card too.
 
 Example:
     >>> import torch, bitfit_peft, bitfit_peft.hub, tempfile, os
     >>> from peft import get_peft_model
     >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 2)), bitfit_peft.BitFitConfig())
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     model.save_pretrained(d)
+    ...     bitfit_peft.save_pretrained(model, d)
     ...     card = bitfit_peft.hub.write_model_card(d)
     ...     "library_name: peft" in card.read_text()
     True
@@ -23,10 +23,8 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from bitfit_peft import fingerprint as _fingerprint
+from bitfit_peft.delta_format import DELTA_KEY, LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX
+from bitfit_peft.paths import is_hub_id
 from bitfit_peft.utils import human_bytes
 
 BEGIN = "<!-- bitfit-peft:begin -->"
 END = "<!-- bitfit-peft:end -->"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 
 _TASKS: dict[str | None, tuple[str, str | None]] = {
     # task_type: (transformers Auto class, pipeline_tag)
@@ -97,24 +97,22 @@ def _read_weights(summary: AdapterSummary, directory: Path) -> None:
             break
     else:
         return
-    if summary.file_name != "adapter_model.safetensors":
+    if summary.file_name != SAFETENSORS_WEIGHTS_NAME:
         return
     try:
         from safetensors import safe_open
 
         with safe_open(str(directory / summary.file_name), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            summary.fingerprint = meta.get("bitfit_fingerprint")
-            summary.format_version = meta.get("bitfit_format_version")
+            summary.format_version = (handle.metadata() or {}).get("bitfit_format_version") or "peft"
             modules: set[str] = set()
             for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if key.endswith(".bitfit_delta.layer_index"):
+                if key.endswith(LEGACY_INDEX_SUFFIX):
                     continue
                 shape = handle.get_slice(key).get_shape()
                 numel = 1
                 for dim in shape:
                     numel *= dim
-                if ".bitfit_delta." in key:
+                if key.endswith((f".{DELTA_KEY}", LEGACY_DELTA_SUFFIX)):
                     summary.delta_params += numel
                     summary.n_deltas += shape[0] if ".*." in key and shape else 1
                 else:
@@ -142,13 +140,11 @@ def read_adapters(directory: str | os.PathLike) -> list[AdapterSummary]:
         if not isinstance(config, dict):
             continue
         summary = AdapterSummary(name=name, path=str(folder.relative_to(root)), config=config)
+        if config.get("base_fingerprint"):
+            summary.fingerprint = _fingerprint.describe(config["base_fingerprint"])
         _read_weights(summary, folder)
         found.append(summary)
     return found
-
-
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and bool(_HUB_ID.match(name)) and not os.path.exists(name)  # type: ignore[arg-type]
 
 
 def _base_params(model: Any) -> int | None:
@@ -230,7 +226,7 @@ def _section(adapters: list[AdapterSummary], base_model: str | None, adapter_ref
     if first.fingerprint:
         out += [
             "",
-            f"The deltas are tied to their base model (fingerprint `{first.fingerprint[:23]}...`): loading them onto "
+            f"The deltas are tied to their base model (fingerprint `{first.fingerprint}`): loading them onto "
             "another base raises an error unless you opt in with `bitfit_peft.allow_base_mismatch(config)`.",
         ]
     out.append(END)
@@ -269,13 +265,13 @@ def build_model_card(
             card.text = existing
     data = card.data
     data.library_name = "peft"
-    hub_base = base_model if _is_hub_id(base_model) else None
+    hub_base = base_model if is_hub_id(base_model) else None
     old_tags = [t for t in (data.tags or []) if not str(t).startswith("base_model:adapter:")]
     new_tags = {"bitfit", "peft", *tags}
     if hub_base:
         new_tags.add(f"base_model:adapter:{hub_base}")
         data.base_model = hub_base
-    elif data.base_model in ("", None) or not _is_hub_id(str(data.base_model)):
+    elif data.base_model in ("", None) or not is_hub_id(str(data.base_model)):
         data.base_model = None
     data.tags = list(dict.fromkeys([*old_tags, *sorted(new_tags)]))
     pipeline = _TASKS.get(first.config.get("task_type"), _TASKS[None])[1]
@@ -339,14 +335,6 @@ def write_model_card(
 
 
 # ---------------------------------------------------------------------------------------------- upload
-def _is_bitfit_model(model: Any, adapters: Iterable[str] | None = None) -> bool:
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict):
-        return False
-    names = list(adapters) if adapters is not None else list(configs)
-    return any(str(getattr(configs.get(n), "peft_type", "")) in ("BITFIT", "PeftType.BITFIT") for n in names)
-
-
 def _unreachable(endpoint: str, err: BaseException) -> HubUnreachableError:
     return HubUnreachableError(
         f"Cannot reach the Hugging Face Hub at {endpoint} ({type(err).__name__}: {err}). Nothing was uploaded. "
@@ -422,35 +410,3 @@ def push_to_hub(
             )
     except (http.ConnectError, http.TimeoutException) as err:
         raise _unreachable(constants.ENDPOINT, err) from None
-
-
-# ---------------------------------------------------------------------------------------------- hooks
-def install() -> None:
-    """Make ``PeftModel.save_pretrained`` / ``push_to_hub`` write the BitFit card for BitFit models (idempotent).
-
-    Models without BitFit adapters keep PEFT's behaviour exactly.
-    """
-    from peft import PeftModel
-    from transformers.utils import PushToHubMixin
-
-    save = PeftModel.save_pretrained
-    if getattr(save, "_bitfit_card", False):
-        return
-
-    @functools.wraps(save)
-    def save_pretrained(self: Any, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        save(self, save_directory, *args, **kwargs)
-        selected = kwargs.get("selected_adapters") or (args[1] if len(args) > 1 else None)
-        if kwargs.get("is_main_process", True) and _is_bitfit_model(self, selected):
-            write_model_card(save_directory, model=self)  # after the weights, so the size is known
-
-    @functools.wraps(PushToHubMixin.push_to_hub)
-    def push(self: Any, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if _is_bitfit_model(self):
-            kwargs.pop("max_shard_size", None)
-            return push_to_hub(self, repo_id, *args, **kwargs)
-        return PushToHubMixin.push_to_hub(self, repo_id, *args, **kwargs)
-
-    save_pretrained._bitfit_card = True  # type: ignore[attr-defined]
-    PeftModel.save_pretrained = save_pretrained  # type: ignore[method-assign]
-    PeftModel.push_to_hub = push  # type: ignore[method-assign]

@@ -23,14 +23,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
+from .delta_format import DELTA_KEY, PEFT_PREFIX, from_legacy
 from .groups import BIAS_GROUPS, layer_index, primary_group
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,9 +51,8 @@ __all__ = [
 #: Row order of the report and heatmap (fused groups such as ``query/key/value`` go just before ``other``).
 BIAS_KINDS: tuple[str, ...] = (*BIAS_GROUPS, "other")
 DEFAULT_TOLERANCE = 1e-4
-ADAPTER_FILE = "adapter_model.safetensors"
-_DELTA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)\.bitfit_delta(?:\.(?P<adapter>[^.]+))?\.delta$")
-_PREFIX = "base_model.model."
+ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
+_DELTA_SUFFIX = f".{DELTA_KEY}"
 
 
 @dataclass(frozen=True)
@@ -245,12 +245,10 @@ def resolve_adapter_dir(adapter: str | os.PathLike[str], revision: str | None = 
 def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from .delta_format import unpack
-
     file = adapter_dir / ADAPTER_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found (a BitFit adapter saves its deltas there)")
-    return unpack(load_file(str(file)))  # per-block stacked keys ("layer.*.") -> one key per vector
+    return from_legacy(load_file(str(file)))  # 0.1.0 files (stacked "layer.*." keys) -> PEFT's layout
 
 
 def _base_biases(base: str | nn.Module) -> dict[str, torch.Tensor]:
@@ -282,17 +280,14 @@ def _report_from_file(
     base_modules = dict(base.named_modules()) if base is not None and not isinstance(base, str) else {}
     report = BiasChangeReport(source=source, adapter_name=adapter_name, tolerance=tolerance)
     for key in sorted(tensors):
-        m = _DELTA_KEY.match(key)
-        if m is None:
+        if not key.endswith(_DELTA_SUFFIX):
             continue  # modules_to_save (classifier head) etc.
-        if m.group("adapter") not in (None, adapter_name):
-            continue
-        name = m.group("path")
+        name = key.removeprefix(PEFT_PREFIX).removesuffix(_DELTA_SUFFIX)
         kind = primary_group(name, _match_module(name, base_modules))
         b0 = _match_base(name, base_biases) if base_biases else None
         report.vectors.append(_vector_stat(name, tensors[key], kind, tolerance, b0))
     if not report.vectors:
-        raise ValueError(f"{adapter_dir / ADAPTER_FILE} holds no BitFit deltas ('*.bitfit_delta.delta' keys)")
+        raise ValueError(f"{adapter_dir / ADAPTER_FILE} holds no BitFit deltas ('*.bitfit_delta' keys)")
     return report
 
 
@@ -314,7 +309,7 @@ def _report_from_model(model: nn.Module, tolerance: float, adapter_name: str | N
         deltas = getattr(module, "bitfit_delta", None)
         if deltas is None or not hasattr(deltas, "keys") or adapter_name not in deltas.keys():
             continue
-        path = name.removeprefix(_PREFIX)
+        path = name.removeprefix(PEFT_PREFIX)
         kind = getattr(module, "bias_group", None) or primary_group(path)
         original = getattr(module, "original_bias", None)
         b0 = original() if callable(original) else getattr(getattr(module, "base_layer", None), "bias", None)

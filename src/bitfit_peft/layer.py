@@ -18,6 +18,11 @@ from transformers.pytorch_utils import Conv1D
 
 from .routing import Routing
 
+try:  # PEFT's own rule (Linear, ConvNd, Conv1D, quantized/parallel linears, ...), as its LoRA/LN-tuning layers use
+    from peft.tuners.tuners_utils import _get_in_out_features
+except ImportError:  # pragma: no cover - private helper; fall back to the bias shape
+    _get_in_out_features = None
+
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: base layer types whose own op takes the bias, so the fast path can pass ``base + delta`` straight in.
 FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, *_CONV_TYPES, nn.LayerNorm, nn.GroupNorm)
@@ -79,6 +84,28 @@ def bias_shape(base: nn.Module) -> tuple[int, ...]:
     )
 
 
+def in_out_features(base: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a base module, as PEFT's tuner layers expose them.
+
+    PEFT's rule where it knows the module type; norms (and anything else it does not know) map ``n -> n``
+    features, ``n`` being the size of the bias vector.
+    """
+    in_features = out_features = None
+    weight = getattr(base, "weight", None)
+    is_norm = isinstance(base, (nn.LayerNorm, nn.GroupNorm)) or (isinstance(weight, torch.Tensor) and weight.dim() == 1)
+    if _get_in_out_features is not None and not is_norm:  # (PEFT warns on norms, which it does not know)
+        try:
+            in_features, out_features = _get_in_out_features(base)
+        except Exception:  # e.g. a module type PEFT refuses; the bias shape still tells the feature count
+            in_features = out_features = None
+    if in_features is None or out_features is None:
+        n = 1
+        for size in shape:
+            n *= int(size)
+        in_features = out_features = n
+    return int(in_features), int(out_features)
+
+
 def can_merge_into(base: nn.Module) -> bool:
     """Whether the module's own forward uses a ``bias`` attribute (so a created bias takes effect)."""
     if getattr(base, "bias", None) is not None:
@@ -116,6 +143,8 @@ class BitFitLayer(BaseTunerLayer):
         self._bias_cast_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         base = self.get_base_layer()
         self._bias_shape = bias_shape(base)
+        #: read by PEFT's generic code and tests (as on its LoRA/IA3/BEFT layers); not used by the forward
+        self.in_features, self.out_features = in_out_features(base, self._bias_shape)
         self._view_shape = (
             (self._bias_shape[0],) + (1,) * (base.weight.dim() - 2)
             if isinstance(base, _CONV_TYPES)
@@ -422,3 +451,12 @@ class BitFitWrapper(nn.Module, BitFitLayer):
 
     def __repr__(self) -> str:
         return "bitfit." + super().__repr__()
+
+
+def layers_holding(model: nn.Module, adapter_name: str | None = None) -> dict[str, BitFitLayer]:
+    """``{module name: layer}`` of every BitFit layer of ``model`` (holding ``adapter_name``, if given)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, BitFitLayer) and (adapter_name is None or adapter_name in module.bitfit_delta)
+    }

@@ -6,27 +6,26 @@ import warnings
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
-from . import delta_format
+from . import delta_format, fingerprint
 from .call_plan import CallPlanMixin
 from .config import SAVE_DTYPES, BitFitConfig
-from .groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index, primary_group
-from .layer import FUSED_TYPES, BitFitLayer, BitFitWrapper, bias_shape, can_merge_into
+from .delta_format import PEFT_PREFIX
+from .errors import BitFitError
+from .groups import is_norm_module, primary_group
+from .layer import FUSED_TYPES, BitFitLayer, BitFitWrapper, bias_shape, can_merge_into, layers_holding
 from .routing import Routing
+from .targets import resolve_targets as _resolve_targets
 
 _TASK_HEADS = {
     "SEQ_CLS": ("classifier", "score"),
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
-
-
-class BitFitError(ValueError):
-    """A BitFit configuration or checkpoint does not fit the model; the message says what to change."""
 
 
 def _is_supported(module: nn.Module, name: str) -> bool:
@@ -76,106 +75,40 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         """Resolve the targets up front and check the fingerprint, so nothing changes if anything is wrong."""
         adapter_name = next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
         targets = self.resolve_targets(self.model, peft_config)
-        if peft_config.base_fingerprint is not None and not getattr(peft_config, "_skip_fingerprint", False):
+        stored = peft_config.base_fingerprint
+        if stored is not None and not getattr(peft_config, "_skip_fingerprint", False):
             try:
-                actual = delta_format.fingerprint_model(self.model, sorted(targets))
-            except delta_format.OffloadedValuesUnavailable as err:
+                same = fingerprint.check(stored, fingerprint.module_entries(self.model, sorted(targets)))
+            except fingerprint.OffloadedValuesUnavailable as err:
                 warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=2)
-                actual = peft_config.base_fingerprint
-            if actual != peft_config.base_fingerprint:
+                same = True
+            if not same:
                 raise BitFitError(
                     f"Adapter {adapter_name!r} was trained on a different base model: its fingerprint "
-                    f"{peft_config.base_fingerprint[:19]}... does not match this model's {actual[:19]}... (names, "
-                    "shapes or original bias values of the targeted modules differ). Load it onto the base it was "
-                    "trained on, or pass `bitfit_peft.allow_base_mismatch(config)` / `--allow-base-mismatch` "
-                    "to apply it anyway."
+                    f"{fingerprint.describe(stored)} does not match this model (names, shapes or original values of "
+                    "the targeted modules differ). Load it onto the base it was trained on, or pass "
+                    "`bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
                 )
         self._resolved_targets[adapter_name] = targets
         return peft_config
 
     @staticmethod
     def resolve_targets(model: nn.Module, config: BitFitConfig) -> set[str]:
-        """Names of the modules that ``config`` selects in ``model`` (raises a clear error if none)."""
-        head = set(config.modules_to_save or [])
-        # PEFT adds these heads to modules_to_save for some task types only after targets are chosen
-        head |= set(_TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ()))
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if (
-            isinstance(config.bias_terms, list)
-            and config.target_modules is None
-            and model_type not in KNOWN_MODEL_TYPES
-        ):
-            raise BitFitError(
-                f"bias_terms={config.bias_terms} needs a known architecture, but model_type={model_type!r} has no "
-                "group mapping. Use bias_terms='all', or name the modules with target_modules=[...] "
-                "(e.g. ['query', 'intermediate.dense'])."
-            )
-        output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        selected: set[str] = set()
-        unsupported: list[str] = []
-        bias_free: list[str] = []
-        for name, module in model.named_modules():
-            if not name or isinstance(module, ModulesToSaveWrapper):
-                continue
-            if isinstance(module, BaseTunerLayer):
-                if not isinstance(module, BitFitLayer):
-                    continue
-                module = module.get_base_layer()
-            if any(name.endswith(h) or name.startswith(h + ".") or f".{h}." in name for h in head):
-                continue
-            if any(f".{part}." in f".{name}." for part in ("modules_to_save", "original_module", "base_layer")):
-                continue
-            if ".bitfit_delta." in f".{name}.":
-                continue
-            if config.target_modules is not None:
-                matched = check_target_module_exists(config, name)
-                if not matched or type(matched).__name__ == "_ExcludedModule":
-                    continue
-                if not _is_supported(module, name):
-                    unsupported.append(f"{name} ({type(module).__name__})")
-                    continue
-            else:
-                if not _is_supported(module, name) or module is output_embeddings:
-                    continue
-                if not _has_bias(module) and not can_merge_into(module):
-                    continue  # e.g. RMSNorm: a bias there could never be merged; target it explicitly if wanted
-                if isinstance(config.bias_terms, list) and not set(group_of(name, module)) & set(config.bias_terms):
-                    continue
-                if config.exclude_modules is not None:
-                    excluded = check_target_module_exists(BitFitConfig(target_modules=config.exclude_modules), name)
-                    if excluded:
-                        continue
-                if config.layers_to_transform is not None:
-                    wanted = config.layers_to_transform
-                    wanted = [wanted] if isinstance(wanted, int) else wanted
-                    if layer_index(name) not in wanted:
-                        continue
-            if not _has_bias(module) and not config.add_missing_bias:
-                bias_free.append(name)
-                continue
-            selected.add(name)
-        if unsupported:
-            raise BitFitError(
-                f"target_modules selects modules BitFit cannot adapt: {unsupported[:5]}. BitFit supports Linear, "
-                "Conv1D, Conv1d/2d/3d and LayerNorm-like modules; narrow target_modules or add exclude_modules."
-            )
-        if not selected:
-            hint = (
-                f" {len(bias_free)} matching module(s) have no bias (e.g. {bias_free[0]}); set add_missing_bias=True "
-                "to give them a zero-initialised bias delta."
-                if bias_free
-                else " Check bias_terms / target_modules / exclude_modules / layers_to_transform."
-            )
-            raise BitFitError(f"BitFit found no bias to tune in {type(model).__name__}.{hint}")
-        return selected
+        """Names of the modules that ``config`` selects in ``model`` (raises a clear error if none).
+
+        See :func:`bitfit_peft.targets.resolve_targets`: the result also carries ``.excluded``.
+        """
+        return _resolve_targets(model, config)
 
     def _check_target_module_exists(self, peft_config: BitFitConfig, key: str) -> Any:  # type: ignore[override]
+        """Membership in the resolution stored by ``_prepare_adapter_config`` (no config regex runs here)."""
         for name, cfg in self.peft_config.items():
-            if cfg is peft_config and key in self._resolved_targets.get(name, set()):
-                return True
-        excluded = peft_config.exclude_modules
-        if excluded is not None and check_target_module_exists(BitFitConfig(target_modules=excluded), key):
-            return _ExcludedModule()  # lets PEFT see that exclude_modules did exclude something
+            if cfg is peft_config:
+                resolved = self._resolved_targets.get(name, set())
+                if key in resolved:
+                    return True
+                if key in getattr(resolved, "excluded", ()):
+                    return _ExcludedModule()  # lets PEFT see that exclude_modules did exclude something
         return False
 
     def _check_new_adapter_config(self, config: BitFitConfig) -> None:
@@ -234,44 +167,14 @@ class BitFitModel(CallPlanMixin, BaseTuner):
 
     # ------------------------------------------------------------------ adapters
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-        """Create ``adapter_name`` whose deltas are ``sum(w_i * delta_i)``.
+        """Create ``adapter_name`` whose deltas and heads are ``sum(w_i * adapter_i)`` (see ``bitfit_peft.combine``).
 
         Example:
             >>> # model.base_model.add_weighted_adapter(["sst2", "spam"], [0.5, 0.5], "mix")
         """
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it first.")
-        if not adapters or len(adapters) != len(weights):
-            raise ValueError("adapters and weights must be non-empty lists of equal length.")
-        missing = [a for a in adapters if a not in self.peft_config]
-        if missing:
-            raise ValueError(f"Unknown adapter(s) {missing}; loaded: {sorted(self.peft_config)}.")
-        import copy
+        from .combine import add_weighted_adapter
 
-        configs = [self.peft_config[a] for a in adapters]
-        union: set[str] = set().union(*(self._layers_with(a) for a in adapters))
-        new_config = copy.deepcopy(configs[0])
-        new_config.target_modules = sorted(union)
-        new_config.bias_terms = "all"
-        new_config.add_missing_bias = True
-        new_config.layers_to_transform = None
-        new_config.exclude_modules = None
-        new_config.base_fingerprint = None
-        self.peft_config[adapter_name] = new_config
-        try:
-            self.inject_adapter(self.model, adapter_name)
-        except Exception:
-            del self.peft_config[adapter_name]
-            raise
-        for module in self.model.modules():
-            if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta:
-                target = module.delta_of(adapter_name)
-                with torch.no_grad():
-                    target.zero_()
-                    for name, weight in zip(adapters, weights, strict=True):
-                        if name in module.bitfit_delta:
-                            target.add_(module.delta_of(name).to(target.device), alpha=float(weight))
-        self._mark_only_adapters_as_trainable(self.model)
+        add_weighted_adapter(self, adapters, weights, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate adapter(s) in one pass over cached layer/head lists (no per-module PEFT bookkeeping).
@@ -394,20 +297,9 @@ class BitFitModel(CallPlanMixin, BaseTuner):
             self._batch_check_handle = None
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
-    def _layers_with(self, adapter_name: str) -> set[str]:
-        return {
-            name
-            for name, module in self.model.named_modules()
-            if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
-        }
-
     def bitfit_layers(self, adapter_name: str | None = None) -> dict[str, BitFitLayer]:
         """``{module name: layer}`` for every BitFit layer (holding ``adapter_name``, if given)."""
-        return {
-            name: module
-            for name, module in self.model.named_modules()
-            if isinstance(module, BitFitLayer) and (adapter_name is None or adapter_name in module.bitfit_delta)
-        }
+        return layers_holding(self.model, adapter_name)
 
     # ------------------------------------------------------------------ merge
     def _check_merge_allowed(self) -> None:
@@ -451,45 +343,46 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection, then the BitFit save options: fingerprint, pruning, ``save_dtype`` (overflow refused)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        layers = {
-            name: module
-            for name, module in model.named_modules()
-            if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
-        }
-        config.base_fingerprint = delta_format.fingerprint_layers(layers)
-        delta_format.stage_metadata(config.base_fingerprint)
+        names = sorted(layers_holding(model, adapter_name))
+        config.base_fingerprint = fingerprint.compute(fingerprint.module_entries(model, names))
         dtype = SAVE_DTYPES[config.save_dtype]
         out = {}
         for name, tensor in selected.items():
-            if ".bitfit_delta." not in name:
+            if f".{delta_format.DELTA_KEY}." not in name:
                 out[name] = tensor
                 continue
-            # model key '<module>.bitfit_delta.<adapter>' -> file key '<module>.bitfit_delta.delta' once PEFT drops
-            # the adapter name (the file format predates the one-module-per-layer bank)
-            name = name + ".delta"
             if not torch.isfinite(tensor).all():
                 warnings.warn(f"Saving NaN/Inf values in {name}: this adapter is broken.", stacklevel=2)
             elif config.prune_tolerance is not None and tensor.abs().float().mean() < config.prune_tolerance:
                 continue
+            elif dtype is not tensor.dtype and dtype.is_floating_point and tensor.abs().max() > torch.finfo(dtype).max:
+                raise BitFitError(
+                    f"Cannot save {name} as save_dtype={config.save_dtype!r}: its largest value "
+                    f"{float(tensor.abs().max()):.4g} overflows {config.save_dtype} (max "
+                    f"{torch.finfo(dtype).max:.4g}). Nothing was written. Use save_dtype='float32' or 'bfloat16'."
+                )
             out[name] = tensor.to(dtype)
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        state_dict = delta_format.unpack(state_dict)
-        expected = delta_format.expected_delta_shapes(model, adapter_name)
+        """0.1.0 files converted, keys mapped with PEFT's own rule, then the strict gate (rolled back on refusal)."""
+        state_dict = delta_format.from_legacy(state_dict)
+        deltas = delta_format.expected_delta_shapes(model, adapter_name)
         checkpoint_to_model = {}
-        for model_key in expected:
-            checkpoint_key = model_key.removesuffix(f".bitfit_delta.{adapter_name}") + delta_format.DELTA_SUFFIX
+        for model_key in deltas:  # PEFT's mapping, built from our layers instead of a full model.state_dict()
+            checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
             checkpoint_to_model[checkpoint_key] = model_key
-            if not model_key.startswith("base_model.model."):  # layers injected straight into a model
-                checkpoint_to_model["base_model.model." + checkpoint_key] = model_key
+            if not model_key.startswith(PEFT_PREFIX):  # layers injected straight into a model (transformers)
+                checkpoint_to_model[PEFT_PREFIX + checkpoint_key] = model_key
         remapped = {checkpoint_to_model.get(k, k): v for k, v in state_dict.items()}
         try:
             if config.prune_tolerance is not None:
-                remapped = delta_format.fill_pruned(model, adapter_name, remapped, expected)
-            delta_format.check_complete(model, adapter_name, remapped, expected)
+                remapped = delta_format.fill_pruned(remapped, deltas)
+            heads = delta_format.expected_head_tensors(model, adapter_name)
+            delta_format.check_adapter_state_dict(remapped, adapter_name, deltas, heads)
         except BitFitError:
             _rollback(model, adapter_name)
             raise

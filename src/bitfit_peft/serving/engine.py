@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 from peft.utils import ModulesToSaveWrapper
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import safe_open
 from torch import nn
 from transformers import (
@@ -38,7 +39,9 @@ from transformers import (
 )
 
 from .. import BASE_ADAPTER_NAME, BitFitLayer
+from ..delta_format import DELTA_KEY, PEFT_PREFIX
 from ..heads import route_heads, routing_of
+from ..paths import check_confined
 
 __all__ = [
     "AdapterInfo",
@@ -80,7 +83,8 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-_ADAPTER_PREFIX = "base_model.model."
+_ADAPTER_PREFIX = PEFT_PREFIX
+_ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, "bitfit_training.json", "config.json")
 
 
 class EngineError(ValueError):
@@ -254,10 +258,17 @@ def _head_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     with safe_open(str(file), framework="pt") as handle:
         for key in handle.keys():
-            if ".bitfit_delta." in key:
+            if key.endswith(f".{DELTA_KEY}") or f".{DELTA_KEY}." in key:
                 continue
             shapes[_strip_prefix(key)] = tuple(handle.get_slice(key).get_shape())
     return shapes
+
+
+def _is_head_key(key: str, heads: Sequence[str]) -> bool:
+    """Whether ``key`` names a tensor of one of the ``modules_to_save`` modules ``heads`` (matched like PEFT)."""
+    parts = key.split(".")
+    paths = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return any(p == h or p.endswith("." + h) for p in paths for h in heads)
 
 
 def _original_tensor(root: nn.Module, dotted: str) -> tuple[nn.Module, str] | None:
@@ -428,6 +439,8 @@ class MultiTaskEngine:
         """
         validate_adapter_name(name)
         adapter_dir = self._fetch(source, revision=revision, allow_hub=allow_hub)
+        for file_name in _ADAPTER_FILES:  # everything the engine reads must lie inside the folder
+            check_confined(adapter_dir, file_name)
         peft_cfg = _read_json(adapter_dir / "adapter_config.json")
         if peft_cfg.get("peft_type") != "BITFIT":
             raise EngineError(
@@ -442,7 +455,8 @@ class MultiTaskEngine:
         meta = read_task_metadata(adapter_dir)
         if label_names is not None:
             meta["labels"] = [str(x) for x in label_names]
-        shapes = _head_shapes(adapter_dir)
+        heads = [str(h) for h in (peft_cfg.get("modules_to_save") or []) if isinstance(h, str)]
+        shapes = {k: v for k, v in _head_shapes(adapter_dir).items() if _is_head_key(k, heads)}
         with self._lock:
             if name in self._tasks:
                 raise EngineError(f"An adapter named {name!r} is already loaded; remove it first or pick a new name.")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import get_peft_model
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -36,11 +37,13 @@ from transformers import (
     set_seed,
 )
 
+from .. import hub as bitfit_hub
+from ..atomic_save import save_pretrained
 from ..config import BitFitConfig
 from .data import IGNORE_INDEX, EncodedDataset, TaskData, encode, load_task_data, normalize_task
 
 SUMMARY_FILE = "bitfit_training.json"
-ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
 CHECKPOINT_DIR = "checkpoints"
 
 #: Defaults of :func:`train` for arguments left as None.
@@ -517,7 +520,7 @@ def train(
     metrics_after = _metrics(trainer.evaluate())
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(output_dir))
+    save_pretrained(peft_model, output_dir)  # all-or-nothing, with the BitFit model card
     tokenizer.save_pretrained(str(output_dir))
     adapter_file = output_dir / (adapter_name if adapter_name != "default" else "") / ADAPTER_FILE
     best = trainer.state.best_model_checkpoint
@@ -562,6 +565,6 @@ def train(
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if push_to_hub:
         repo_id = hub_model_id or output_dir.resolve().name
-        result.hub_url = str(peft_model.push_to_hub(repo_id, private=hub_private))
+        result.hub_url = str(bitfit_hub.push_to_hub(peft_model, repo_id, private=hub_private))
         tokenizer.push_to_hub(repo_id, private=hub_private)
     return result

@@ -1,0 +1,253 @@
+"""Every change bitfit-peft makes to PEFT or transformers code, in one place (installed on import, idempotent).
+
+Each entry says what it replaces, why an out-of-tree tuner cannot do without it, and the versions it was tested
+with (peft 0.21.0-0.21.2, transformers 5.17-5.24). ``tests/test_compat.py`` fails if a target moves or changes its
+signature, and shows that LoRA's save, load and errors are identical with and without ``import bitfit_peft``.
+
+| # | target | why |
+|---|---|---|
+| 1 | ``peft.utils.peft_types.PeftType`` members | ``register_peft_method`` refuses names that are not members yet |
+| 2 | ``peft.PeftModel.from_pretrained`` / ``load_adapter`` | PEFT injects before it reads the weights, so a refused |
+|   |                                                   | BitFit file would leave the model changed: roll back, and |
+|   |                                                   | refuse files that resolve outside the adapter folder |
+| 3 | ``transformers ... PeftAdapterMixin.load_adapter`` | it reads adapter files itself, past PEFT's load hook: the |
+|   |                                                   | strict key check and (5.17) the head keys happen here |
+| 4 | ``peft.PeftModel._update_offload`` | disk offload names adapter tensors in LoRA's layout (name before |
+|   |                                    | the last key part); a ParameterDict tuner needs it after |
+| 5 | ``peft.utils.save_and_load._reshard_dtensor_values_for_load`` | an O(parameters) walk on every load; skipped |
+|   |                                    | for BitFit models that cannot hold DTensors (hot loads stay O(adapter)) |
+
+Per-sample heads in mixed batches (``heads.route_heads``) set ``forward`` on the ``ModulesToSaveWrapper`` instances of
+a BitFit model only (no class is changed). Every other tuner's behaviour is untouched: each wrapper passes through
+unless the config or model at hand is BitFit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import peft.peft_model as _peft_model
+from peft.utils.peft_types import PeftType
+
+from ._registration import PEFT_TYPE_NAME, is_bitfit
+from .errors import BitFitError
+from .paths import check_confined, local_folder
+
+MARK = "_bitfit_compat"
+
+
+def _wrap(owner: Any, attr: str, make: Callable[[Callable], Callable], kind: str = "function") -> None:
+    """Replace ``owner.attr`` by ``make(original)`` once (marked, so a second import changes nothing)."""
+    raw = owner.__dict__[attr] if attr in owner.__dict__ else getattr(owner, attr)
+    original = raw.__func__ if isinstance(raw, classmethod) else raw
+    if getattr(original, MARK, False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    setattr(wrapper, MARK, True)
+    setattr(owner, attr, classmethod(wrapper) if kind == "classmethod" else wrapper)
+
+
+# ---------------------------------------------------------------------------------------------- 1: PeftType
+def extend_peft_type(name: str = PEFT_TYPE_NAME) -> PeftType:
+    """Add ``name`` to :class:`PeftType` unless it is already there; return the member."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+# ---------------------------------------------------------------------------------------------- 2: rollback
+def _training_state(model: Any) -> tuple[list, list]:
+    """Trainable parameters and ``training`` flags, by object (no names, no object per frozen parameter)."""
+    modules = list(model.modules())
+    trainable = [p for m in modules for p in m._parameters.values() if p is not None and p.requires_grad]
+    return trainable, [(m, m.training) for m in modules]
+
+
+def _restore_training_state(model: Any, state: tuple[list, list]) -> None:
+    trainable, training = state
+    for param in trainable:
+        param.requires_grad_(True)
+    keep = {id(p) for p in trainable}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param.requires_grad and id(param) not in keep:
+                param.requires_grad_(False)
+    for module, was_training in training:
+        module.training = was_training
+
+
+def _has_bitfit_layers(model: Any) -> bool:
+    from .layer import BitFitLayer
+
+    return any(isinstance(m, BitFitLayer) for m in model.modules())
+
+
+def _check_local_bitfit_folder(model_id: Any, kwargs: dict) -> None:
+    """A local BitFit adapter folder must not point outside itself (symlinked config or weights)."""
+    folder = local_folder(model_id, kwargs.get("subfolder"))
+    if folder is None:
+        return
+    config_path = os.path.join(folder, "adapter_config.json")
+    try:
+        check_confined(folder, "adapter_config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            peft_type = json.loads(handle.read(1 << 20)).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return  # not readable as ours: PEFT reports it as it would for any tuner
+    if peft_type == PEFT_TYPE_NAME:
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            check_confined(folder, name)
+
+
+def _load_error(err: Exception, what: str) -> BitFitError:
+    from safetensors import SafetensorError
+
+    if isinstance(err, BitFitError):
+        return err
+    problem = f"{type(err).__name__}: {err}"
+    if isinstance(err, SafetensorError):
+        problem = f"adapter_model.safetensors is corrupt or truncated ({err}); re-save or re-download it"
+    message = f"Could not load {what}: {problem}. The model is unchanged."
+    return BitFitError(message.replace("\n", " "))
+
+
+def _from_pretrained(original: Callable) -> Callable:
+    def from_pretrained(cls, model, model_id, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        if _has_bitfit_layers(model):
+            return original(cls, model, model_id, *args, **kwargs)
+        _check_local_bitfit_folder(model_id, kwargs)
+        state = _training_state(model)
+        try:
+            return original(cls, model, model_id, *args, **kwargs)
+        except Exception as err:
+            if not (_has_bitfit_layers(model) or isinstance(err, BitFitError)):  # not a BitFit load: PEFT's error
+                raise
+            from .model import strip_wrappers
+
+            strip_wrappers(model)
+            _restore_training_state(model, state)
+            raise _load_error(err, f"the BitFit adapter from {str(model_id)!r}") from err
+
+    return from_pretrained
+
+
+def _load_adapter(original: Callable) -> Callable:
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        if adapter_name in self.peft_config:
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        _check_local_bitfit_folder(model_id, kwargs)
+        state = _training_state(self)
+        try:
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        except Exception as err:
+            config = self.peft_config.get(adapter_name)
+            if not is_bitfit(config):
+                raise
+            from .model import _rollback
+
+            _rollback(self, adapter_name)
+            _restore_training_state(self, state)
+            raise _load_error(err, f"BitFit adapter {adapter_name!r} from {str(model_id)!r}") from err
+
+    return load_adapter
+
+
+# ---------------------------------------------------------------------------------------------- 3: transformers
+def _transformers_load_adapter(original: Callable) -> Callable:
+    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None, **kw):  # noqa: ANN001
+        if adapter_state_dict is None and peft_model_id is not None:
+            hub_kwargs = {k: kw[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kw}
+            config = peft_config
+            if config is None:
+                try:
+                    from peft import PeftConfig
+
+                    _check_local_bitfit_folder(peft_model_id, hub_kwargs)
+                    config = PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
+                except BitFitError:
+                    raise
+                except Exception:  # transformers reports it, exactly as it would without bitfit_peft
+                    config = None
+            if is_bitfit(config):
+                from .transformers_io import read_checked_state_dict
+
+                adapter_state_dict = read_checked_state_dict(self, peft_model_id, config, adapter_name, hub_kwargs)
+                peft_config = config
+        return original(
+            self,
+            peft_model_id=peft_model_id,
+            adapter_name=adapter_name,
+            peft_config=peft_config,
+            adapter_state_dict=adapter_state_dict,
+            **kw,
+        )
+
+    return load_adapter
+
+
+# ---------------------------------------------------------------------------------------------- 4: offload keys
+def _update_offload(original: Callable) -> Callable:
+    def update_offload(self, offload_index, adapters_weights):  # noqa: ANN001 - mirrors PEFT's signature
+        bitfit = any(is_bitfit(c) for c in self.peft_config.values())
+        if bitfit:
+            from .delta_format import from_legacy
+
+            adapters_weights = from_legacy(adapters_weights)
+        result = original(self, offload_index, adapters_weights)
+        if offload_index and bitfit:
+            for adapter in self.peft_config:
+                marker = f".{adapter}.bitfit_delta"
+                for key in [k for k in offload_index if k.endswith(marker)]:  # LoRA layout -> ParameterDict layout
+                    offload_index[key.removesuffix(marker) + f".bitfit_delta.{adapter}"] = offload_index.pop(key)
+        return result
+
+    return update_offload
+
+
+# ---------------------------------------------------------------------------------------------- 5: DTensor walk
+def _may_hold_dtensors(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (getattr(base, "_tp_size", None) or 1) > 1:
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(next(iter(model.parameters()), None), DTensor)
+
+
+def _reshard(original: Callable) -> Callable:
+    def reshard(model, state_dict):  # noqa: ANN001 - mirrors PEFT's signature
+        configs = getattr(model, "peft_config", {}) or {}
+        if any(is_bitfit(c) for c in configs.values()) and not _may_hold_dtensors(model):
+            return state_dict
+        return original(model, state_dict)
+
+    return reshard
+
+
+def install() -> None:
+    """Install every entry of the table above (idempotent)."""
+    from peft.utils import save_and_load
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    extend_peft_type()
+    _wrap(_peft_model.PeftModel, "from_pretrained", _from_pretrained, kind="classmethod")
+    _wrap(_peft_model.PeftModel, "load_adapter", _load_adapter)
+    _wrap(PeftAdapterMixin, "load_adapter", _transformers_load_adapter)
+    _wrap(_peft_model.PeftModel, "_update_offload", _update_offload)
+    if hasattr(save_and_load, "_reshard_dtensor_values_for_load"):  # absent before peft 0.21.1
+        _wrap(save_and_load, "_reshard_dtensor_values_for_load", _reshard)

@@ -1,0 +1,158 @@
+"""The base-model fingerprint: which base an adapter was trained on, stored in ``adapter_config.json``.
+
+A fingerprint (format 2) is a small JSON object saved as ``BitFitConfig.base_fingerprint``::
+
+    {"version": 2, "structure": "sha256:<names, bias shapes, has-bias flags>",
+     "bias_sketch": [16 floats], "bias_norm": float, "weight_sketch": [16 floats], "weight_norm": float}
+
+The structure hash must match exactly. The values of the targeted modules (original biases and the first
+``WEIGHT_SAMPLE`` weight values) enter as *sketches*: projections onto fixed pseudo-random +-1 vectors seeded by the
+module name. Casting the base to fp16 or bf16 moves a projection by about ``2**-9`` of the vector's norm; a different
+base moves it by about the norm of the difference. So the check accepts a projection error up to ``TOLERANCE`` of
+the norm (the same base in fp32/fp16/bf16 passes, a base whose values differ by more than ~0.5 % is refused).
+
+Fingerprints written by bitfit-peft 0.1.0 (a ``"sha256:..."`` string over bf16-rounded values) are still checked,
+exactly as 0.1.0 did (:func:`legacy_fingerprint`).
+
+Example:
+    >>> import torch
+    >>> entries = [("lin", (2,), torch.tensor([0.5, -1.0]), torch.tensor([0.3, 0.1]))]
+    >>> fp = compute(entries)
+    >>> half = [("lin", (2,), torch.tensor([0.5, -1.0]).half(), torch.tensor([0.3, 0.1]).bfloat16())]
+    >>> matches(fp, compute(half))
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+VERSION = 2
+SKETCH_SIZE = 16
+WEIGHT_SAMPLE = 16  # the 0.1.0 value; also used by format 2
+TOLERANCE = 0.005
+
+Entry = tuple[str, tuple[int, ...], "torch.Tensor | None", "torch.Tensor | None"]
+
+
+class OffloadedValuesUnavailable(RuntimeError):
+    """An offloaded parameter's values cannot be read (PEFT removed Accelerate's hooks before injection)."""
+
+
+def relative_name(name: str) -> str:
+    """A module name without PEFT's wrapper prefixes (the fingerprint does not depend on how the model is wrapped)."""
+    from .delta_format import PEFT_PREFIX
+
+    for prefix in (PEFT_PREFIX, "_orig_mod."):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def _materialize(module: nn.Module, tensor: Any, attr: str) -> torch.Tensor | None:
+    """Real values of a parameter, also when Accelerate offloaded it (meta tensor + weights_map)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
+        return tensor if isinstance(tensor, torch.Tensor) else None
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is not None and attr in weights_map:
+        return weights_map[attr]
+    raise OffloadedValuesUnavailable(
+        f"the {attr} of a {type(module).__name__} is offloaded (meta) with no weights map to read it from"
+    )
+
+
+def module_entries(model: nn.Module, names: Iterable[str]) -> list[Entry]:
+    """``(name, bias shape, original bias, weight sample)`` of the modules ``names`` of a (partly) wrapped model."""
+    from .layer import BitFitLayer, bias_shape
+
+    entries = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, BitFitLayer):
+            base, shape, bias = module.get_base_layer(), module._bias_shape, module.original_bias()
+        else:
+            base, shape, bias = module, bias_shape(module), getattr(module, "bias", None)
+        weight = _materialize(base, getattr(base, "weight", None), "weight")
+        sample = None if weight is None else weight.detach().reshape(-1)[:WEIGHT_SAMPLE]
+        entries.append((relative_name(name), tuple(shape), _materialize(base, bias, "bias"), sample))
+    return entries
+
+
+def _signs(name: str, kind: str, n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{kind}|{name}".encode()))
+    return torch.randint(0, 2, (SKETCH_SIZE, n), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
+
+
+def compute(entries: Iterable[Entry]) -> dict[str, Any]:
+    """The format-2 fingerprint of ``entries`` (see the module docstring)."""
+    structure = hashlib.sha256()
+    sketches = {kind: torch.zeros(SKETCH_SIZE, dtype=torch.float64) for kind in ("bias", "weight")}
+    squares = {"bias": 0.0, "weight": 0.0}
+    for name, shape, bias, weight_sample in sorted(entries, key=lambda e: e[0]):
+        structure.update(f"{name}|{tuple(shape)}|{bias is not None};".encode())
+        for kind, tensor in (("bias", bias), ("weight", weight_sample)):
+            if tensor is None or tensor.numel() == 0:
+                continue
+            values = tensor.detach().reshape(-1).to("cpu", torch.float64)
+            sketches[kind] += _signs(name, kind, values.numel()) @ values
+            squares[kind] += float(values.square().sum())
+    out: dict[str, Any] = {"version": VERSION, "structure": "sha256:" + structure.hexdigest()}
+    for kind in ("bias", "weight"):
+        out[f"{kind}_sketch"] = [float(f"{v:.7g}") for v in sketches[kind].tolist()]
+        out[f"{kind}_norm"] = float(f"{math.sqrt(squares[kind]):.7g}")
+    return out
+
+
+def matches(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> bool:
+    """Whether two format-2 fingerprints describe the same base (any dtype of it)."""
+    if expected.get("structure") != actual.get("structure"):
+        return False
+    try:
+        for kind in ("bias", "weight"):
+            norm = max(float(expected[f"{kind}_norm"]), float(actual[f"{kind}_norm"]))
+            bound = TOLERANCE * norm + 1e-12
+            want, got = list(expected[f"{kind}_sketch"]), list(actual[f"{kind}_sketch"])
+            if len(want) != SKETCH_SIZE or len(got) != SKETCH_SIZE:
+                return False
+            if not all(abs(float(a) - float(b)) <= bound for a, b in zip(want, got, strict=True)):
+                return False
+    except (KeyError, TypeError, ValueError):  # a malformed stored fingerprint matches nothing
+        return False
+    return True
+
+
+def legacy_fingerprint(entries: Iterable[Entry]) -> str:
+    """The bitfit-peft 0.1.0 fingerprint: ``sha256`` over names, shapes and bf16-rounded values."""
+    digest = hashlib.sha256()
+    for name, shape, bias, weight_sample in sorted(entries, key=lambda e: e[0]):
+        digest.update(f"{name}|{tuple(shape)}|".encode())
+        for tensor in (bias, weight_sample):
+            if tensor is None:
+                digest.update(b"none|")
+            else:
+                values = tensor.detach().reshape(-1).to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+                digest.update(values.numpy().tobytes() + b"|")
+        digest.update(b";")
+    return "sha256:" + digest.hexdigest()
+
+
+def check(expected: str | Mapping[str, Any], entries: list[Entry]) -> bool:
+    """Whether the model's ``entries`` match a stored fingerprint of either format."""
+    if isinstance(expected, str):
+        return legacy_fingerprint(entries) == expected
+    return matches(expected, compute(entries))
+
+
+def describe(fingerprint: str | Mapping[str, Any] | None) -> str:
+    """A short, printable form (for error messages and model cards)."""
+    if fingerprint is None:
+        return "none"
+    if isinstance(fingerprint, str):
+        return fingerprint[:19] + "..."
+    return str(fingerprint.get("structure", "?"))[:19] + "..."
