@@ -6,14 +6,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from .groups import BIAS_GROUPS
+from .utils import DTYPES
 
 BiasTerms = Literal["all"] | list[str]
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAVE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 
 
 @dataclass

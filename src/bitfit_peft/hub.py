@@ -37,31 +37,12 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from bitfit_peft import fingerprint as _fingerprint
 from bitfit_peft.delta_format import DELTA_KEY, LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX
 from bitfit_peft.paths import is_hub_id
+from bitfit_peft.tasks import task_of
 from bitfit_peft.utils import human_bytes
 
 BEGIN = "<!-- bitfit-peft:begin -->"
 END = "<!-- bitfit-peft:end -->"
 WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
-
-_TASKS: dict[str | None, tuple[str, str | None]] = {
-    # task_type: (transformers Auto class, pipeline_tag)
-    "SEQ_CLS": ("AutoModelForSequenceClassification", "text-classification"),
-    "TOKEN_CLS": ("AutoModelForTokenClassification", "token-classification"),
-    "CAUSAL_LM": ("AutoModelForCausalLM", "text-generation"),
-    "SEQ_2_SEQ_LM": ("AutoModelForSeq2SeqLM", "text2text-generation"),
-    "QUESTION_ANS": ("AutoModelForQuestionAnswering", "question-answering"),
-    "FEATURE_EXTRACTION": ("AutoModel", "feature-extraction"),
-    None: ("AutoModel", None),
-}
-_AUTO_PEFT = {
-    "SEQ_CLS": "AutoPeftModelForSequenceClassification",
-    "TOKEN_CLS": "AutoPeftModelForTokenClassification",
-    "CAUSAL_LM": "AutoPeftModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction",
-}
-
 
 class HubUnreachableError(ConnectionError):
     """The Hugging Face Hub (``HF_ENDPOINT``) could not be reached; nothing was uploaded."""
@@ -158,7 +139,7 @@ def _base_params(model: Any) -> int | None:
 
 # ---------------------------------------------------------------------------------------------- card
 def _snippet(task_type: str | None, base_model: str, adapter: str, adapter_name: str | None, auto: bool = True) -> str:
-    auto_cls, _ = _TASKS.get(task_type, _TASKS[None])
+    auto_cls = task_of(task_type).auto_model
     lines = [
         "```python",
         "import bitfit_peft  # registers the BITFIT tuner type with PEFT: import it before loading",
@@ -171,7 +152,7 @@ def _snippet(task_type: str | None, base_model: str, adapter: str, adapter_name:
         + ")",
         "```",
     ]
-    auto_peft = _AUTO_PEFT.get(task_type or "")
+    auto_peft = task_of(task_type).auto_peft
     if auto and auto_peft and not adapter_name:
         lines += [
             "",
@@ -274,7 +255,7 @@ def build_model_card(
     elif data.base_model in ("", None) or not is_hub_id(str(data.base_model)):
         data.base_model = None
     data.tags = list(dict.fromkeys([*old_tags, *sorted(new_tags)]))
-    pipeline = _TASKS.get(first.config.get("task_type"), _TASKS[None])[1]
+    pipeline = task_of(first.config.get("task_type")).pipeline_tag
     if pipeline and not data.pipeline_tag:
         data.pipeline_tag = pipeline
     ref = repo_id or (hub_base and "<this repo id>") or os.path.basename(os.path.abspath(directory))

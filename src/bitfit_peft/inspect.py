@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .delta_format import DELTA_KEY, PEFT_PREFIX, from_legacy
 from .groups import BIAS_GROUPS, layer_index, primary_group
+from .paths import is_hub_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -234,11 +235,11 @@ def resolve_adapter_dir(adapter: str | os.PathLike[str], revision: str | None = 
     if path.is_file() and path.name.endswith(".safetensors"):
         return path.parent
     name = str(adapter)
-    if name.count("/") > 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"adapter directory {name!r} does not exist")
+    if not is_hub_id(name):
+        raise FileNotFoundError(f"adapter directory {name!r} does not exist (and it is not a Hub id like 'user/repo')")
     from huggingface_hub import snapshot_download
 
-    local = snapshot_download(repo_id=name, revision=revision, allow_patterns=["adapter_config.json", ADAPTER_FILE])
+    local = snapshot_download(repo_id=name, revision=revision, allow_patterns=[CONFIG_NAME, ADAPTER_FILE])
     return Path(local)
 
 

@@ -16,26 +16,10 @@ from .call_plan import CallPlanMixin
 from .config import SAVE_DTYPES, BitFitConfig
 from .delta_format import PEFT_PREFIX
 from .errors import BitFitError
-from .groups import is_norm_module, primary_group
-from .layer import FUSED_TYPES, BitFitLayer, BitFitWrapper, bias_shape, can_merge_into, layers_holding
+from .groups import primary_group
+from .layer import BitFitLayer, BitFitWrapper, bias_shape, can_merge_into, layers_holding
 from .routing import Routing
 from .targets import resolve_targets as _resolve_targets
-
-_TASK_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
-
-
-def _is_supported(module: nn.Module, name: str) -> bool:
-    if isinstance(module, FUSED_TYPES):
-        return True
-    return is_norm_module(name, module) and isinstance(getattr(module, "weight", None), torch.Tensor)
-
-
-def _has_bias(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "bias", None), torch.Tensor)
 
 
 class BitFitModel(CallPlanMixin, BaseTuner):
@@ -62,7 +46,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         self._routing = Routing()
         self._structure_cache = None
-        self._injecting = False
+        self._injecting: str | None = None  # the adapter being injected (PEFT may share one config object)
         self._resolved_targets: dict[str, set[str]] = {}
         self._precomputing = False
         self._mixed_staged: list[BitFitLayer] | None = None
@@ -73,7 +57,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     # ------------------------------------------------------------------ target selection
     def _prepare_adapter_config(self, peft_config: BitFitConfig, model_config: dict) -> BitFitConfig:
         """Resolve the targets up front and check the fingerprint, so nothing changes if anything is wrong."""
-        adapter_name = next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
+        adapter_name = self._injecting or next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
         targets = self.resolve_targets(self.model, peft_config)
         stored = peft_config.base_fingerprint
         if stored is not None and not getattr(peft_config, "_skip_fingerprint", False):
@@ -102,14 +86,18 @@ class BitFitModel(CallPlanMixin, BaseTuner):
 
     def _check_target_module_exists(self, peft_config: BitFitConfig, key: str) -> Any:  # type: ignore[override]
         """Membership in the resolution stored by ``_prepare_adapter_config`` (no config regex runs here)."""
-        for name, cfg in self.peft_config.items():
-            if cfg is peft_config:
-                resolved = self._resolved_targets.get(name, set())
-                if key in resolved:
-                    return True
-                if key in getattr(resolved, "excluded", ()):
-                    return _ExcludedModule()  # lets PEFT see that exclude_modules did exclude something
+        names = [self._injecting] if self._injecting else [n for n, c in self.peft_config.items() if c is peft_config]
+        for name in names:
+            resolved = self._resolved_targets.get(name, set())
+            if key in resolved:
+                return True
+            if key in getattr(resolved, "excluded", ()):
+                return _ExcludedModule()  # lets PEFT see that exclude_modules did exclude something
         return False
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: BitFitConfig) -> None:
+        """Nothing to tie: BitFit adapts no embedding (not a supported module type). Skipping PEFT's check also keeps
+        a config's regex out of Python's backtracking ``re`` (see ``bitfit_peft.targets``)."""
 
     def _check_new_adapter_config(self, config: BitFitConfig) -> None:
         if not isinstance(config, BitFitConfig):
@@ -151,7 +139,8 @@ class BitFitModel(CallPlanMixin, BaseTuner):
                     (t for t in (getattr(child, "weight", None), getattr(child, "bias", None)) if t is not None),
                     None,
                 )
-                if ref is not None and ref.device.type != "meta":
+                on_meta = any(p.device.type == "meta" for p in module.parameters())  # low_cpu_mem_usage
+                if ref is not None and ref.device.type != "meta" and not on_meta:
                     module.to(ref.device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -163,7 +152,15 @@ class BitFitModel(CallPlanMixin, BaseTuner):
                 module._freeze_non_trainable_peft_weights()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Deltas are created fp32 whatever the base dtype (the low-memory mode relies on it)."""
+        """Deltas are fp32 whatever the base dtype (the low-memory mode relies on it), which is what PEFT's default
+        ``autocast_adapter_dtype=True`` asks for; with ``False`` they take the base layer's dtype, as in PEFT."""
+        if autocast_adapter_dtype:
+            return
+        for layer in layers_holding(self.model, adapter_name).values():
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            delta = layer.delta_of(adapter_name)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point() and delta.device.type != "meta":
+                delta.data = delta.data.to(weight.dtype)
 
     # ------------------------------------------------------------------ adapters
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
@@ -186,6 +183,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         if unknown:
             raise ValueError(f"Adapter(s) {unknown} not found; loaded: {sorted(self.peft_config)}.")
         layers, heads, params = self._structure()
+        head_plan = [(head, head.check_set_adapter(adapter_name)) for head in heads]  # PEFT's rule; raises first
         for layer in layers:
             if layer.merged_adapters:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging first.", stacklevel=2)
@@ -198,8 +196,8 @@ class BitFitModel(CallPlanMixin, BaseTuner):
             if group and (wanted or group[0].requires_grad):  # frozen adapters stay untouched: O(adapters)
                 for param in group:
                     param.requires_grad_(wanted)
-        for head in heads:
-            head.set_adapter(adapter_name, inference_mode=inference_mode)
+        for head, name in head_plan:  # as peft.utils.other._set_adapter: heads without that adapter are disabled
+            head.set_adapter(name if name in head._adapters else [], inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
     def _structure(self) -> tuple[list[BitFitLayer], list[AuxiliaryTrainingWrapper], dict[str, list]]:
@@ -218,7 +216,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
             for name, delta in layer._deltas.items():
                 params.setdefault(name, []).append(delta)
         result = (layers, heads, params)
-        if not getattr(self, "_injecting", False):  # PEFT adds head wrappers right after injection
+        if self._injecting is None:  # PEFT adds head wrappers right after injection
             self._structure_cache = result
         return result
 
@@ -234,7 +232,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._invalidate_structure()
-        self._injecting = True
+        outer, self._injecting = self._injecting, adapter_name
         try:
             if not (state_dict is None and not low_cpu_mem_usage and self._inject_into_existing(model, adapter_name)):
                 super().inject_adapter(
@@ -245,7 +243,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
                     state_dict=state_dict,
                 )
         finally:
-            self._injecting = False
+            self._injecting = outer
             self._invalidate_structure()
 
     def _inject_into_existing(self, model: nn.Module, adapter_name: str) -> bool:

@@ -34,6 +34,7 @@ from torch import nn
 from .errors import BitFitError
 from .groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index
 from .layer import FUSED_TYPES, BitFitLayer, can_merge_into
+from .tasks import task_of
 
 _sre: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")  # stdlib's parser: private, stable
 
@@ -44,7 +45,6 @@ MAX_LIST_ENTRIES = 10_000
 MAX_QUANTIFIERS = 8  #: variable-length quantifiers (``*``, ``+``, ``?``, ``{m,n}``) per regex (more: slow backtracking)
 
 #: PEFT adds these heads to modules_to_save for some task types only after the targets are chosen.
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 _FIX = "use a list of module names or a simpler regex"
 _MODULE_PATH = re.compile(r"[A-Za-z_][\w.]*")
 _INTERNAL = (".modules_to_save.", ".original_module.", ".base_layer.", ".bitfit_delta.")
@@ -182,7 +182,7 @@ def resolve_targets(model: nn.Module, config: Any) -> Resolution:
     are none, or if a pattern is refused or too slow to match."""
     check_config(config)
     head = set(config.modules_to_save or [])
-    head |= set(TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ()))
+    head |= set(task_of(config.task_type).heads)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     groups = config.bias_terms if isinstance(config.bias_terms, list) else None
     if groups is not None and config.target_modules is None and model_type not in KNOWN_MODEL_TYPES:

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import torch
+
+#: dtype names accepted anywhere (config ``save_dtype``, ``--dtype``), with their short forms
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
 
 def human_bytes(n: int | None) -> str:
     """``1536 -> '1.5 KiB'``; ``None -> 'unknown'``.

@@ -30,18 +30,17 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from safetensors import safe_open
 from torch import nn
 from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
 )
 
 from .. import BASE_ADAPTER_NAME, BitFitLayer
+from .._registration import is_bitfit
 from ..delta_format import DELTA_KEY, PEFT_PREFIX
 from ..heads import route_heads, routing_of
-from ..paths import check_confined
+from ..paths import check_confined, is_hub_id
+from ..tasks import auto_model_class, peft_task_type
+from ..utils import DTYPES
 
 __all__ = [
     "AdapterInfo",
@@ -57,32 +56,8 @@ __all__ = [
 TaskType = Literal["SEQ_CLS", "FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_2_SEQ_LM"]
 Request = tuple[str, str] | tuple[str, tuple[str, str]] | tuple[str, str, str]
 
-_AUTO_CLASSES: dict[str, Any] = {
-    "SEQ_CLS": AutoModelForSequenceClassification,
-    "FEATURE_EXTRACTION": AutoModel,
-    "CAUSAL_LM": AutoModelForCausalLM,
-    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-}
-_TASK_ALIASES = {
-    "seq_cls": "SEQ_CLS",
-    "seq-cls": "SEQ_CLS",
-    "classification": "SEQ_CLS",
-    "regression": "SEQ_CLS",
-    "feature_extraction": "FEATURE_EXTRACTION",
-    "feature-extraction": "FEATURE_EXTRACTION",
-    "embedding": "FEATURE_EXTRACTION",
-    "embeddings": "FEATURE_EXTRACTION",
-    "causal_lm": "CAUSAL_LM",
-    "causal-lm": "CAUSAL_LM",
-    "seq_2_seq_lm": "SEQ_2_SEQ_LM",
-    "seq2seq_lm": "SEQ_2_SEQ_LM",
-    "seq2seq-lm": "SEQ_2_SEQ_LM",
-    "seq2seq": "SEQ_2_SEQ_LM",
-}
+_ENGINE_TASKS = ("SEQ_CLS", "FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_2_SEQ_LM")  # TaskType, as a tuple
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 _ADAPTER_PREFIX = PEFT_PREFIX
 _ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, "bitfit_training.json", "config.json")
 
@@ -100,12 +75,10 @@ class UnknownTaskError(EngineError, KeyError):
 
 def normalize_task_type(task_type: str) -> TaskType:
     """``"seq-cls"``, ``"SEQ_CLS"``, ``"embedding"``... -> one of the engine's PEFT task types."""
-    key = str(task_type).strip()
-    if key.upper() in _AUTO_CLASSES:
-        return key.upper()  # type: ignore[return-value]
-    if key.lower() in _TASK_ALIASES:
-        return _TASK_ALIASES[key.lower()]  # type: ignore[return-value]
-    raise EngineError(f"Unsupported task type {task_type!r}; use one of {sorted(_AUTO_CLASSES)}.")
+    resolved = peft_task_type(task_type)
+    if resolved in _ENGINE_TASKS:
+        return resolved  # type: ignore[return-value]
+    raise EngineError(f"Unsupported task type {task_type!r}; use one of {sorted(_ENGINE_TASKS)}.")
 
 
 def validate_adapter_name(name: str) -> str:
@@ -190,9 +163,9 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return None
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise EngineError(f"Unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'.")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise EngineError(f"Unsupported dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'.")
+    return DTYPES[dtype]
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -375,7 +348,7 @@ class MultiTaskEngine:
             kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
             if torch_dtype is not None:
                 kwargs["dtype"] = torch_dtype
-            model = _AUTO_CLASSES[self.task_type].from_pretrained(str(base), **kwargs)
+            model = auto_model_class(self.task_type).from_pretrained(str(base), **kwargs)
         model = model.to(self.device).eval()
         for param in model.parameters():
             param.requires_grad_(False)
@@ -442,7 +415,7 @@ class MultiTaskEngine:
         for file_name in _ADAPTER_FILES:  # everything the engine reads must lie inside the folder
             check_confined(adapter_dir, file_name)
         peft_cfg = _read_json(adapter_dir / "adapter_config.json")
-        if peft_cfg.get("peft_type") != "BITFIT":
+        if not is_bitfit(peft_cfg):
             raise EngineError(
                 f"{source}: not a BitFit adapter (adapter_config.json peft_type={peft_cfg.get('peft_type')!r})."
             )
@@ -499,7 +472,7 @@ class MultiTaskEngine:
                 raise EngineError(f"{path} has no adapter_config.json; point at a saved BitFit adapter directory.")
             return path.resolve()
         text = str(source)
-        if not _HUB_ID_RE.match(text) or path.exists() or text.startswith((".", "/", "~")):
+        if not is_hub_id(text):
             raise EngineError(f"Adapter {text!r}: no such directory (and not a Hub id like 'user/repo').")
         if not allow_hub:
             raise EngineError(f"Adapter {text!r}: loading from the Hugging Face Hub is disabled.")

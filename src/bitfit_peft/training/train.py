@@ -40,6 +40,7 @@ from transformers import (
 from .. import hub as bitfit_hub
 from ..atomic_save import save_pretrained
 from ..config import BitFitConfig
+from ..tasks import peft_task_type
 from .data import IGNORE_INDEX, EncodedDataset, TaskData, encode, load_task_data, normalize_task
 
 SUMMARY_FILE = "bitfit_training.json"
@@ -61,12 +62,6 @@ DEMO_DEFAULTS: dict[str, Any] = {
 #: trained; the bias deltas only nudge a trained model).
 HEAD_LR_FACTOR = 3.0
 
-_PEFT_TASK = {
-    "seq-cls": "SEQ_CLS",
-    "regression": "SEQ_CLS",
-    "token-cls": "TOKEN_CLS",
-    "causal-lm": "CAUSAL_LM",
-}
 _MAIN_METRIC = {"seq-cls": "accuracy", "regression": "pearson", "token-cls": "accuracy", "causal-lm": "loss"}
 
 
@@ -457,7 +452,7 @@ def train(
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     peft_config = BitFitConfig(
-        task_type=_PEFT_TASK[task],
+        task_type=peft_task_type(task),
         bias_terms=_split_terms(bias_terms),
         add_missing_bias=add_missing_bias,
         # PEFT adds the head to modules_to_save only after targeting for TOKEN_CLS: name it up front so
