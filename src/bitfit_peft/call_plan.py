@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .heads import route_heads
+from .layer import MixedCall
 from .routing import BASE_ADAPTER_NAME, Routing
 
 
@@ -75,7 +76,7 @@ class CallPlanMixin:
         if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: the model's first call checks it
             self._routing.expected_batch = len(adapter_names)
         for layer in layers:  # every layer reads one prepared table: no Python caches inside the model call
-            layer.stage_mixed_rows(self._routing.adapters)
+            layer.stage_mixed_table(self._routing.adapters)
         self._mixed_staged = layers
         self._gather_all_layers(layers)
         keep_for_backward = self.model.training and torch.is_grad_enabled()
@@ -91,8 +92,7 @@ class CallPlanMixin:
         staged = getattr(self, "_mixed_staged", None)
         if staged:
             for layer in staged:
-                layer.__dict__["_mixed_rows"] = None
-                layer.__dict__["_mixed_gathered"] = None
+                layer.set_call(None)
             self._mixed_staged = None
 
     def _gather_all_layers(self, layers: list) -> None:
@@ -105,13 +105,13 @@ class CallPlanMixin:
         index = self._routing.index
         groups: dict[tuple, list] = {}
         for layer in layers:
-            table = layer._mixed_rows
+            table = layer._call.table
             if table is not None:
                 groups.setdefault((table.device, table.dtype), []).append(layer)
         cache = self._flat_tables
         fresh: dict[tuple, tuple[list, torch.Tensor]] = {}
         for key, members in groups.items():
-            tables = [layer._mixed_rows for layer in members]
+            tables = [layer._call.table for layer in members]
             hit = cache.get(key)
             same = hit is not None and len(hit[0]) == len(tables)
             if same and all(a is b for a, b in zip(hit[0], tables, strict=True)):
@@ -124,7 +124,7 @@ class CallPlanMixin:
             offset = 0
             for layer, table in zip(members, tables, strict=True):
                 width = table[0].numel()
-                layer.__dict__["_mixed_gathered"] = rows[:, offset : offset + width]
+                layer.set_call(MixedCall(table, rows[:, offset : offset + width]))
                 offset += width
         self._flat_tables = fresh
 
@@ -171,20 +171,19 @@ class CallPlanMixin:
             yield
             return
         staged = [layer for layer, _ in direct]
-        # plain __dict__ writes: nn.Module.__setattr__ would cost more than the adds this saves
         for layers, bases, deltas in groups.values():
             for layer, eff in zip(layers, torch._foreach_add(bases, deltas), strict=True):
-                layer.__dict__["_eff_bias"] = eff
+                layer.set_call(eff)
             staged += layers
         for layer, delta in direct:
-            layer.__dict__["_eff_bias"] = delta
+            layer.set_call(delta)
         self._precomputing = True
         try:
             yield
         finally:
             self._precomputing = False
             for layer in staged:
-                layer.__dict__["_eff_bias"] = None
+                layer.set_call(None)
 
 
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "x")

@@ -8,7 +8,7 @@ not grow with the number of loaded adapters.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,16 @@ except ImportError:  # pragma: no cover - private helper; fall back to the bias 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: base layer types whose own op takes the bias, so the fast path can pass ``base + delta`` straight in.
 FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, *_CONV_TYPES, nn.LayerNorm, nn.GroupNorm)
+
+
+class MixedCall(NamedTuple):
+    """One layer's part of a mixed-batch call, staged by the model before the call."""
+
+    table: torch.Tensor | None  #: ``[1 + n_adapters, *bias_shape]`` (row 0 zeros); None: the layer builds it
+    rows: torch.Tensor | None = None  #: this call's ``[batch, bias]`` rows, gathered for all layers at once
+
+
+_NO_MIXED_CALL = MixedCall(None)
 
 
 class BiasDeltas(nn.ParameterDict):
@@ -132,14 +142,11 @@ class BitFitLayer(BaseTunerLayer):
         self._created_bias = False
         self.bias_group = kwargs.get("bias_group", "other")
         self._bitfit_routing: Routing | None = kwargs.get("routing")
-        self._table_cache: tuple[Any, tuple, torch.Tensor] | None = None
-        #: ``base + delta`` of the active adapter, computed for all layers at once (one ``torch._foreach_add``)
-        #: by :meth:`BitFitModel.precomputed_biases` for the duration of one model call; None outside it.
-        self._eff_bias: torch.Tensor | None = None
-        #: the stacked ``[1 + n, *bias_shape]`` delta table of the current mixed batch, set by the model before the
-        #: call (so the layer's traced code reads one tensor: no Python caches under ``torch.compile``).
-        self._mixed_rows: torch.Tensor | None = None
-        self._mixed_gathered: torch.Tensor | None = None  # this call's ``[batch, bias]`` rows, gathered by the model
+        self._table_cache: tuple[Any, tuple, torch.Tensor] | None = None  # inference-time mixed-batch table
+        #: the one per-call slot, written only through :meth:`set_call` (by the model around each call): a
+        #: precomputed ``base + delta`` of the active adapter (single-adapter call), a :class:`MixedCall` (mixed
+        #: batch), or None outside a call. Layer state changes that would make it stale clear it the same way.
+        self._call: torch.Tensor | MixedCall | None = None
         self._bias_cast_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         base = self.get_base_layer()
         self._bias_shape = bias_shape(base)
@@ -167,9 +174,6 @@ class BitFitLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, init_weights: bool = True, inference_mode: bool = False) -> None:
-        base = self.get_base_layer()
-        if getattr(base, "bias", None) is None and getattr(self, "_warn_no_bias", True):
-            self._warn_no_bias = False
         delta = nn.Parameter(torch.zeros(self._bias_shape, dtype=torch.float32))  # fp32 whatever the default dtype
         if not init_weights:
             with torch.no_grad():
@@ -193,13 +197,21 @@ class BitFitLayer(BaseTunerLayer):
         if delta is not None and delta.device != device and delta.device.type != "meta":
             delta.data = delta.data.to(device)  # same Parameter object: optimizers keep their reference
 
+    def set_call(self, state: torch.Tensor | MixedCall | None = None) -> None:
+        """Set (or clear) this call's state (see ``_call``); a plain ``__dict__`` write, cheap on the hot path."""
+        self.__dict__["_call"] = state
+
+    def drop_cached_tables(self) -> None:
+        """Forget the cached mixed-batch table (it holds references to the deltas it was built from)."""
+        self._table_cache = None
+
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self.__dict__["_eff_bias"] = None
+        self.set_call(None)
 
     def enable_adapters(self, enabled: bool) -> None:
         super().enable_adapters(enabled)
-        self.__dict__["_eff_bias"] = None  # a precomputed bias belongs to the enabled state it was made for
+        self.set_call(None)  # a precomputed bias belongs to the enabled state it was made for
 
     def delta_of(self, adapter_name: str) -> torch.Tensor:
         """The raw delta tensor (a Parameter) of one adapter."""
@@ -235,7 +247,7 @@ class BitFitLayer(BaseTunerLayer):
         new_bias = base.bias.detach().float() + total.to(base.bias.device)
         base.bias.data = new_bias.to(base.bias.dtype)
         self.merged_adapters.extend(adapter_names)
-        self.__dict__["_eff_bias"] = None
+        self.set_call(None)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -249,7 +261,7 @@ class BitFitLayer(BaseTunerLayer):
         self._premerge_bias = None
         self._created_bias = False
         self.merged_adapters = []
-        self.__dict__["_eff_bias"] = None
+        self.set_call(None)
 
     def original_bias(self) -> torch.Tensor | None:
         """The base bias as it was before any merge (None if the base has none)."""
@@ -357,11 +369,11 @@ class BitFitLayer(BaseTunerLayer):
         This is the hot path of every step: it reads plain attributes (``_base_ref``, ``_deltas``) rather than
         going through ``nn.Module.__getattr__``, and calls no extra module when nothing is hooked.
         """
-        eff = self._eff_bias
-        if eff is not None and not args and not kwargs:
+        call = self._call
+        if call is not None and call.__class__ is not MixedCall and not args and not kwargs:
             # precomputed by the model for this call, which already checked what the rest of this method checks
             # (enabled, unmerged, no mixed routing, one active adapter, fused op, no hooks): the base op only
-            return self._apply_op(x, eff)
+            return self._apply_op(x, call)
         base = self._base_ref
         if self._disable_adapters:
             if self.merged_adapters:
@@ -372,13 +384,14 @@ class BitFitLayer(BaseTunerLayer):
             if self.merged_adapters:
                 raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
             out = base(x, *args, **kwargs)
-            rows = self._mixed_gathered
+            mixed = call if call.__class__ is MixedCall else _NO_MIXED_CALL
+            rows = mixed.rows
             if rows is not None and rows.shape[0] == out.shape[0]:  # gathered for all layers at once
                 if rows.dtype != out.dtype or rows.device != out.device:
                     rows = rows.to(device=out.device, dtype=out.dtype)
                 extra = (1,) * (out.dim() - 1 - len(self._view_shape))
                 return out + rows.reshape(out.shape[0], *extra, *self._view_shape)
-            table = self._mixed_rows
+            table = mixed.table
             if table is None:
                 table = self._mixed_table(routing.adapters, out.device, out.dtype)
             elif table.dtype != out.dtype or table.device != out.device:
@@ -417,10 +430,8 @@ class BitFitLayer(BaseTunerLayer):
             out = self._add(out, self._bank(name) if hooked else deltas[name])
         return out
 
-    def stage_mixed_rows(self, adapters: tuple[str, ...]) -> None:
+    def stage_mixed_table(self, adapters: tuple[str, ...]) -> None:
         """Build (or reuse) this call's delta table before the model runs; layers with hooks build it themselves."""
-        self.__dict__["_eff_bias"] = None  # a mixed call nested in a single-adapter call must not reuse its bias
-        self.__dict__["_mixed_gathered"] = None
         table = None
         if not self._bank_hooked() and "_hf_hook" not in self._base_ref.__dict__:
             ref = next((self._deltas[a] for a in adapters if a in self._deltas), None)
@@ -430,7 +441,7 @@ class BitFitLayer(BaseTunerLayer):
                 weight = self._base_ref._parameters.get("weight")
                 if weight is not None:
                     table = self._mixed_table(adapters, weight.device, weight.dtype)
-        self.__dict__["_mixed_rows"] = table
+        self.set_call(MixedCall(table))  # replaces a precomputed bias of an enclosing single-adapter call
 
     def _bank_hooked(self) -> bool:
         """Whether a hook (e.g. Accelerate offload) sits on the delta bank, so it must be called to load them."""

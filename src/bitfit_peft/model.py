@@ -189,7 +189,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging first.", stacklevel=2)
                 layer.unmerge()
             layer._active_adapter = adapter_name
-            layer.__dict__["_eff_bias"] = None
+            layer.set_call(None)
         trainable = set() if inference_mode else set(names)
         for name, group in params.items():
             wanted = name in trainable

@@ -24,10 +24,6 @@ class Routing:
     expected_batch: int | None = None  # checked once by the model's first call when the batch size was unknown
     _index_cache: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def active(self) -> bool:
-        return self.rows is not None
-
     def set(self, adapter_names: list[str], device: torch.device | str | None = None) -> None:
         """Route sample ``i`` to ``adapter_names[i]`` (``"__base__"`` = no delta)."""
         unique = tuple(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER_NAME))

@@ -525,10 +525,10 @@ class MultiTaskEngine:
         model.delete_adapter(name)
 
     def _invalidate_caches(self) -> None:
-        # The core caches each layer's stacked delta table keyed by tensor ids, which can be recycled when an
-        # adapter is removed and another loaded under the same name: drop the caches on every change.
+        # Each layer caches its last mixed-batch table, which holds references to the deltas it was built from:
+        # drop it on every change, so a removed adapter's tensors are freed.
         for module in self._layers:
-            module._table_cache = None
+            module.drop_cached_tables()
 
     def _describe(self, name: str, internal: str, source: str, task_type: str | None,
                   meta: dict[str, Any]) -> _Task:
