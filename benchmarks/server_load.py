@@ -113,7 +113,7 @@ def make_adapters(base: Path, root: Path, n: int, seed: int = 0) -> float:
             out = root / f"a{i:03d}"
             out.mkdir()
             shutil.copy(template / "adapter_config.json", out / "adapter_config.json")
-            fresh = {key: (torch.randn(t.shape, generator=gen) * (0.05 if ".bitfit_delta." in key else 0.5)).to(t.dtype)
+            fresh = {key: (torch.randn(t.shape, generator=gen) * (0.05 if "bitfit_delta" in key else 0.5)).to(t.dtype)
                      if t.is_floating_point() else t for key, t in tensors.items()}
             save_file(fresh, str(out / "adapter_model.safetensors"), metadata=metadata)
     return time.perf_counter() - started

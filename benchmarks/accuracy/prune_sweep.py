@@ -115,7 +115,7 @@ def tolerances_for_fractions(
 
 
 def file_delta_count(adapter_dir: str | os.PathLike[str]) -> int:
-    """Number of bias delta vectors stored in a saved adapter (stacked tensors counted per row)."""
+    """Number of bias delta vectors stored in a saved adapter."""
     from bitfit_peft.inspect import bias_change_report
 
     return bias_change_report(str(adapter_dir)).n_vectors

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import peft.peft_model as _peft_model
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.peft_types import PeftType
 
 from ._registration import PEFT_TYPE_NAME, is_bitfit
@@ -100,15 +101,15 @@ def _check_local_bitfit_folder(model_id: Any, kwargs: dict) -> None:
     folder = local_folder(model_id, kwargs.get("subfolder"))
     if folder is None:
         return
-    config_path = os.path.join(folder, "adapter_config.json")
+    config_path = os.path.join(folder, CONFIG_NAME)
     try:
-        check_confined(folder, "adapter_config.json")
+        check_confined(folder, CONFIG_NAME)
         with open(config_path, encoding="utf-8") as handle:
             peft_type = json.loads(handle.read(1 << 20)).get("peft_type")
     except (OSError, ValueError, AttributeError):
         return  # not readable as ours: PEFT reports it as it would for any tuner
     if peft_type == PEFT_TYPE_NAME:
-        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
             check_confined(folder, name)
 
 

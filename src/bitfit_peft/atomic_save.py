@@ -34,10 +34,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
 from ._registration import is_bitfit
 
 STAGING_PREFIX = ".bitfit-save-"  # a stage is named f".{folder name}{STAGING_PREFIX}{pid}-{hex}"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 COPIED = ("README.md",)  # updated in place by PEFT: the stage gets a copy of these, never a link
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBUSY, errno.EXDEV}
@@ -166,10 +168,10 @@ def _swap_in(stage: str, target: str) -> bool:
 def _replace_files(stage: str, target: str, written: list[str]) -> None:
     """Fallback: ``os.replace`` each written file into place, weights first and configs last (NOT all-or-nothing)."""
     rels = {os.path.relpath(path, stage) for path in written}
-    rank = {"adapter_model.safetensors": 0, "adapter_model.bin": 0, "adapter_config.json": 2}
+    rank = {SAFETENSORS_WEIGHTS_NAME: 0, WEIGHTS_NAME: 0, CONFIG_NAME: 2}
     for rel in sorted(rels, key=lambda r: (rank.get(os.path.basename(r), 1), r)):
         folder, base = os.path.split(rel)
-        if base == "adapter_config.json":  # weights of another format would be read instead of the new ones
+        if base == CONFIG_NAME:  # weights of another format would be read instead of the new ones
             for other in (n for n in ADAPTER_FILES if os.path.join(folder, n) not in rels):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(target, folder, other))

@@ -68,25 +68,28 @@ def from_legacy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def expected_delta_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
-    """``{model state-dict key: shape}`` of every delta the model holds for ``adapter_name``."""
-    from .layer import layers_holding
+def expected_tensors(
+    model: nn.Module, adapter_name: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """``(delta shapes, head tensors)`` the model holds for ``adapter_name``, keyed like its state dict (one walk).
 
-    layers = layers_holding(model, adapter_name)
-    return {f"{name}.{DELTA_KEY}.{adapter_name}": layer._bias_shape for name, layer in layers.items()}
-
-
-def expected_head_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """``{model state-dict key: tensor}`` of the ``modules_to_save`` copies the model holds for ``adapter_name``."""
+    Deltas: ``<module>.bitfit_delta.<adapter>`` of every BitFit layer holding the adapter; heads: the tensors of
+    the adapter's ``modules_to_save`` copies (``<module>.modules_to_save.<adapter>.<param>``).
+    """
     from peft.utils import ModulesToSaveWrapper
 
-    out: dict[str, torch.Tensor] = {}
+    from .layer import BitFitLayer
+
+    deltas: dict[str, tuple[int, ...]] = {}
+    heads: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+        if isinstance(module, BitFitLayer):
+            if adapter_name in module.bitfit_delta:
+                deltas[f"{name}.{DELTA_KEY}.{adapter_name}"] = module._bias_shape
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             prefix = f"{name}.modules_to_save.{adapter_name}."
-            copy = module.modules_to_save[adapter_name]
-            out.update({prefix + k: v for k, v in copy.state_dict().items()})
-    return out
+            heads.update({prefix + k: v for k, v in module.modules_to_save[adapter_name].state_dict().items()})
+    return deltas, heads
 
 
 def check_adapter_state_dict(

@@ -25,8 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -84,28 +84,32 @@ def module_entries(model: nn.Module, names: Iterable[str]) -> list[Entry]:
     return entries
 
 
-def _signs(name: str, kind: str, n: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{kind}|{name}".encode()))
-    return torch.randint(0, 2, (SKETCH_SIZE, n), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
+@functools.lru_cache(maxsize=8)
+def _signs(kind: str, n: int) -> torch.Tensor:
+    """``[SKETCH_SIZE, n]`` fixed pseudo-random +-1 (the same for every process and release; cached per size)."""
+    generator = torch.Generator().manual_seed(zlib.crc32(kind.encode()))
+    return torch.randint(0, 2, (SKETCH_SIZE, n), generator=generator, dtype=torch.int8).to(torch.float32) * 2 - 1
 
 
 def compute(entries: Iterable[Entry]) -> dict[str, Any]:
-    """The format-2 fingerprint of ``entries`` (see the module docstring)."""
+    """The format-2 fingerprint of ``entries`` (see the module docstring).
+
+    Values are concatenated in name order (the exact ``structure`` hash guarantees the same order on both sides)
+    and projected at once.
+    """
     structure = hashlib.sha256()
-    sketches = {kind: torch.zeros(SKETCH_SIZE, dtype=torch.float64) for kind in ("bias", "weight")}
-    squares = {"bias": 0.0, "weight": 0.0}
+    values: dict[str, list[torch.Tensor]] = {"bias": [], "weight": []}
     for name, shape, bias, weight_sample in sorted(entries, key=lambda e: e[0]):
         structure.update(f"{name}|{tuple(shape)}|{bias is not None};".encode())
         for kind, tensor in (("bias", bias), ("weight", weight_sample)):
-            if tensor is None or tensor.numel() == 0:
-                continue
-            values = tensor.detach().reshape(-1).to("cpu", torch.float64)
-            sketches[kind] += _signs(name, kind, values.numel()) @ values
-            squares[kind] += float(values.square().sum())
+            if tensor is not None and tensor.numel():
+                values[kind].append(tensor.detach().reshape(-1).to("cpu", torch.float32))
     out: dict[str, Any] = {"version": VERSION, "structure": "sha256:" + structure.hexdigest()}
-    for kind in ("bias", "weight"):
-        out[f"{kind}_sketch"] = [float(f"{v:.7g}") for v in sketches[kind].tolist()]
-        out[f"{kind}_norm"] = float(f"{math.sqrt(squares[kind]):.7g}")
+    for kind, parts in values.items():
+        flat = torch.cat(parts) if parts else torch.zeros(0)
+        sketch = (_signs(kind, flat.numel()) @ flat).tolist() if flat.numel() else [0.0] * SKETCH_SIZE
+        out[f"{kind}_sketch"] = [float(f"{v:.7g}") for v in sketch]
+        out[f"{kind}_norm"] = float(f"{float(flat.double().norm()):.7g}")
     return out
 
 

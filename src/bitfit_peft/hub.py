@@ -35,7 +35,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from bitfit_peft import fingerprint as _fingerprint
-from bitfit_peft.delta_format import DELTA_KEY, LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX
+from bitfit_peft.delta_format import DELTA_KEY, LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX, PEFT_PREFIX
 from bitfit_peft.paths import is_hub_id
 from bitfit_peft.tasks import task_of
 from bitfit_peft.utils import human_bytes
@@ -98,7 +98,7 @@ def _read_weights(summary: AdapterSummary, directory: Path) -> None:
                     summary.n_deltas += shape[0] if ".*." in key and shape else 1
                 else:
                     summary.other_params += numel
-                    modules.add(key.removeprefix("base_model.model.").rsplit(".", 1)[0])
+                    modules.add(key.removeprefix(PEFT_PREFIX).rsplit(".", 1)[0])
             summary.saved_modules = sorted(modules)
     except Exception:  # a card must never make a save fail; unreadable files just get fewer numbers
         return

@@ -130,6 +130,8 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT's ``_replace_module`` reduced to what a wrapper with only a delta bank needs: put it in place and
+        move the deltas to the base's device, unless they (``low_cpu_mem_usage``) or the base are on meta."""
         setattr(parent, child_name, new_module)
         if hasattr(child, "base_layer"):
             child = child.base_layer
@@ -139,7 +141,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
                     (t for t in (getattr(child, "weight", None), getattr(child, "bias", None)) if t is not None),
                     None,
                 )
-                on_meta = any(p.device.type == "meta" for p in module.parameters())  # low_cpu_mem_usage
+                on_meta = any(p.device.type == "meta" for p in module._parameters.values())  # low_cpu_mem_usage
                 if ref is not None and ref.device.type != "meta" and not on_meta:
                     module.to(ref.device)
 
@@ -368,7 +370,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """0.1.0 files converted, keys mapped with PEFT's own rule, then the strict gate (rolled back on refusal)."""
         state_dict = delta_format.from_legacy(state_dict)
-        deltas = delta_format.expected_delta_shapes(model, adapter_name)
+        deltas, heads = delta_format.expected_tensors(model, adapter_name)
         checkpoint_to_model = {}
         for model_key in deltas:  # PEFT's mapping, built from our layers instead of a full model.state_dict()
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
@@ -379,7 +381,6 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         try:
             if config.prune_tolerance is not None:
                 remapped = delta_format.fill_pruned(remapped, deltas)
-            heads = delta_format.expected_head_tensors(model, adapter_name)
             delta_format.check_adapter_state_dict(remapped, adapter_name, deltas, heads)
         except BitFitError:
             _rollback(model, adapter_name)

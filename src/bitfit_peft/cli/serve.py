@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import typer
+from peft.utils.constants import CONFIG_NAME
 from rich.console import Console
 
 from bitfit_peft.cli import app
@@ -38,7 +39,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 def _infer_task_type(pairs: list[tuple[str, str]]) -> str:
     for _, source in pairs:
-        cfg = Path(source).expanduser() / "adapter_config.json"
+        cfg = Path(source).expanduser() / CONFIG_NAME
         if cfg.is_file():
             task_type = json.loads(cfg.read_text(encoding="utf-8")).get("task_type")
             if task_type:

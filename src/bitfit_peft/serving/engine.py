@@ -207,7 +207,7 @@ def read_task_metadata(adapter_dir: Path) -> dict[str, Any]:
         meta["labels"] = [str(x) for x in summary["label_names"]]
     if summary.get("task") == "regression":
         meta["kind"] = "regression"
-    for fname in ("config.json", "adapter_config.json"):
+    for fname in ("config.json", CONFIG_NAME):
         cfg = _read_json(adapter_dir / fname)
         if "labels" not in meta:
             labels = cfg.get("label_names") if isinstance(cfg.get("label_names"), list) else None
@@ -225,7 +225,7 @@ def _strip_prefix(key: str) -> str:
 
 def _head_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of the non-delta tensors (``modules_to_save`` heads) in an adapter file, keyed by model path."""
-    file = adapter_dir / "adapter_model.safetensors"
+    file = adapter_dir / SAFETENSORS_WEIGHTS_NAME
     if not file.is_file():
         return {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -414,7 +414,7 @@ class MultiTaskEngine:
         adapter_dir = self._fetch(source, revision=revision, allow_hub=allow_hub)
         for file_name in _ADAPTER_FILES:  # everything the engine reads must lie inside the folder
             check_confined(adapter_dir, file_name)
-        peft_cfg = _read_json(adapter_dir / "adapter_config.json")
+        peft_cfg = _read_json(adapter_dir / CONFIG_NAME)
         if not is_bitfit(peft_cfg):
             raise EngineError(
                 f"{source}: not a BitFit adapter (adapter_config.json peft_type={peft_cfg.get('peft_type')!r})."
@@ -468,7 +468,7 @@ class MultiTaskEngine:
     def _fetch(self, source: str | Path, revision: str | None, allow_hub: bool) -> Path:
         path = Path(source).expanduser()
         if path.is_dir():
-            if not (path / "adapter_config.json").is_file():
+            if not (path / CONFIG_NAME).is_file():
                 raise EngineError(f"{path} has no adapter_config.json; point at a saved BitFit adapter directory.")
             return path.resolve()
         text = str(source)

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from peft.utils.constants import CONFIG_NAME
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import BASE_ADAPTER_NAME, BitFitError, __version__
@@ -306,7 +307,7 @@ def create_app(
             resolved = resolve_in_roots(body.path, roots)
             if resolved is None:
                 raise HTTPException(403, "Path is outside the server's adapter roots.")
-            if not (resolved / "adapter_config.json").is_file():
+            if not (resolved / CONFIG_NAME).is_file():
                 raise HTTPException(404, f"No adapter (adapter_config.json) at {body.path!r} in the adapter roots.")
             source = resolved
         try:
