@@ -281,3 +281,25 @@ def test_read_only_file_mode_is_a_normal_files_mode(tmp_path: Path) -> None:
     normal = stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
     for name in (WEIGHTS, "adapter_config.json"):
         assert stat.S_IMODE(os.stat(tmp_path / "a" / name).st_mode) == normal
+
+
+def test_corrupt_file_and_missing_head_are_named_on_every_path(tmp_path: Path) -> None:
+    _trained().save_pretrained(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / WEIGHTS).write_bytes(b"garbage")
+    for load in (
+        lambda: PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), tmp_path / "corrupt"),
+        lambda: make_tiny_model("bert", task="seq_cls").load_adapter(str(tmp_path / "corrupt")),
+    ):
+        with pytest.raises(BitFitError, match="adapter_model.safetensors is corrupt or truncated"):
+            load()
+    _trained().save_pretrained(tmp_path / "headless")
+    tensors = load_file(tmp_path / "headless" / WEIGHTS)
+    save_file({k: v for k, v in tensors.items() if "classifier" not in k}, tmp_path / "headless" / WEIGHTS)
+    base = make_tiny_model("bert", task="seq_cls")
+    snap = _snapshot(base)
+    with pytest.raises(BitFitError, match="classifier.weight"):
+        PeftModel.from_pretrained(base, tmp_path / "headless")
+    _assert_unchanged(base, snap)
+    with pytest.raises(BitFitError, match="modules_to_save tensor"):
+        base.load_adapter(str(tmp_path / "headless"))
+    _assert_unchanged(base, snap)

@@ -454,8 +454,7 @@ def test_not_main_process_does_what_peft_does(tmp_path: Path) -> None:
     assert not list((tmp_path / "ours").rglob("*.json")) and _stages(tmp_path) == []
 
 
-def test_pickle_format_replaces_safetensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BITFIT_PEFT_ALLOW_PICKLE", "1")
+def test_pickle_format_replaces_safetensors(tmp_path: Path) -> None:
     save_pretrained(_model("A"), tmp_path)
     save_pretrained(_model("B"), tmp_path, safe_serialization=False)
     assert not list(tmp_path.rglob("*.safetensors")) and len(list(tmp_path.rglob("adapter_model.bin"))) == 2

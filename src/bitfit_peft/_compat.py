@@ -121,6 +121,8 @@ def _load_error(err: Exception, what: str) -> BitFitError:
     problem = f"{type(err).__name__}: {err}"
     if isinstance(err, SafetensorError):
         problem = f"adapter_model.safetensors is corrupt or truncated ({err}); re-save or re-download it"
+    elif isinstance(err, KeyError):  # PEFT maps each modules_to_save tensor by key before our strict check runs
+        problem = f"the file lacks {err} (a modules_to_save tensor of the config)"
     message = f"Could not load {what}: {problem}. The model is unchanged."
     return BitFitError(message.replace("\n", " "))
 

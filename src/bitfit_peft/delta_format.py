@@ -114,6 +114,9 @@ def check_adapter_state_dict(
     missing = sorted(set(deltas) - set(state_dict))
     if missing:
         problems.append(f"{len(missing)} delta(s) missing from the file (e.g. {missing[:MAX_LISTED]})")
+    missing_heads = sorted(set(heads) - set(state_dict))
+    if missing_heads:
+        problems.append(f"{len(missing_heads)} modules_to_save tensor(s) missing (e.g. {missing_heads[:MAX_LISTED]})")
     wrong, bad_dtype, non_finite = [], [], []
     for key, value in state_dict.items():
         want = deltas.get(key, heads[key].shape if key in heads else None)

@@ -33,7 +33,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .delta_format import DELTA_KEY, PEFT_PREFIX, from_legacy
 from .groups import BIAS_GROUPS, layer_index, primary_group
-from .paths import is_hub_id
+from .paths import check_confined, is_hub_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -247,6 +247,7 @@ def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     file = adapter_dir / ADAPTER_FILE
+    check_confined(adapter_dir, ADAPTER_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found (a BitFit adapter saves its deltas there)")
     return from_legacy(load_file(str(file)))  # 0.1.0 files (stacked "layer.*." keys) -> PEFT's layout

@@ -15,10 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import delta_format
 from .delta_format import DELTA_KEY, PEFT_PREFIX
+from .errors import BitFitError
 
 
 def _head_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
@@ -60,7 +62,13 @@ def read_checked_state_dict(
     from peft.utils.save_and_load import load_peft_weights
 
     adapter_name = adapter_name or "default"
-    weights = delta_format.from_legacy(load_peft_weights(str(model_id), device="cpu", **hub_kwargs))
+    try:
+        weights = delta_format.from_legacy(load_peft_weights(str(model_id), device="cpu", **hub_kwargs))
+    except SafetensorError as err:
+        raise BitFitError(
+            f"{model_id}: adapter_model.safetensors is corrupt or truncated ({err}); re-save or re-download it. "
+            "The model is unchanged."
+        ) from err
     deltas, heads = expected_checkpoint(model, config)
     if getattr(config, "prune_tolerance", None) is not None:
         weights = delta_format.fill_pruned(weights, deltas)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -229,11 +229,14 @@ def _head_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     if not file.is_file():
         return {}
     shapes: dict[str, tuple[int, ...]] = {}
-    with safe_open(str(file), framework="pt") as handle:
-        for key in handle.keys():
-            if key.endswith(f".{DELTA_KEY}") or f".{DELTA_KEY}." in key:
-                continue
-            shapes[_strip_prefix(key)] = tuple(handle.get_slice(key).get_shape())
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(f".{DELTA_KEY}") or f".{DELTA_KEY}." in key:
+                    continue
+                shapes[_strip_prefix(key)] = tuple(handle.get_slice(key).get_shape())
+    except SafetensorError as err:
+        raise EngineError(f"{file} is corrupt or truncated ({err}); re-save or re-download the adapter.") from err
     return shapes
 
 
