@@ -20,6 +20,7 @@ from . import _compat, _registration
 from .atomic_save import save_pretrained
 from .config import BitFitConfig
 from .errors import BitFitError
+from .hotswap import hotswap_adapter
 from .layer import BiasDeltas, BitFitLayer
 from .lowmem import cast_frozen_base
 from .model import BitFitModel
@@ -45,6 +46,7 @@ __all__ = [
     "PEFT_TYPE",
     "allow_base_mismatch",
     "cast_frozen_base",
+    "hotswap_adapter",
     "save_pretrained",
     "__version__",
 ]

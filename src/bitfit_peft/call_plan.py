@@ -15,10 +15,11 @@ from functools import partial
 from typing import Any
 
 import torch
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .heads import route_heads
-from .layer import MixedCall
+from .layer import BitFitLayer, MixedCall
 from .routing import BASE_ADAPTER_NAME, Routing
 
 
@@ -32,6 +33,7 @@ class CallPlanMixin:
     _precomputing: bool
     _mixed_staged: list | None
     _batch_check_handle: Any
+    _structure: Any
     _flat_tables: dict  # (device, dtype) -> (staged tables, their concatenation), reused while the tables are
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -59,7 +61,19 @@ class CallPlanMixin:
         batch = _batch_size(args, kwargs)
         if batch is not None and batch != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples.")
-        layers, heads, _ = self._structure()
+        self._stage_mixed(list(adapter_names), batch)
+        keep_for_backward = self.model.training and torch.is_grad_enabled()
+        try:
+            yield
+        finally:
+            self._routing.expected_batch = None
+            if not keep_for_backward:  # gradient checkpointing re-runs forward during backward
+                self._clear_routing()
+
+    @torch.compiler.disable  # Python caches (tables, hook handle): eagerly, so compiled callers never guard them
+    def _stage_mixed(self, adapter_names: list[str], batch: int | None) -> None:
+        """Route the samples and stage every layer's gathered delta rows before the model runs."""
+        layers, heads = self._call_structure()
         if any(layer.merged_adapters for layer in layers):
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
         route_heads(heads, self._routing)
@@ -72,20 +86,25 @@ class CallPlanMixin:
             ),
             None,
         )
-        self._routing.set(list(adapter_names), device=device)
+        self._routing.set(adapter_names, device=device)
         if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: the model's first call checks it
             self._routing.expected_batch = len(adapter_names)
         for layer in layers:  # every layer reads one prepared table: no Python caches inside the model call
             layer.stage_mixed_table(self._routing.adapters)
         self._mixed_staged = layers
         self._gather_all_layers(layers)
-        keep_for_backward = self.model.training and torch.is_grad_enabled()
-        try:
-            yield
-        finally:
-            self._routing.expected_batch = None
-            if not keep_for_backward:  # gradient checkpointing re-runs forward during backward
-                self._clear_routing()
+
+    def _call_structure(self) -> tuple[list, list]:
+        """The BitFit layers and head wrappers for this call.
+
+        Eagerly: ``_structure()``'s cache. Inside a compiled frame the tree is walked instead: reading the lazily
+        built cache there would guard on ``_structure_cache is None``, and the first compiled call fills it, so the
+        second call recompiled. The walk is traced once and costs nothing at run time (Dynamo guards the modules).
+        """
+        if not torch.compiler.is_compiling():
+            layers, heads, _ = self._structure()
+            return layers, heads
+        return layers_and_heads(self.model)
 
     def _clear_routing(self) -> None:
         self._routing.clear()
@@ -153,7 +172,7 @@ class CallPlanMixin:
             return
         groups: dict[tuple, tuple[list, list, list]] = {}  # one foreach per (device, dtype): usually one
         direct = []
-        for layer in self._structure()[0]:
+        for layer in self._call_structure()[0]:
             operands = layer.effective_bias_operands()
             if operands is None:
                 continue
@@ -184,6 +203,17 @@ class CallPlanMixin:
             self._precomputing = False
             for layer in staged:
                 layer.set_call(None)
+
+
+def layers_and_heads(model: nn.Module) -> tuple[list, list]:
+    """The BitFit layers and the head (auxiliary) wrappers of ``model``, in module order (one walk)."""
+    layers, heads = [], []
+    for module in model.modules():
+        if isinstance(module, BitFitLayer):
+            layers.append(module)
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            heads.append(module)
+    return layers, heads
 
 
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "x")

@@ -351,6 +351,8 @@ class BitFitLayer(BaseTunerLayer):
             return bias, delta
         if bias.requires_grad:
             return None
+        if torch.compiler.is_compiling():  # traced once; reading the eager cache would guard on it (recompiles)
+            return bias.detach().to(device=delta.device, dtype=delta.dtype), delta
         cache = self._bias_cast_cache  # frozen base bias in another dtype (low-memory mode): cast once, reuse
         if (
             cache is None

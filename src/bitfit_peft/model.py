@@ -12,7 +12,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_
 from torch import nn
 
 from . import delta_format, fingerprint
-from .call_plan import CallPlanMixin
+from .call_plan import CallPlanMixin, layers_and_heads
 from .config import SAVE_DTYPES, BitFitConfig
 from .delta_format import PEFT_PREFIX
 from .errors import BitFitError
@@ -207,12 +207,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         cache = getattr(self, "_structure_cache", None)
         if cache is not None:
             return cache
-        layers, heads = [], []
-        for module in self.model.modules():
-            if isinstance(module, BitFitLayer):
-                layers.append(module)
-            elif isinstance(module, AuxiliaryTrainingWrapper):
-                heads.append(module)
+        layers, heads = layers_and_heads(self.model)
         params: dict[str, list] = {}
         for layer in layers:
             for name, delta in layer._deltas.items():

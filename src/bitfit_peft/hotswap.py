@@ -1,0 +1,178 @@
+"""Hot-swap a loaded BitFit adapter: new values copied into the existing Parameters, so nothing recompiles.
+
+PEFT's ``peft.utils.hotswap.hotswap_adapter`` supports LoRA only (it refuses a BitFit model with a ``ValueError``).
+:func:`hotswap_adapter` is its BitFit counterpart, with the same signature. It reads the new adapter through the
+strict, read-only load path (``PeftConfig.from_pretrained``, ``load_peft_weights``, :func:`~bitfit_peft.delta_format.
+from_legacy`, :func:`~bitfit_peft.delta_format.check_adapter_state_dict`), checks everything first (type, targets,
+heads, keys, shapes, finite values, base fingerprint), and only then copies the deltas and ``modules_to_save``
+tensors in place under ``torch.no_grad()``. A refused swap changes nothing.
+
+Example:
+    >>> # model = torch.compile(PeftModel.from_pretrained(base, "adapter-a"))
+    >>> # model(**batch)                                        # compiles once
+    >>> # bitfit_peft.hotswap_adapter(model, "adapter-b", "default")
+    >>> # model(**batch)                                        # adapter-b's outputs, no recompilation
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.save_and_load import load_peft_weights
+from torch import nn
+
+from . import delta_format, fingerprint
+from .config import BitFitConfig
+from .errors import BitFitError
+from .layer import BitFitLayer
+from .model import BitFitModel
+
+#: config fields that describe the loaded adapter's runtime state, not the file: kept on a swap
+_KEPT_FIELDS = ("inference_mode", "modules_to_save")
+
+
+def hotswap_adapter(
+    model: nn.Module,
+    model_name_or_path: str,
+    adapter_name: str,
+    torch_device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> None:
+    """Replace the values of the loaded BitFit adapter ``adapter_name`` with those saved at ``model_name_or_path``.
+
+    Args:
+        model: a ``PeftModel`` holding a BitFit adapter, possibly ``torch.compile``\\ d (or with a compiled base).
+        model_name_or_path: local directory or Hub id of the new adapter (same targets and head shapes).
+        adapter_name: the loaded adapter to overwrite; it keeps its name.
+        torch_device: where to read the new tensors (default: the adapter's device).
+        **kwargs: Hub / loading options (``revision``, ``subfolder``, ``token``, ``cache_dir``...), as for PEFT;
+            ``config=bitfit_peft.allow_base_mismatch(cfg)`` uses ``cfg`` and skips the base fingerprint check.
+
+    Raises:
+        BitFitError: the new adapter cannot replace the loaded one in place (nothing was changed).
+
+    Example:
+        >>> import copy, tempfile, torch, bitfit_peft
+        >>> from peft import get_peft_model
+        >>> base, path = torch.nn.Sequential(torch.nn.Linear(4, 4)), tempfile.mkdtemp()
+        >>> get_peft_model(copy.deepcopy(base), bitfit_peft.BitFitConfig(init_weights=False)).save_pretrained(path)
+        >>> model = get_peft_model(base, bitfit_peft.BitFitConfig())
+        >>> bitfit_peft.hotswap_adapter(model, path, "default", torch_device="cpu")
+        >>> bool(model.base_model.model[0].bitfit_delta["default"].abs().sum() > 0)
+        True
+    """
+    peft_model = _unwrap(model)
+    tuner = peft_model.base_model
+    if not isinstance(peft_model, PeftModel) or not isinstance(tuner, BitFitModel):
+        raise BitFitError(f"hotswap_adapter needs a PeftModel with a BitFit adapter, got {type(model).__name__}.")
+    if adapter_name not in peft_model.peft_config:
+        raise BitFitError(f"No adapter {adapter_name!r} to hot-swap; loaded: {sorted(peft_model.peft_config)}.")
+    where = f"adapter {adapter_name!r} with {model_name_or_path!r}"
+    layers = {n: la for n, la in tuner.model.named_modules() if isinstance(la, BitFitLayer)}
+    holding = {n for n, la in layers.items() if adapter_name in la.bitfit_delta}
+    if any(adapter_name in la.merged_adapters for la in layers.values()):
+        raise BitFitError(f"Cannot hot-swap {where}: it is merged into the base; call unmerge_adapter() first.")
+    if torch_device is None:
+        torch_device = next((layers[n].delta_of(adapter_name).device for n in sorted(holding)), "cpu")
+
+    # ---------------------------------------------------------------- read (nothing changes until every check passed)
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = PeftConfig.from_pretrained(model_name_or_path, **kwargs)
+    if not isinstance(config, BitFitConfig):
+        kind = getattr(getattr(config, "peft_type", None), "value", type(config).__name__)
+        raise _refused(where, f"it is a {kind} adapter, not BitFit")
+    old = peft_model.peft_config[adapter_name]
+    targets = tuner.resolve_targets(tuner.model, config)
+    if set(targets) != holding:
+        extra, gone = sorted(set(targets) - holding), sorted(holding - set(targets))
+        raise _refused(where, f"other targets ({len(extra)} new, e.g. {extra[:2]}; {len(gone)} gone, e.g. {gone[:2]})")
+    if set(config.modules_to_save or ()) != set(old.modules_to_save or ()):
+        raise _refused(where, f"other modules_to_save ({config.modules_to_save} vs loaded {old.modules_to_save})")
+    _check_base(where, config, tuner.model, sorted(targets))
+    state_dict = delta_format.from_legacy(load_peft_weights(model_name_or_path, device=str(torch_device), **kwargs))
+    remapped = _to_model_keys(peft_model, adapter_name, state_dict)
+    deltas, heads = delta_format.expected_tensors(peft_model, adapter_name)
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(heads[k].shape)}"
+        for k, v in remapped.items()
+        if k in heads and v.shape != heads[k].shape
+    ]
+    if shapes:
+        raise _refused(where, f"other head shapes ({shapes[:2]})")
+    missing_heads = sorted(set(heads) - set(remapped))
+    if missing_heads:
+        raise _refused(where, f"{len(missing_heads)} head tensor(s) missing from the file (e.g. {missing_heads[:2]})")
+    if config.prune_tolerance is not None:
+        remapped = delta_format.fill_pruned(remapped, deltas)  # pruned deltas swap in as zeros
+    try:
+        delta_format.check_adapter_state_dict(remapped, adapter_name, deltas, heads)
+    except BitFitError as err:
+        raise _refused(where, str(err).split(": ", 1)[-1].split(". The model is unchanged")[0]) from err
+    destinations = {key: _tensor_at(peft_model, key) for key in remapped}
+    staged = {k: v.to(device=destinations[k].device, dtype=destinations[k].dtype) for k, v in remapped.items()}
+
+    # ---------------------------------------------------------------- swap in place (same Parameter objects)
+    with torch.no_grad():
+        for key, value in staged.items():
+            destinations[key].copy_(value)  # bumps _version, as the cached mixed-batch tables check
+    for layer in layers.values():
+        layer.drop_cached_tables()
+    tuner._flat_tables = {}
+    for name in _KEPT_FIELDS:  # the stored config is the new adapter's (not an edit of one PEFT may share)
+        setattr(config, name, getattr(old, name))
+    peft_model.peft_config[adapter_name] = config
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module behind ``torch.compile(...)`` wrappers."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def _refused(where: str, what: str) -> BitFitError:
+    return BitFitError(
+        f"Cannot hot-swap {where}: {what}. Nothing was changed; load it with a full `load_adapter` instead."
+    )
+
+
+def _check_base(where: str, config: BitFitConfig, model: nn.Module, names: list[str]) -> None:
+    """The new adapter's base fingerprint must match the model, unless ``allow_base_mismatch`` marked the config."""
+    stored = config.base_fingerprint
+    if stored is None or getattr(config, "_skip_fingerprint", False):
+        return
+    try:
+        same = fingerprint.check(stored, fingerprint.module_entries(model, names))
+    except fingerprint.OffloadedValuesUnavailable as err:
+        warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=3)
+        return
+    if not same:
+        raise BitFitError(
+            f"Cannot hot-swap {where}: it was trained on a different base model (fingerprint "
+            f"{fingerprint.describe(stored)}). Nothing was changed; pass "
+            "`config=bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
+        )
+
+
+def _to_model_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
+    """Checkpoint keys -> model keys, as ``BitFitModel._remap_adapter_state_dict_for_load`` (heads: PEFT's map)."""
+    deltas, _ = delta_format.expected_tensors(model, adapter_name)
+    mapping = {BitFitModel._remove_adapter_name_from_key(key, adapter_name): key for key in deltas}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for saved, loaded in module.adapter_state_dict_load_map(adapter_name).items():
+                mapping[f"{name}.{saved}"] = f"{name}.{loaded}"
+    return {mapping.get(key, key): value for key, value in state_dict.items()}
+
+
+def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
+    """The Parameter (or buffer) a model state-dict key names."""
+    module_name, _, attr = key.rpartition(".")
+    tensor = getattr(model.get_submodule(module_name), attr)
+    assert isinstance(tensor, torch.Tensor), key
+    return tensor
