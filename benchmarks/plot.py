@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,30 @@ def _plt() -> Any:
     return plt
 
 
+def _suptitle(fig: Any, title: str, fontsize: float = 10) -> None:
+    """A figure title wrapped to the figure's width, so that no part of it falls outside the image."""
+    width_in = fig.get_size_inches()[0]
+    chars = max(30, int(width_in * 72 / (0.55 * fontsize)))  # ~0.55 em per character of the default sans font
+    fig.suptitle("\n".join(textwrap.wrap(title, chars)), fontsize=fontsize)
+
+
+def _headroom(ax: Any, factor: float = 1.12) -> None:
+    """Room above the tallest bar for its value label (linear or log y axis)."""
+    bottom, top = ax.get_ylim()
+    if ax.get_yscale() == "log":
+        ax.set_ylim(bottom, top * factor**4)
+    else:
+        ax.set_ylim(bottom, bottom + (top - bottom) * factor)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Lay out and save with a tight bounding box: titles, tick labels and legends stay inside the PNG."""
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+
+
 def plot_train(ts: dict[str, Any], path: Path, title: str) -> None:
     plt = _plt()
     models = [m for m, r in ts["results"].items() if "modes" in r]
@@ -113,11 +139,10 @@ def plot_train(ts: dict[str, Any], path: Path, title: str) -> None:
             [MODE_LABELS.get(m, m).replace(" (", "\n(") for m in modes], fontsize=7, rotation=25, ha="right"
         )
         ax.set_ylabel(label)
+        _headroom(ax)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _suptitle(fig, title)
+    _save(fig, path)
 
 
 def mixed_panels(mbs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -135,8 +160,19 @@ def plot_mixed(mbs: list[dict[str, Any]], path: Path, title: str) -> None:
     panels = mixed_panels(mbs)
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (part, r) in zip(axes[0], panels, strict=True):
+    # at most two panels per row; a panel is wide enough for its bars' three-line labels (0.75 in per bar)
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    col_w = [
+        max([5.5] + [0.75 * len(r["patterns"]) for k, (_, r) in enumerate(panels) if k % ncols == c])
+        for c in range(ncols)
+    ]
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(sum(col_w), 4.4 * nrows), squeeze=False, gridspec_kw={"width_ratios": col_w}
+    )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (part, r) in zip(axes.flat, panels, strict=False):
         pats = r["patterns"]
         names = list(pats)
         vals = [pats[n]["ratio"] for n in names]
@@ -158,10 +194,11 @@ def plot_mixed(mbs: list[dict[str, Any]], path: Path, title: str) -> None:
         spec = r["spec"]
         extra = f", {r.get('new_tokens')} new tokens" if part == "generate" else ""
         ax.set_title(f"{part}: {spec['name']} bs{spec['batch']}x{spec['seq']}{extra}", fontsize=9)
-    fig.suptitle(title + "; hatched: torch.compile, (× base_compiled)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _headroom(ax, 1.15)
+    if any("_compiled" in n for _, r in panels for n in r["patterns"]):
+        title += "; hatched bars: torch.compile, value in brackets: × base_compiled"
+    _suptitle(fig, title)
+    _save(fig, path)
 
 
 def plot_io(aio: dict[str, Any], path: Path, title: str) -> None:
@@ -200,10 +237,9 @@ def plot_io(aio: dict[str, Any], path: Path, title: str) -> None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=7)
         ax.set_title(label, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _headroom(ax)
+    _suptitle(fig, title)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- markdown

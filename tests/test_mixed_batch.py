@@ -392,3 +392,17 @@ def test_trainer_passes_adapter_names_from_the_collator(tmp_path: Any) -> None:
     assert any(n.endswith(".bitfit_delta.task_a") for n in changed)
     assert any(".task_a." in n and "modules_to_save" in n for n in changed)
     assert not any(".task_b." in n + "." for n in changed)  # no task_b sample in the data: untouched
+
+
+def test_collator_drops_text_columns_of_other_tasks() -> None:
+    """Tasks concatenated with different text columns hold None in each other's columns (datasets does this)."""
+    from conftest import make_tiny_tokenizer
+
+    collator = MultiTaskCollator(make_tiny_tokenizer())
+    features = [
+        {"task": "a", "sentence": "hi", "text": None, "input_ids": [2, 5, 3], "attention_mask": [1, 1, 1], "labels": 0},
+        {"task": "b", "sentence": None, "text": "yo", "input_ids": [2, 6, 7, 3], "attention_mask": [1] * 4, "labels": 1},  # noqa: E501
+    ]
+    batch = collator(features)
+    assert batch["adapter_names"] == ["a", "b"] and batch["input_ids"].shape == (2, 4)
+    assert "sentence" not in batch and "text" not in batch

@@ -54,10 +54,10 @@ class MultiTaskCollator:
                 f"MultiTaskCollator: a feature has no {self.task_key!r} key. Keep the task column in the "
                 "dataset (TrainingArguments(remove_unused_columns=False))."
             ) from err
-        rest = [
-            {k: v for k, v in f.items() if k != self.task_key and k not in self.drop_keys and not isinstance(v, str)}
-            for f in features
-        ]
+        # decided over the whole batch: tasks concatenated with other text columns hold None in each other's columns
+        drop = {self.task_key, *self.drop_keys}
+        drop |= {k for f in features for k, v in f.items() if v is None or isinstance(v, str)}
+        rest = [{k: v for k, v in f.items() if k not in drop} for f in features]
         batch = dict(self.collate(rest))
         batch["adapter_names"] = names
         return batch
