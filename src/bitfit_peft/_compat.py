@@ -9,7 +9,12 @@ signature, and shows that LoRA's save, load and errors are identical with and wi
 | 1 | ``peft.utils.peft_types.PeftType`` members | ``register_peft_method`` refuses names that are not members yet |
 | 2 | ``peft.PeftModel.from_pretrained`` / ``load_adapter`` | PEFT injects before it reads the weights, so a refused |
 |   |                                                   | BitFit file would leave the model changed: roll back, and |
-|   |                                                   | refuse files that resolve outside the adapter folder |
+|   |                                                   | refuse files that resolve outside the adapter folder. On a |
+|   |                                                   | base dispatched with cpu/disk modules and no dispatch |
+|   |                                                   | arguments PEFT strips the offload hooks, then re-dispatches |
+|   |                                                   | with "auto" (meta weights: fails): hide ``hf_device_map`` |
+|   |                                                   | for the load (``offload.kept_dispatch``) so the base keeps |
+|   |                                                   | its dispatch and the deltas stay in memory |
 | 3 | ``transformers ... PeftAdapterMixin.load_adapter`` | it reads adapter files itself, past PEFT's load hook: the |
 |   |                                                   | strict key check and (5.17) the head keys happen here |
 | 4 | ``peft.PeftModel._update_offload`` | disk offload names adapter tensors in LoRA's layout (name before |
@@ -24,6 +29,7 @@ unless the config or model at hand is BitFit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -34,6 +40,7 @@ import peft.peft_model as _peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.peft_types import PeftType
 
+from . import offload
 from ._registration import PEFT_TYPE_NAME, is_bitfit
 from .errors import BitFitError
 from .paths import check_confined, local_folder
@@ -133,8 +140,10 @@ def _from_pretrained(original: Callable) -> Callable:
             return original(cls, model, model_id, *args, **kwargs)
         _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(model)
+        keep = offload.keeps_dispatch(model, kwargs) and offload.source_is_bitfit(model_id, kwargs)
         try:
-            return original(cls, model, model_id, *args, **kwargs)
+            with offload.kept_dispatch(model) if keep else contextlib.nullcontext():
+                return original(cls, model, model_id, *args, **kwargs)
         except Exception as err:
             if not (_has_bitfit_layers(model) or isinstance(err, BitFitError)):  # not a BitFit load: PEFT's error
                 raise
@@ -153,8 +162,10 @@ def _load_adapter(original: Callable) -> Callable:
             return original(self, model_id, adapter_name, *args, **kwargs)
         _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(self)
+        keep = is_bitfit(self) and offload.keeps_dispatch(self, kwargs)  # one PeftModel holds one tuner type
         try:
-            return original(self, model_id, adapter_name, *args, **kwargs)
+            with offload.kept_dispatch(self) if keep else contextlib.nullcontext():
+                return original(self, model_id, adapter_name, *args, **kwargs)
         except Exception as err:
             config = self.peft_config.get(adapter_name)
             if not is_bitfit(config):

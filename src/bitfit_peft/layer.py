@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .offload import execution_device
 from .routing import Routing
 
 try:  # PEFT's own rule (Linear, ConvNd, Conv1D, quantized/parallel linears, ...), as its LoRA/LN-tuning layers use
@@ -184,8 +185,13 @@ class BitFitLayer(BaseTunerLayer):
         delta.requires_grad_(not inference_mode and adapter_name in self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
-        """Deltas follow the base layer's device but always stay floating point (fp32 unless set otherwise)."""
+        """Deltas follow the base layer's device but always stay floating point (fp32 unless set otherwise).
+
+        On a base module under an Accelerate hook that is the hook's execution device: offloaded weights sit on
+        ``meta`` (loaded per call), the delta stays in memory where the module computes."""
         base = self.get_base_layer()
+        if device is None:
+            device = execution_device(base)
         if device is None:
             for tensor in (getattr(base, "weight", None), getattr(base, "bias", None)):
                 if isinstance(tensor, torch.Tensor):

@@ -18,6 +18,7 @@ from .delta_format import PEFT_PREFIX
 from .errors import BitFitError
 from .groups import primary_group
 from .layer import BitFitLayer, BitFitWrapper, bias_shape, can_merge_into, layers_holding
+from .offload import execution_device
 from .routing import Routing
 from .targets import resolve_targets as _resolve_targets
 
@@ -142,8 +143,9 @@ class BitFitModel(CallPlanMixin, BaseTuner):
                     None,
                 )
                 on_meta = any(p.device.type == "meta" for p in module._parameters.values())  # low_cpu_mem_usage
-                if ref is not None and ref.device.type != "meta" and not on_meta:
-                    module.to(ref.device)
+                device = execution_device(child) or (ref.device if ref is not None else None)  # hooked: its device
+                if device is not None and device.type != "meta" and not on_meta:
+                    module.to(device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():

@@ -38,6 +38,55 @@ def is_hub_id(text: str | os.PathLike | None) -> bool:
     return bool(HUB_ID.match(text)) and ".." not in text and not os.path.exists(text)
 
 
+def looks_local(text: str | os.PathLike) -> bool:
+    """Whether ``text`` can only be meant as a local path, never as a Hub id.
+
+    True when it starts with ``.``, ``/``, ``~`` (or ``os.sep``), holds ``os.sep`` twice or more, its first path
+    component exists here (``out/missing`` with an ``out`` folder), or it is not a well-formed Hub id.
+
+    >>> looks_local("./missing"), looks_local("~/x"), looks_local("a/b/c"), looks_local("user/repo")
+    (True, True, True, False)
+    """
+    text = os.fspath(text)
+    seps = {os.sep, os.altsep} - {None}
+    if not text or text[0] in {".", "~", *seps} or sum(text.count(s) for s in seps) >= 2:
+        return True
+    first = re.split("|".join(re.escape(s) for s in seps), text, maxsplit=1)[0]
+    if first != text and os.path.exists(first):
+        return True
+    return not is_hub_id(text)
+
+
+def describe_missing(
+    path: str | os.PathLike, required: str | None = None, what: str = "a model directory"
+) -> str | None:
+    """Why ``path`` is not a usable local folder, in one line; None when it is one or it is a Hub id to fetch.
+
+    ``required``: a file the folder must hold (``config.json``, ``adapter_config.json``); ``what``: what such a
+    folder is, for the message.
+
+    >>> describe_missing("./missing")
+    'no such directory: ./missing'
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> describe_missing(d, "config.json", "a transformers model directory") == (
+    ...     f"{d}: no config.json (not a transformers model directory)")
+    True
+    >>> describe_missing("user/repo") is None
+    True
+    """
+    text = os.fspath(path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if required is not None and not (local / required).is_file():
+            return f"{text}: no {required} (not {what})"
+        return None
+    if local.exists():
+        return f"{text}: not a directory (expected {what})"
+    if looks_local(text):
+        return f"no such directory: {text}"
+    return None
+
+
 def local_folder(model_id: Any, subfolder: str | None = None) -> str | None:
     """``model_id`` (+ ``subfolder``) as a local directory, or None for a Hub id."""
     if not isinstance(model_id, (str, os.PathLike)):

@@ -1,17 +1,52 @@
 """The ``bitfit-peft`` command line.
 
 ``app`` is the root typer app. Each subcommand lives in its own module, which imports ``app`` from here and
-registers itself with ``@app.command(...)``; the imports at the bottom of this file load them.
+registers itself with ``@app.command(..., cls=SwitchCommand)``; the imports at the bottom of this file load them.
+
+Errors: a problem the command can name (a missing model or adapter directory, a folder that is not a model, a Hub id
+that cannot be fetched, a bad option value) is ONE line ``error: ...`` on stderr and exit code 2, the code typer
+gives usage errors (see :mod:`bitfit_peft.cli._errors`). Exit code 1 with a traceback means a bug.
+
+``--help`` shows boolean options as switches (``--flag`` or ``--flag/--no-flag``), without a value type.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+
+def _as_switches(params: list[Any]) -> list[Any]:
+    """Boolean flags show no value type in ``--help`` (typer prints ``<bool>``, which reads like a value)."""
+    for param in params:
+        if getattr(param, "is_bool_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class SwitchCommand(TyperCommand):
+    """A typer command whose ``--help`` shows boolean options as switches only."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _as_switches(super().get_params(ctx))
+
+
+class SwitchGroup(TyperGroup):
+    """The root group, with the same ``--help`` rule as :class:`SwitchCommand`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _as_switches(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="bitfit-peft",
     help="BitFit (bias-only fine-tuning) as a Hugging Face PEFT tuner type.\n\n"
-    "Run `bitfit-peft train` with no arguments to fine-tune the packaged MiniLM on the packaged SMS Spam demo.",
+    "Run `bitfit-peft train` with no arguments to fine-tune the packaged MiniLM on the packaged SMS Spam demo.\n\n"
+    "Errors (a missing model or adapter, a folder that is not one, an unreachable Hub id, a bad option value) are "
+    "one line on stderr and exit with code 2.",
+    cls=SwitchGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,

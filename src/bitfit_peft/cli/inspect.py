@@ -3,6 +3,10 @@
 Example:
     $ bitfit-peft inspect out/my-adapter --plot bias_change.png --tolerance 1e-4
     $ bitfit-peft inspect some-user/some-bitfit-adapter --base sentence-transformers/all-MiniLM-L6-v2
+
+The adapter's files are read as they are (nothing is loaded onto ``--base``, which only supplies the original biases
+for the relative change), so there is no base fingerprint check and no ``--allow-base-mismatch`` here. A missing
+directory, a folder without ``adapter_model.safetensors`` or a Hub id that cannot be fetched is one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -14,8 +18,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bitfit_peft.cli import app
-from bitfit_peft.inspect import DEFAULT_TOLERANCE, BiasChangeReport, bias_change_report, plot_bias_heatmap
+from bitfit_peft.cli import SwitchCommand, app
+from bitfit_peft.cli._errors import MODEL, check_source, fail, hub_problem
+from bitfit_peft.inspect import (
+    ADAPTER_FILE,
+    DEFAULT_TOLERANCE,
+    BiasChangeReport,
+    bias_change_report,
+    plot_bias_heatmap,
+)
+from bitfit_peft.paths import describe_missing, is_hub_id
 from bitfit_peft.utils import human_bytes
 
 __all__ = ["inspect_command", "print_report", "register"]
@@ -69,7 +81,14 @@ def print_report(report: BiasChangeReport, console: Console | None = None, max_l
         console.print(f"(BitFitConfig(prune_tolerance={report.tolerance:g}) leaves these out when saving)")
 
 
-@app.command("inspect")
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError)
+
+
+@app.command("inspect", cls=SwitchCommand)
 def inspect_command(
     adapter: str = typer.Argument(..., help="Adapter directory or Hugging Face Hub id."),
     base: str | None = typer.Option(
@@ -83,11 +102,19 @@ def inspect_command(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the full report as JSON."),
 ) -> None:
     """Show the average absolute change of every bias (per layer and kind) of a BitFit adapter."""
+    local = Path(adapter).expanduser()
+    if not (local.is_file() and local.name.endswith(".safetensors")):
+        problem = describe_missing(adapter, ADAPTER_FILE, "a BitFit adapter")
+        if problem:
+            fail(problem)
+    if base is not None:
+        check_source(base, MODEL)
     try:
         report = bias_change_report(adapter, base=base, tolerance=tolerance, revision=revision)
+    except _hub_errors() as err:
+        fail(hub_problem(adapter, err, revision=revision) if is_hub_id(adapter) else err)
     except (FileNotFoundError, ValueError) as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from err
+        fail(err)
     console = Console()
     print_report(report, console)
     if plot is not None:
@@ -100,4 +127,4 @@ def inspect_command(
 
 def register(other_app: typer.Typer) -> None:
     """Add the ``inspect`` command to another typer app (it is already on ``bitfit_peft.cli.app``)."""
-    other_app.command("inspect")(inspect_command)
+    other_app.command("inspect", cls=SwitchCommand)(inspect_command)

@@ -5,6 +5,10 @@ Example:
         --adapter sst2=out/sst2 --adapter spam=out/spam --adapter-root out/ --port 8000
     $ curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
         -d '{"inputs": [{"task": "sst2", "text": "great film"}, {"task": "spam", "text": "WIN NOW"}]}'
+
+Before anything is loaded, ``--base`` and every ``--adapter`` are checked: a missing directory, a folder without
+``config.json`` / ``adapter_config.json``, or a Hub id that cannot be fetched is one line naming it, exit code 2
+(as is any load error). An adapter trained on another base is refused unless ``--allow-base-mismatch``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import typer
 from peft.utils.constants import CONFIG_NAME
 from rich.console import Console
 
-from bitfit_peft.cli import app
+from bitfit_peft.cli import SwitchCommand, app
+from bitfit_peft.cli._errors import ADAPTER, MODEL, check_source, fail, with_flag_hint
 
 __all__ = ["parse_adapter_specs", "register", "serve_command"]
 
@@ -76,6 +81,11 @@ def serve_command(
         [], "--adapter-root", help="Directory POST /v1/adapters may load from (repeatable); none: no hot loading."
     ),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow Hub ids in --adapter and POST /v1/adapters."),
+    allow_base_mismatch: bool = typer.Option(
+        False,
+        "--allow-base-mismatch",
+        help="Load every --adapter even if it was trained on another base (skips the base fingerprint check).",
+    ),
     no_admin: bool = typer.Option(False, "--no-admin", help="Disable POST/DELETE /v1/adapters."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -90,6 +100,9 @@ def serve_command(
 
     err = Console(stderr=True)
     pairs = parse_adapter_specs(adapter)
+    check_source(base, MODEL)
+    for name, source in pairs:
+        check_source(source, ADAPTER, label=f"adapter {name!r}", allow_hub=allow_hub)
     if task_type == "auto":
         task_type = _infer_task_type(pairs)
     if not _is_loopback(host):
@@ -110,15 +123,18 @@ def serve_command(
             normalize_embeddings=normalize_embeddings,
         )
         for name, source in pairs:
-            info = engine.add_adapter(name, source, allow_hub=allow_hub)
+            try:
+                info = engine.add_adapter(name, source, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch)
+            except (EngineError, ValueError, OSError) as exc:
+                text = with_flag_hint(exc)
+                fail(text if repr(name) in text else f"adapter {name!r}: {text}")
             labels = f" labels={info.labels}" if info.labels else ""
             err.print(
                 f"loaded [bold]{name}[/bold] ({info.kind}{labels}): {info.delta_params} bias params, "
                 f"{info.total_bytes / 1024:.1f} KiB"
             )
     except (EngineError, ValueError, OSError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from exc
+        fail(exc)
     app = create_app(
         engine,
         max_batch_size=max_batch_size,
@@ -133,7 +149,7 @@ def serve_command(
 
 def register(typer_app: typer.Typer) -> None:
     """Add the ``serve`` command to a typer app."""
-    typer_app.command("serve")(serve_command)
+    typer_app.command("serve", cls=SwitchCommand)(serve_command)
 
 
 register(app)

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from bitfit_peft.cli import app
+from bitfit_peft.cli import SwitchCommand, app
+from bitfit_peft.cli._errors import MODEL, check_source, fail
 from bitfit_peft.utils import human_bytes
 
 
@@ -48,11 +49,24 @@ _HELP = (
     "2 CPU cores), prints accuracy before/after, trainable parameters, adapter file size and wall time, and "
     "saves the adapter to ./bitfit-demo-adapter.\n\n"
     "Example: bitfit-peft train --model bert-base-uncased --data reviews.csv --text-column review "
-    "--label-column stars --bias-terms query,intermediate"
+    "--label-column stars --bias-terms query,intermediate\n\n"
+    "Errors (missing model directory, a folder without config.json, an unreachable Hub id, a bad value, a data "
+    "problem) are one line and exit with code 2."
 )
 
 
-@app.command("train", help=_HELP)
+def _check_bias_terms(bias_terms: str) -> None:
+    """Validate ``--bias-terms`` the way ``BitFitConfig`` will, before any data or model is loaded."""
+    from bitfit_peft import BitFitConfig
+
+    terms = [t.strip() for t in bias_terms.split(",") if t.strip()]
+    try:
+        BitFitConfig(bias_terms="all" if terms in ([], ["all"]) else terms)
+    except ValueError as err:
+        fail(f"Invalid value for '--bias-terms': {err}")
+
+
+@app.command("train", help=_HELP, cls=SwitchCommand)
 def train_command(
     model: Annotated[
         str | None,
@@ -226,6 +240,9 @@ def train_command(
     from bitfit_peft import BitFitError
     from bitfit_peft.training import DataError, train
 
+    _check_bias_terms(bias_terms)
+    if model is not None:
+        check_source(model, MODEL)
     resume: str | bool | None = True if resume_from_checkpoint == "latest" else resume_from_checkpoint
     if not as_json:
         console.print(
@@ -269,8 +286,7 @@ def train_command(
             quiet=quiet or as_json,
         )
     except (DataError, BitFitError) as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        raise typer.Exit(2) from err
+        fail(err)
 
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))

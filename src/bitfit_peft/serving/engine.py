@@ -352,7 +352,10 @@ class MultiTaskEngine:
             if torch_dtype is not None:
                 kwargs["dtype"] = torch_dtype
             model = auto_model_class(self.task_type).from_pretrained(str(base), **kwargs)
-        model = model.to(self.device).eval()
+        if getattr(model, "hf_device_map", None):  # dispatched by Accelerate: keep its placement (offloaded
+            model = model.eval()  # modules cannot be moved; its hooks move inputs and weights)
+        else:
+            model = model.to(self.device).eval()
         for param in model.parameters():
             param.requires_grad_(False)
         self._base: PreTrainedModel = model
@@ -407,11 +410,16 @@ class MultiTaskEngine:
         revision: str | None = None,
         label_names: Sequence[str] | None = None,
         allow_hub: bool = True,
+        allow_base_mismatch: bool = False,
     ) -> AdapterInfo:
         """Load the BitFit adapter at ``source`` (a local directory or a Hub id) as task ``name``.
 
+        ``allow_base_mismatch=True`` skips the base-model fingerprint check (``bitfit_peft.allow_base_mismatch``),
+        to apply an adapter trained on another base on purpose.
+
         Raises :class:`EngineError` (bad name, duplicate, wrong task type, load failure: the model is left as it
-        was) or ``BitFitError`` (adapter trained on another base).
+        was) or ``BitFitError`` (adapter trained on another base). Messages name the adapter ``name``, never the
+        engine's internal PEFT name.
         """
         validate_adapter_name(name)
         adapter_dir = self._fetch(source, revision=revision, allow_hub=allow_hub)
@@ -440,7 +448,11 @@ class MultiTaskEngine:
             # which PEFT matches by suffix) and fresh on every load.
             self._serial += 1
             internal = f"{name}__{self._serial}"
-            self._load(internal, adapter_dir, shapes)
+            try:
+                self._load(internal, adapter_dir, shapes, allow_base_mismatch=allow_base_mismatch)
+            except Exception as err:
+                _rename_in_message(err, internal, name)
+                raise
             try:
                 task = self._describe(name, internal, str(source), adapter_task, meta)
                 task.sizes = self._sizes(internal)
@@ -489,15 +501,25 @@ class MultiTaskEngine:
             raise EngineError(f"Could not download adapter {text!r} from the Hub: {err}") from err
         return Path(local)
 
-    def _load(self, name: str, adapter_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-        from peft import PeftModel
+    def _load(
+        self, name: str, adapter_dir: Path, shapes: dict[str, tuple[int, ...]], allow_base_mismatch: bool = False
+    ) -> None:
+        from peft import PeftConfig, PeftModel
 
+        from .. import allow_base_mismatch as _allow_mismatch
+
+        config = None
+        if allow_base_mismatch:
+            config = _allow_mismatch(PeftConfig.from_pretrained(str(adapter_dir)))
+            config.inference_mode = True
         root = self._base
         try:
             with _head_shapes_as(root, shapes):
                 if self._model is None:
-                    self._model = PeftModel.from_pretrained(root, str(adapter_dir), adapter_name=name)
+                    self._model = PeftModel.from_pretrained(root, str(adapter_dir), adapter_name=name, config=config)
                 else:
+                    if config is not None:  # load_adapter takes no config: register it first, then load the weights
+                        self._model.add_adapter(name, config)
                     self._model.load_adapter(str(adapter_dir), adapter_name=name)
         except Exception:
             if self._model is not None and name in self._model.peft_config:
@@ -778,6 +800,12 @@ class MultiTaskEngine:
             elif isinstance(value, (list, tuple)):
                 ids.update(int(v) for v in value)
         return ids
+
+
+def _rename_in_message(err: BaseException, internal: str, name: str) -> None:
+    """Put the user's adapter ``name`` where a message names the internal PEFT name (``name__3``), in place."""
+    if len(err.args) == 1 and isinstance(err.args[0], str) and internal in err.args[0]:
+        err.args = (err.args[0].replace(repr(internal), repr(name)).replace(internal, name),)
 
 
 def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
