@@ -28,6 +28,8 @@ TARGETS = [
     (peft_model.PeftModel, "_update_offload", ["self", "offload_index", "adapters_weights"]),
     (save_and_load, "_reshard_dtensor_values_for_load", ["model", "state_dict"]),
 ]
+# peft 0.21.0 (the GPU image) has no DTensor re-shard walk, so there is nothing to skip: _compat installs no wrapper
+TARGETS = [t for t in TARGETS if hasattr(t[0], t[1])]
 
 
 @pytest.mark.parametrize("owner,attr,params", TARGETS, ids=[t[1] for t in TARGETS])
