@@ -281,6 +281,18 @@ class BitFitModel(CallPlanMixin, BaseTuner):
             param.requires_grad = requires_grad
         return True
 
+    def note_adapter(self, adapter_name: str, deltas: list[torch.Tensor], targets: set[str]) -> None:
+        """Record an adapter whose deltas were put into existing layers directly (the serving engine's commit)."""
+        self._resolved_targets[adapter_name] = targets
+        if self._structure_cache is not None:
+            self._structure_cache[2][adapter_name] = deltas
+
+    def forget_adapter(self, adapter_name: str) -> None:
+        """Forget an adapter the serving engine took out of the layers directly."""
+        self._resolved_targets.pop(adapter_name, None)
+        if self._structure_cache is not None:
+            self._structure_cache[2].pop(adapter_name, None)
+
     def delete_adapter(self, adapter_name: str) -> None:
         self._invalidate_structure()
         super().delete_adapter(adapter_name)
@@ -400,12 +412,20 @@ def _rollback(model: nn.Module, adapter_name: str) -> None:
 
 def strip_wrappers(model: nn.Module) -> None:
     """Put every BitFit layer's base module and every head's original module back in place."""
+    unwrap_new(model, set())
+
+
+def unwrap_new(model: nn.Module, keep: set[int]) -> None:
+    """Put back the original of every BitFit layer / head wrapper of ``model`` whose ``id`` is not in ``keep``.
+
+    After a failed load: wrappers that load created are removed, so the model's structure is what it was."""
     for name, module in list(model.named_modules()):
-        if name and isinstance(module, (BitFitLayer, ModulesToSaveWrapper)):
+        if name and isinstance(module, (BitFitLayer, ModulesToSaveWrapper)) and id(module) not in keep:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            original = module.get_base_layer() if isinstance(module, BitFitLayer) else module.original_module
-            setattr(parent, child, original)
+            if getattr(parent, child, None) is module:
+                original = module.get_base_layer() if isinstance(module, BitFitLayer) else module.original_module
+                setattr(parent, child, original)
 
 
 def _sync_bias_config_flags(model: nn.Module, created: list[str]) -> None:

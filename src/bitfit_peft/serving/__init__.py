@@ -14,6 +14,8 @@ from ..heads import enable_head_routing
 from .collator import MultiTaskCollator
 from .engine import (
     AdapterInfo,
+    AdapterPathError,
+    DuplicateAdapterError,
     EngineError,
     Generation,
     MultiTaskEngine,
@@ -23,6 +25,8 @@ from .engine import (
 
 __all__ = [
     "AdapterInfo",
+    "AdapterPathError",
+    "DuplicateAdapterError",
     "EngineError",
     "Generation",
     "MultiTaskCollator",

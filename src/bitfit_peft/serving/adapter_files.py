@@ -1,0 +1,201 @@
+"""Reading an adapter folder for the engine: where it is, what it holds, and nothing outside it.
+
+An adapter folder is untrusted: every file the engine opens must resolve inside the folder (symlinks followed,
+the Hugging Face cache's ``snapshots -> blobs`` links allowed) and, when the caller gives ``within`` (a server's
+adapter roots), inside one of those folders too. A Hub id is only ever downloaded, never read as a local path when
+the caller says it is one (``hub=True``). JSON files are size-bounded; no path is ever taken from a file.
+
+Example:
+    >>> import tempfile
+    >>> fetch("user/repo", hub=True, allow_hub=False)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    bitfit_peft.serving.errors.EngineError: ...
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
+
+from ..delta_format import DELTA_KEY, PEFT_PREFIX
+from ..errors import BitFitError
+from ..paths import HUB_ID, check_confined, is_hub_id
+from .errors import AdapterPathError, EngineError
+
+__all__ = ["ADAPTER_FILES", "check_files", "fetch", "head_shapes", "read_json", "read_task_metadata"]
+
+#: every file of an adapter folder the engine (or PEFT, for it) reads
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, "bitfit_training.json", "config.json")
+MAX_JSON_BYTES = 8 << 20  #: a larger config / metadata file is refused, not parsed
+_SHOWN = 120  #: characters of a hostile path quoted in a message
+
+
+def _shown(text: str) -> str:
+    return repr(text[:_SHOWN] + ("..." if len(text) > _SHOWN else ""))
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
+
+
+def _local_dir(text: str) -> Path | None:
+    """``text`` as an existing directory (resolved), None if nothing is there; unusable paths raise."""
+    try:
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            if path.is_symlink() and not path.exists():  # dangling or looping link
+                raise AdapterPathError(f"Adapter path {_shown(text)} is a broken or looping symlink.")
+            return None
+        return path.resolve(strict=True)
+    except ValueError as err:  # embedded NUL
+        raise AdapterPathError(f"Adapter path {_shown(text)} is not a valid path ({err}).") from err
+    except RuntimeError as err:  # symlink loop (older Pythons)
+        raise AdapterPathError(f"Adapter path {_shown(text)} is a symlink loop.") from err
+    except OSError as err:
+        why = "too long" if err.errno == errno.ENAMETOOLONG else (err.strerror or type(err).__name__)
+        raise AdapterPathError(f"Adapter path {_shown(text)} cannot be used: {why}.") from err
+
+
+def fetch(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    allow_hub: bool = True,
+    hub: bool | None = None,
+    within: Sequence[Path] | None = None,
+) -> Path:
+    """The local folder of an adapter: ``source`` itself, or its Hub snapshot.
+
+    ``hub=True``: ``source`` is a Hub repo id, never read from disk; ``hub=False``: a local folder only; ``None``:
+    a local folder if one is there, else a Hub id. ``within``: the local folder must lie inside one of these.
+    """
+    text = os.fspath(source)
+    if hub is not True:
+        local = _local_dir(text)
+        if local is not None:
+            if within is not None and not _inside(local, within):
+                raise AdapterPathError(f"Adapter path {_shown(text)} is outside the allowed adapter folders.")
+            if not (local / CONFIG_NAME).is_file():
+                raise AdapterPathError(
+                    f"{_shown(text)} has no adapter_config.json; point at a saved BitFit adapter directory."
+                )
+            return local
+        if hub is False:
+            raise AdapterPathError(f"Adapter path {_shown(text)}: no such directory.")
+        if not is_hub_id(text):
+            raise EngineError(f"Adapter {_shown(text)}: no such directory (and not a Hub id like 'user/repo').")
+    elif not HUB_ID.match(text) or ".." in text:
+        raise EngineError(f"{_shown(text)} is not a Hugging Face Hub repo id like 'user/repo'.")
+    if not allow_hub:
+        raise EngineError(f"Adapter {_shown(text)}: loading from the Hugging Face Hub is disabled.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local_dir = snapshot_download(
+            text, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+        )
+    except Exception as err:  # noqa: BLE001 - network / auth / missing repo: report, keep serving
+        raise EngineError(f"Could not download adapter {text!r} from the Hub: {err}") from err
+    return Path(local_dir)
+
+
+def check_files(adapter_dir: Path, within: Sequence[Path] | None = None) -> None:
+    """Refuse the folder if a file the engine may read leads outside it (or outside ``within``)."""
+    for name in ADAPTER_FILES:
+        try:
+            check_confined(adapter_dir, name)
+        except BitFitError as err:
+            raise AdapterPathError(str(err)) from err
+        path = adapter_dir / name
+        if within is not None and (path.exists() or path.is_symlink()) and not _inside(path, within):
+            raise AdapterPathError(
+                f"{name} of adapter {adapter_dir.name!r} resolves outside the allowed adapter folders; copy the "
+                "file into the adapter folder instead of linking it."
+            )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when absent, not an object, or unreadable. Oversized files raise."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise EngineError(f"{path.name} is larger than {MAX_JSON_BYTES >> 20} MiB; not an adapter file.")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def labels_from_id2label(id2label: Any) -> list[str] | None:
+    """``{"0": "neg", "1": "pos"}`` -> ``["neg", "pos"]``; None unless the ids are exactly ``0..n-1``."""
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        items = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError):
+        return None
+    if [i for i, _ in items] != list(range(len(items))):
+        return None
+    return [v for _, v in items]
+
+
+def read_task_metadata(adapter_dir: Path) -> dict[str, Any]:
+    """Label names and kind stored next to an adapter.
+
+    Looked up in order: ``bitfit_training.json`` (written by ``bitfit-peft train``: ``label_names``, ``task``),
+    a saved head config ``config.json`` (``id2label``, ``problem_type``), then extra ``label_names`` /
+    ``id2label`` keys in ``adapter_config.json``.
+    """
+    meta: dict[str, Any] = {}
+    summary = read_json(adapter_dir / "bitfit_training.json")
+    if isinstance(summary.get("label_names"), list) and summary["label_names"]:
+        meta["labels"] = [str(x) for x in summary["label_names"]]
+    if summary.get("task") == "regression":
+        meta["kind"] = "regression"
+    for fname in ("config.json", CONFIG_NAME):
+        cfg = read_json(adapter_dir / fname)
+        if "labels" not in meta:
+            labels = cfg.get("label_names") if isinstance(cfg.get("label_names"), list) else None
+            labels = labels or labels_from_id2label(cfg.get("id2label"))
+            if labels:
+                meta["labels"] = [str(x) for x in labels]
+        if "kind" not in meta and cfg.get("problem_type") == "regression":
+            meta["kind"] = "regression"
+    return meta
+
+
+def strip_prefix(key: str) -> str:
+    """A file key without PEFT's ``base_model.model.`` prefix."""
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def is_head_key(key: str, heads: Sequence[str]) -> bool:
+    """Whether ``key`` names a tensor of one of the ``modules_to_save`` modules ``heads`` (matched like PEFT)."""
+    parts = key.split(".")
+    paths = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return any(p == h or p.endswith("." + h) for p in paths for h in heads)
+
+
+def head_shapes(adapter_dir: Path, heads: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the ``modules_to_save`` tensors (of the modules ``heads``) in an adapter file, by model path."""
+    file = adapter_dir / SAFETENSORS_WEIGHTS_NAME
+    if not file.is_file():
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(f".{DELTA_KEY}") or f".{DELTA_KEY}." in key:
+                    continue
+                if is_head_key(strip_prefix(key), heads):
+                    shapes[strip_prefix(key)] = tuple(handle.get_slice(key).get_shape())
+    except SafetensorError as err:
+        raise EngineError(f"{file} is corrupt or truncated ({err}); re-save or re-download the adapter.") from err
+    return shapes

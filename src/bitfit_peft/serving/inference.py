@@ -1,0 +1,294 @@
+"""The inference room of :class:`~bitfit_peft.serving.engine.MultiTaskEngine`: encode, forward, classify, generate.
+
+Every request names its task; a batch of requests of different tasks runs as ONE forward (or ONE ``generate``),
+each sample routed to its own adapter's deltas and head (``adapter_names``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .. import BASE_ADAPTER_NAME
+from .adapter_files import labels_from_id2label
+from .errors import EngineError, UnknownTaskError
+from .heads_shape import last_linear
+
+__all__ = ["Generation", "Inference", "Prediction"]
+
+Request = tuple[str, str] | tuple[str, tuple[str, str]] | tuple[str, str, str]
+
+
+@dataclass
+class Prediction:
+    """Result of one :meth:`MultiTaskEngine.predict` request.
+
+    ``kind`` is ``"classification"`` (``label``, ``score`` = its probability, ``probabilities`` per label),
+    ``"regression"`` (``value``; a list when the head has several outputs) or ``"embedding"`` (mean-pooled
+    ``embedding``).
+    """
+
+    task: str
+    kind: Literal["classification", "regression", "embedding"]
+    label: str | None = None
+    score: float | None = None
+    probabilities: dict[str, float] | None = None
+    value: float | list[float] | None = None
+    embedding: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Generation:
+    """Result of one :meth:`MultiTaskEngine.generate` request (``num_return_sequences`` texts)."""
+
+    task: str
+    texts: list[str]
+    token_ids: list[list[int]] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "texts": self.texts}
+
+
+class Inference:
+    """Prediction and generation of :class:`MultiTaskEngine` (see the module docstring)."""
+
+    # provided by MultiTaskEngine
+    task_type: str
+    device: torch.device
+    max_length: int
+    normalize_embeddings: bool
+    tokenizer: Any
+    _base: Any
+    _model: Any
+    _lock: threading.RLock
+    _tasks: dict
+
+    def _describe(self, task: Any, meta: dict[str, Any]) -> Any:
+        """Fill in a freshly loaded task's kind, labels and head outputs (from its metadata and head)."""
+        if self.task_type == "FEATURE_EXTRACTION":
+            task.kind = "embedding"
+            return task
+        if self.task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            task.kind = "generation"
+            return task
+        num_labels = int(self._base.config.num_labels)
+        for wrapper in task.layout.wrappers:
+            found = last_linear(wrapper.modules_to_save[task.internal])
+            if found is not None:
+                num_labels = int(found[1].weight.shape[0])
+                break
+        labels = meta.get("labels")
+        kind = meta.get("kind") or ("regression" if num_labels == 1 and not labels else "classification")
+        if kind == "classification":
+            labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
+            if len(labels) != num_labels:
+                raise EngineError(
+                    f"Adapter {task.name!r}: its head has {num_labels} outputs but {len(labels)} label names were "
+                    f"found ({labels[:8]}). Fix the label names (label_names=...) or the head."
+                )
+        else:
+            labels = None
+        task.kind, task.labels, task.outputs = kind, labels, num_labels
+        return task
+
+    def _check_tasks(self, tasks: Sequence[str]) -> list[str]:
+        unknown = sorted({t for t in tasks if t != BASE_ADAPTER_NAME and t not in self._tasks})
+        if unknown:
+            raise UnknownTaskError(
+                f"Unknown task(s) {unknown[:20]}; loaded adapters: {sorted(self._tasks)[:20]} "
+                f"(use {BASE_ADAPTER_NAME!r} for the bare base model)."
+            )
+        return list(tasks)
+
+    def _peft_names(self, names: list[str]) -> list[str]:
+        return [BASE_ADAPTER_NAME if n == BASE_ADAPTER_NAME else self._tasks[n].internal for n in names]
+
+    def _forward(self, names: list[str], **inputs: Any) -> Any:
+        if self._model is None:
+            return self._base(**inputs)
+        return self._model(**inputs, adapter_names=self._peft_names(names))
+
+    @staticmethod
+    def _split_request(request: Any) -> tuple[str, str, str | None]:
+        if not isinstance(request, (tuple, list)) or len(request) not in (2, 3):
+            raise EngineError(f"Each request must be (task, text) or (task, (text, text_pair)), got {request!r}.")
+        task, text, *rest = request
+        pair = rest[0] if rest else None
+        if isinstance(text, (tuple, list)):
+            if len(text) != 2 or pair is not None:
+                raise EngineError(f"A text pair must have exactly two texts, got {text!r}.")
+            text, pair = text
+        for value in (task, text) + ((pair,) if pair is not None else ()):
+            if not isinstance(value, str) or not value:
+                raise EngineError(f"Task names and texts must be non-empty strings, got {str(value)[:80]!r}.")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise EngineError(f"Texts and task names must be valid Unicode: {err.reason} at position "
+                                  f"{err.start} (a lone surrogate?).") from err
+        return task, text, pair
+
+    def _encode(self, texts: list[str], pairs: list[str | None]) -> dict[str, torch.Tensor]:
+        common = {"truncation": True, "max_length": self.max_length, "padding": True, "return_tensors": "pt"}
+        if all(p is None for p in pairs):
+            batch = self.tokenizer(texts, **common)
+        elif all(p is not None for p in pairs):
+            batch = self.tokenizer(texts, pairs, **common)
+        else:  # single texts and pairs mixed: encode one by one, pad together
+            batch = self._encode_mixed(texts, pairs)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _encode_mixed(self, texts: list[str], pairs: list[str | None]) -> Any:
+        features = [
+            self.tokenizer(t, p, truncation=True, max_length=self.max_length) if p is not None
+            else self.tokenizer(t, truncation=True, max_length=self.max_length)
+            for t, p in zip(texts, pairs, strict=True)
+        ]
+        return self.tokenizer.pad(features, padding=True, return_tensors="pt")
+
+    def predict(self, requests: Sequence[Request]) -> list[Prediction]:
+        """Classify / regress / embed a list of ``(task, text)`` or ``(task, (text, text_pair))`` in ONE forward.
+
+        Unknown tasks raise :class:`UnknownTaskError` before any compute.
+        """
+        if self.task_type not in ("SEQ_CLS", "FEATURE_EXTRACTION"):
+            raise EngineError(f"predict() serves SEQ_CLS / FEATURE_EXTRACTION engines; this one is "
+                              f"{self.task_type}: use generate().")
+        parsed = [self._split_request(r) for r in requests]
+        if not parsed:
+            return []
+        with self._lock:
+            names = self._check_tasks([p[0] for p in parsed])
+            batch = self._encode([p[1] for p in parsed], [p[2] for p in parsed])
+            with torch.no_grad():
+                out = self._forward(names, **batch)
+            if self.task_type == "FEATURE_EXTRACTION":
+                return self._embeddings(names, out, batch["attention_mask"])
+            return self._classify(names, out.logits.float())
+
+    def _embeddings(self, names: list[str], out: Any, mask: torch.Tensor) -> list[Prediction]:
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        pooled = pooled.float()
+        if self.normalize_embeddings:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return [Prediction(task=n, kind="embedding", embedding=row.tolist()) for n, row in zip(names, pooled.cpu(),
+                                                                                               strict=True)]
+
+    def _classify(self, names: list[str], logits: torch.Tensor) -> list[Prediction]:
+        results = []
+        base_labels = labels_from_id2label(getattr(self._base.config, "id2label", None))
+        for name, row in zip(names, logits.cpu(), strict=True):
+            task = self._tasks.get(name)
+            if task is None:  # the bare base: its own (possibly untrained) head
+                kind = "regression" if self._base.config.num_labels == 1 else "classification"
+                labels = base_labels or [f"LABEL_{i}" for i in range(self._base.config.num_labels)]
+            else:
+                kind, labels = task.kind, task.labels
+            if kind == "regression":
+                width = (task.outputs or 1) if task is not None else self._base.config.num_labels
+                values = row[:width].tolist()
+                results.append(Prediction(task=name, kind="regression", value=values[0] if width == 1 else values))
+                continue
+            assert labels is not None
+            probs = torch.softmax(row[: len(labels)], dim=-1)
+            best = int(probs.argmax())
+            results.append(
+                Prediction(
+                    task=name,
+                    kind="classification",
+                    label=labels[best],
+                    score=float(probs[best]),
+                    probabilities={lab: float(p) for lab, p in zip(labels, probs.tolist(), strict=True)},
+                )
+            )
+        return results
+
+    def generate(
+        self,
+        requests: Sequence[tuple[str, str]],
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Continue each ``(task, prompt)`` with its own adapter, all prompts in ONE ``generate`` call.
+
+        Sampling with ``seed`` is reproducible for the same batch; results of a sample depend on the other
+        samples of its batch (they share the random stream).
+        """
+        if self.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            raise EngineError(f"generate() serves CAUSAL_LM / SEQ_2_SEQ_LM engines; this one is {self.task_type}.")
+        parsed = [self._split_request(r) for r in requests]
+        if any(p[2] is not None for p in parsed):
+            raise EngineError("generate() takes (task, prompt) pairs, not text pairs.")
+        if not parsed:
+            return []
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": int(max_new_tokens),
+            "do_sample": bool(do_sample),
+            "num_beams": int(num_beams),
+            "num_return_sequences": int(num_return_sequences),
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+            if value is not None:
+                gen_kwargs[key] = value
+        with self._lock:
+            names = self._check_tasks([p[0] for p in parsed])
+            side = "left" if self.task_type == "CAUSAL_LM" else "right"
+            batch = self.tokenizer(
+                [p[1] for p in parsed], padding=True, truncation=True, max_length=self.max_length,
+                return_tensors="pt", padding_side=side,
+            )
+            batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.no_grad():
+                if self._model is None:
+                    out = self._base.generate(**batch, **gen_kwargs)
+                else:
+                    out = self._model.generate(**batch, **gen_kwargs, adapter_names=self._peft_names(names))
+        if self.task_type == "CAUSAL_LM":
+            out = out[:, batch["input_ids"].shape[1]:]
+        eos = self._eos_ids()
+        rows = [_until_eos(row, eos) for row in out.cpu().tolist()]
+        n = int(num_return_sequences)
+        return [
+            Generation(
+                task=name,
+                texts=self.tokenizer.batch_decode(rows[i * n:(i + 1) * n], skip_special_tokens=True),
+                token_ids=rows[i * n:(i + 1) * n],
+            )
+            for i, name in enumerate(names)
+        ]
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (getattr(self._base.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """New tokens up to and including the first end-of-sequence token (drops the batch's padding after it)."""
+    for i, tok in enumerate(tokens):
+        if tok in eos:
+            return tokens[: i + 1]
+    return tokens
