@@ -246,3 +246,21 @@ def test_equal_configs_share_one_object_and_deltas_are_packed(world: dict[str, P
     layers = list(engine._tasks["t2"].layout.deltas.values())
     storages = {layer._deltas[internals[0]].untyped_storage().data_ptr() for layer in layers}
     assert len(storages) == 1  # one allocation per adapter
+
+
+def test_peft_load_adapter_failure_unwraps_new_targets(world: dict[str, Path], tmp_path: Path) -> None:
+    """The same guarantee for plain ``PeftModel.load_adapter``: a refused adapter with new targets wraps nothing."""
+    from peft import get_peft_model
+
+    model = AutoModelForSequenceClassification.from_pretrained(world["base"], num_labels=2)
+    peft_model = get_peft_model(model, BitFitConfig(task_type="SEQ_CLS", bias_terms=["query"]))
+    before = [(n, type(m).__name__) for n, m in peft_model.named_modules()]
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "adapter_config.json").write_text((world["a0"] / "adapter_config.json").read_text())
+    state = load_file(str(world["a0"] / "adapter_model.safetensors"))
+    state["base_model.model.bert.pooler.dense.weight"] = torch.zeros(32, 32)  # a base weight: refused
+    save_file(state, str(wide / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BitFitError):
+        peft_model.load_adapter(str(wide), adapter_name="wide")
+    assert [(n, type(m).__name__) for n, m in peft_model.named_modules()] == before

@@ -97,6 +97,14 @@ def _restore_training_state(model: Any, state: tuple[list, list]) -> None:
         module.training = was_training
 
 
+def _wrapper_ids(model: Any) -> set[int]:
+    from peft.utils import ModulesToSaveWrapper
+
+    from .layer import BitFitLayer
+
+    return {id(m) for m in model.modules() if isinstance(m, (BitFitLayer, ModulesToSaveWrapper))}
+
+
 def _has_bitfit_layers(model: Any) -> bool:
     from .layer import BitFitLayer
 
@@ -162,17 +170,19 @@ def _load_adapter(original: Callable) -> Callable:
             return original(self, model_id, adapter_name, *args, **kwargs)
         _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(self)
+        wrapped = _wrapper_ids(self)
         keep = is_bitfit(self) and offload.keeps_dispatch(self, kwargs)  # one PeftModel holds one tuner type
         try:
             with offload.kept_dispatch(self) if keep else contextlib.nullcontext():
                 return original(self, model_id, adapter_name, *args, **kwargs)
         except Exception as err:
             config = self.peft_config.get(adapter_name)
-            if not is_bitfit(config):
-                raise
-            from .model import _rollback
+            if not (is_bitfit(config) or (config is None and isinstance(err, BitFitError) and is_bitfit(self))):
+                raise  # not a BitFit load (ours are rolled back already when the strict check refused)
+            from .model import _rollback, unwrap_new
 
             _rollback(self, adapter_name)
+            unwrap_new(self, wrapped)  # modules this load wrapped (new targets) are put back as they were
             _restore_training_state(self, state)
             raise _load_error(err, f"BitFit adapter {adapter_name!r} from {str(model_id)!r}") from err
 

@@ -400,6 +400,8 @@ class BitFitModel(CallPlanMixin, BaseTuner):
 def _rollback(model: nn.Module, adapter_name: str) -> None:
     """Undo the injection of ``adapter_name`` after a failed load, leaving the model as before."""
     peft_config = getattr(model, "peft_config", {})
+    if adapter_name not in peft_config:  # rolled back already (by the strict check)
+        return
     others = [name for name in peft_config if name != adapter_name]
     tuner = getattr(model, "base_model", None)
     if others and hasattr(model, "delete_adapter"):
