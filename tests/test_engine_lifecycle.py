@@ -264,3 +264,32 @@ def test_peft_load_adapter_failure_unwraps_new_targets(world: dict[str, Path], t
     with pytest.raises(BitFitError):
         peft_model.load_adapter(str(wide), adapter_name="wide")
     assert [(n, type(m).__name__) for n, m in peft_model.named_modules()] == before
+
+
+def test_max_resident_evicts_lru_and_reloads_on_first_request(world: dict[str, Path]) -> None:
+    engine = MultiTaskEngine(str(world["base"]), task_type="SEQ_CLS", device="cpu", dtype="float32",
+                             max_resident=2, adapter_roots=[world["root"]])
+    full = _engine(world)
+    for i in range(4):
+        full.add_adapter(f"a{i}", world[f"a{i}"])
+    expected = {f"a{i}": full.predict([(f"a{i}", TEXTS[0])])[0].probabilities for i in range(4)}
+    engine.add_adapter("a0", world["a0"])
+    engine.add_adapter("a1", world["a1"])
+    engine.predict([("a0", TEXTS[0])])  # a0 is now the most recently used
+    engine.add_adapter("a2", world["a2"])  # evicts a1, the least recently used
+    assert sorted(engine.tasks()) == ["a0", "a2"] and engine.has_task("a1")
+    for name in ("a1", "a3", "a0"):  # a1: known, evicted; a3: only in the adapter roots
+        got = engine.predict([(name, TEXTS[0])])[0].probabilities
+        assert got == pytest.approx(expected[name], abs=1e-5)
+        assert len(engine.tasks()) <= 2
+    mixed = engine.predict([("a2", TEXTS[0]), ("a1", TEXTS[0])])  # both resident at once for the batch
+    assert [p.probabilities for p in mixed] == [pytest.approx(expected[n], abs=1e-5) for n in ("a2", "a1")]
+    with pytest.raises(EngineError, match="max_resident"):
+        engine.predict([("a0", "x"), ("a1", "x"), ("a2", "x")])
+    assert not engine.has_task("nowhere")
+    with pytest.raises(UnknownTaskError):
+        engine.predict([("nowhere", "x")])
+    engine.remove_adapter("a1")  # an explicit remove forgets; the roots still hold a1, so it can come back
+    assert engine.has_task("a1")
+    with pytest.raises(EngineError, match="positive integer"):
+        MultiTaskEngine(str(world["base"]), task_type="SEQ_CLS", device="cpu", max_resident=0)

@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +32,7 @@ from ..utils import DTYPES
 from .errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
 from .inference import Generation, Inference, Prediction
 from .lifecycle import AdapterInfo, AdapterLifecycle, Layout, Task, validate_adapter_name
+from .residency import Residency
 
 __all__ = [
     "AdapterInfo",
@@ -72,7 +75,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-class MultiTaskEngine(AdapterLifecycle, Inference):
+class MultiTaskEngine(Residency, AdapterLifecycle, Inference):
     """Serve many BitFit adapters of one base model, mixing tasks inside a batch.
 
     Args:
@@ -88,6 +91,9 @@ class MultiTaskEngine(AdapterLifecycle, Inference):
             the tokenizer's ``model_max_length``).
         normalize_embeddings: L2-normalise embeddings (sentence-transformers style).
         revision / trust_remote_code: passed to ``from_pretrained`` of the base.
+        max_resident: at most this many adapters in memory (least recently used evicted, reloaded on use; see
+            ``residency.py``); None: no cap.
+        adapter_roots: with ``max_resident``, a request for an unknown task ``name`` loads ``<root>/<name>``.
     """
 
     def __init__(
@@ -101,7 +107,15 @@ class MultiTaskEngine(AdapterLifecycle, Inference):
         normalize_embeddings: bool = False,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        max_resident: int | None = None,
+        adapter_roots: Sequence[str | Path] = (),
     ) -> None:
+        if max_resident is not None and (not isinstance(max_resident, int) or max_resident < 1):
+            raise EngineError(f"max_resident must be a positive integer or None, got {max_resident!r}.")
+        self.max_resident = max_resident
+        self.adapter_roots = [Path(r).expanduser().resolve() for r in adapter_roots]
+        self._known: dict[str, dict[str, Any]] = {}
+        self._last_used: OrderedDict[str, None] = OrderedDict()
         self.task_type: TaskType = normalize_task_type(task_type)
         self.device = _resolve_device(device)
         self.max_length = int(max_length)

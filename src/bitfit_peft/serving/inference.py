@@ -69,6 +69,7 @@ class Inference:
     _model: Any
     _lock: threading.RLock
     _tasks: dict
+    # _ensure_resident(names) / _touch(names): provided by the residency room
 
     def _describe(self, task: Any, meta: dict[str, Any]) -> Any:
         """Fill in a freshly loaded task's kind, labels and head outputs (from its metadata and head)."""
@@ -164,8 +165,10 @@ class Inference:
         parsed = [self._split_request(r) for r in requests]
         if not parsed:
             return []
+        self._ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
         with self._lock:
             names = self._check_tasks([p[0] for p in parsed])
+            self._touch(names)
             batch = self._encode([p[1] for p in parsed], [p[2] for p in parsed])
             with torch.no_grad():
                 out = self._forward(names, **batch)
@@ -247,8 +250,10 @@ class Inference:
         for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
             if value is not None:
                 gen_kwargs[key] = value
+        self._ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
         with self._lock:
             names = self._check_tasks([p[0] for p in parsed])
+            self._touch(names)
             side = "left" if self.task_type == "CAUSAL_LM" else "right"
             batch = self.tokenizer(
                 [p[1] for p in parsed], padding=True, truncation=True, max_length=self.max_length,

@@ -32,7 +32,7 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
-from .. import BASE_ADAPTER_NAME, BitFitLayer, fingerprint
+from .. import BitFitLayer, fingerprint
 from .._registration import is_bitfit
 from . import adapter_files as files
 from .errors import DuplicateAdapterError, EngineError, UnknownTaskError
@@ -147,6 +147,7 @@ class AdapterLifecycle:
     _configs: dict[str, Any]
 
     # _describe(task, meta) -> Task: provided by the inference room (labels, kinds, head outputs)
+    # _remember / _forget / _make_room: provided by the residency room (cap and LRU order)
 
     # ------------------------------------------------------------------ names
     def tasks(self) -> list[str]:
@@ -155,9 +156,6 @@ class AdapterLifecycle:
         Lock-free snapshot, so health checks and request validation never wait for a running batch.
         """
         return list(self._tasks)
-
-    def has_task(self, name: str) -> bool:
-        return name == BASE_ADAPTER_NAME or name in self._tasks
 
     def adapters(self) -> list[AdapterInfo]:
         """Name, task type, labels and memory (delta + head bytes) of every loaded adapter."""
@@ -190,6 +188,15 @@ class AdapterLifecycle:
         :class:`DuplicateAdapterError`) or ``BitFitError`` (another base); on any error the engine is unchanged.
         Files are read and checked without holding the engine lock.
         """
+        return self._add(name, source, (), revision=revision, label_names=label_names, allow_hub=allow_hub,
+                         allow_base_mismatch=allow_base_mismatch, hub=hub, within=within)
+
+    def _add(
+        self, name: str, source: str | Path, keep: Sequence[str], *, revision: str | None = None,
+        label_names: Sequence[str] | None = None, allow_hub: bool = True, allow_base_mismatch: bool = False,
+        hub: bool | None = None, within: Sequence[str | Path] | None = None,
+    ) -> AdapterInfo:
+        """:meth:`add_adapter`; ``keep``: adapters an eviction this load causes must not touch (a batch's)."""
         validate_adapter_name(name)
         if name in self._tasks:
             raise DuplicateAdapterError(f"An adapter named {name!r} is already loaded; remove it first or pick a new "
@@ -222,6 +229,9 @@ class AdapterLifecycle:
                 _rename_in_message(err, internal, name)
                 raise
             self._tasks[name] = task
+            self._remember(name, source, {"revision": revision, "label_names": label_names, "allow_hub": allow_hub,
+                                          "allow_base_mismatch": allow_base_mismatch, "hub": hub, "within": within})
+            self._make_room([*keep, name])
             for old in sorted(self._retired):
                 self._detach(old, None)
             self._retired.clear()
@@ -343,9 +353,14 @@ class AdapterLifecycle:
         with self._lock:
             if name not in self._tasks:
                 raise UnknownTaskError(f"No adapter named {name!r} is loaded; loaded: {sorted(self._tasks)[:20]}.")
-            task = self._tasks.pop(name)
-            self._detach(task.internal, task.layout)
-            self._invalidate_caches()
+            self._unload(name)
+            self._forget(name)
+
+    def _unload(self, name: str) -> None:
+        """Take task ``name`` out of memory (under the lock); an eviction keeps it known."""
+        task = self._tasks.pop(name)
+        self._detach(task.internal, task.layout)
+        self._invalidate_caches()
 
     def _detach(self, internal: str, layout: Layout | None) -> None:
         """Take one PEFT adapter out of the model: O(layers); PEFT's active adapter moves to another first."""
