@@ -4,7 +4,8 @@ One :class:`~bitfit_peft.serving.MultiTaskEngine` on the packaged MiniLM (CPU, f
 2..5-label heads, written by :func:`server_load.make_adapters`) are hot-loaded one after another; at each checkpoint
 (``--counts``, default 10 / 100 / 1,000 / 10,000 resident) it records
 
-- **hot load**: median (and p90) ``add_adapter`` time of the last ``--window`` loads before the checkpoint;
+- **hot load**: median (and p90) ``add_adapter`` time of ``--window`` more adapters loaded at the checkpoint (each
+  unloaded again, so the resident count stays the checkpoint's);
 - **memory per adapter**: growth of the live process RSS (after GC and ``malloc_trim``) since the first checkpoint,
   divided by the adapters loaded since, against the engine's own tensor bytes per adapter (deltas + head);
 - **mixed batch**: median ``predict`` time of a batch of 16 texts, each of a random resident task.
@@ -63,20 +64,23 @@ def run(counts: list[int], window: int, batches: int, seed: int) -> dict[str, An
         root = Path(tmp) / "adapters"
         root.mkdir()
         log(f"writing {max(counts)} adapters ...")
-        made = make_adapters(base, root, max(counts), seed=seed)
+        made = make_adapters(base, root, max(counts) + window, seed=seed)
         dirs = sorted(p for p in root.iterdir() if p.name.startswith("a"))
         engine = MultiTaskEngine(str(base), task_type="SEQ_CLS", device="cpu", dtype="float32", max_length=64)
         engine.add_adapter("t0", dirs[0])
         engine.predict([("t0", SENTENCES[0])])
         loaded, first = 1, None
-        times: list[float] = []
         rows = []
         for count in counts:
             while loaded < count:
-                started = time.perf_counter()
                 engine.add_adapter(f"t{loaded}", dirs[loaded])
-                times.append(time.perf_counter() - started)
                 loaded += 1
+            times = []  # hot loads AT this resident count: load --window more, each unloaded again
+            for extra in dirs[-window:]:
+                started = time.perf_counter()
+                engine.add_adapter("probe", extra)
+                times.append(time.perf_counter() - started)
+                engine.remove_adapter("probe")
             names = engine.tasks()
             latencies = []
             for _ in range(batches):
@@ -90,7 +94,7 @@ def run(counts: list[int], window: int, batches: int, seed: int) -> dict[str, An
             if first is None:  # memory per adapter: growth since the first checkpoint
                 first = (loaded, rss)
             rss_per = (rss - first[1]) / (loaded - first[0]) if loaded > first[0] else float("nan")
-            recent = times[-window:]
+            recent = times
             rows.append({
                 "resident": loaded,
                 "hot_load_ms_median": 1000 * statistics.median(recent),
@@ -101,6 +105,9 @@ def run(counts: list[int], window: int, batches: int, seed: int) -> dict[str, An
                 "tensor_bytes_per_adapter_kib": tensor_bytes / 1024,
             })
             log(f"{loaded} resident: {rows[-1]}")
+        del engine
+        lru = lru_latency(base, root, dirs, capacity=min(100, max(counts) // 2), trials=30, rng=rng)
+        log(f"max_resident: {lru}")
     first = rows[0]
     for row in rows:
         row["hot_load_ratio"] = row["hot_load_ms_median"] / first["hot_load_ms_median"]
@@ -108,7 +115,32 @@ def run(counts: list[int], window: int, batches: int, seed: int) -> dict[str, An
         row["memory_ratio_to_tensors"] = row["rss_per_adapter_kib"] / row["tensor_bytes_per_adapter_kib"]
     # ratios are to the first checkpoint, except memory, whose first figure is the growth to the second
     return {"model": "all-MiniLM-L6-v2 (packaged), SEQ_CLS, CPU fp32", "window": window, "batches": batches,
-            "adapter_write_s": made, "rows": rows}
+            "adapter_write_s": made, "rows": rows, "max_resident": lru}
+
+
+def lru_latency(base: Path, root: Path, dirs: list[Path], capacity: int, trials: int, rng: random.Random) -> dict:
+    """``max_resident=capacity`` with every adapter in ``root``: one-text predict of a resident task (hit) vs of a
+    task not in memory (miss: loaded from the root on first request, the least recently used one evicted)."""
+    from bitfit_peft.serving import MultiTaskEngine
+
+    engine = MultiTaskEngine(str(base), task_type="SEQ_CLS", device="cpu", dtype="float32", max_length=64,
+                             max_resident=capacity, adapter_roots=[root])
+    names = [d.name for d in dirs]
+    for name in names[:capacity]:
+        engine.predict([(name, SENTENCES[0])])
+    hits, misses = [], []
+    for _ in range(trials):
+        resident = rng.choice(engine.tasks())
+        started = time.perf_counter()
+        engine.predict([(resident, rng.choice(SENTENCES))])
+        hits.append(time.perf_counter() - started)
+        absent = rng.choice([n for n in names if n not in engine._tasks])
+        started = time.perf_counter()
+        engine.predict([(absent, rng.choice(SENTENCES))])
+        misses.append(time.perf_counter() - started)
+    assert len(engine.tasks()) == capacity
+    return {"capacity": capacity, "known": len(names), "hit_ms_median": 1000 * statistics.median(hits),
+            "miss_ms_median": 1000 * statistics.median(misses), "miss_ms_p90": 1000 * _percentile(misses, 0.9)}
 
 
 def main() -> None:
@@ -125,6 +157,7 @@ def main() -> None:
     cols = ["resident", "hot_load_ms_median", "hot_load_ratio", "mixed16_ms_median", "mixed16_ratio",
             "rss_per_adapter_kib", "tensor_bytes_per_adapter_kib", "memory_ratio_to_tensors"]
     print(format_table(cols, [[row[c] for c in cols] for row in result["rows"]]))
+    print("max_resident:", result["max_resident"])
     if args.json:
         write_json(args.json, result)
 

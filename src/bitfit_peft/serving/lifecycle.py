@@ -271,6 +271,10 @@ class AdapterLifecycle:
         prepared = Prepared(str(source), adapter_dir, config, _layout_key(config), meta,
                             files.head_shapes(adapter_dir, heads))
         layout = self._layouts.get(prepared.key)
+        if layout is None:  # PEFT's load will match the config's patterns under the lock: try them here first, so
+            from ..model import BitFitModel  # a slow or hostile pattern is refused (bounded) before the lock
+
+            BitFitModel.resolve_targets(self._base, config)
         weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
         if layout is not None and weights.is_file():
             self._check_base(config, layout)
