@@ -293,3 +293,21 @@ def test_max_resident_evicts_lru_and_reloads_on_first_request(world: dict[str, P
     assert engine.has_task("a1")
     with pytest.raises(EngineError, match="positive integer"):
         MultiTaskEngine(str(world["base"]), task_type="SEQ_CLS", device="cpu", max_resident=0)
+
+
+def test_server_with_max_resident_serves_adapters_from_the_roots(world: dict[str, Path]) -> None:
+    from fastapi.testclient import TestClient
+
+    from bitfit_peft.serving import create_app
+
+    engine = MultiTaskEngine(str(world["base"]), task_type="SEQ_CLS", device="cpu", dtype="float32",
+                             max_resident=2, adapter_roots=[world["root"]])
+    with TestClient(create_app(engine, adapter_roots=[world["root"]])) as client:
+        for name in ("a0", "a1", "a2", "a3", "a0"):  # each loaded on first request, at most 2 in memory
+            reply = client.post("/v1/predict", json={"task": name, "text": TEXTS[0]})
+            assert reply.status_code == 200, reply.text
+            assert len(engine.tasks()) <= 2
+        assert client.post("/v1/predict", json={"task": "nowhere", "text": "x"}).status_code == 404
+        reply = client.post("/v1/adapters", json={"name": "a4", "path": "a4"})  # known in the roots, not resident
+        assert reply.status_code == 201, reply.text
+        assert client.post("/v1/adapters", json={"name": "a4", "path": "a4"}).status_code == 409

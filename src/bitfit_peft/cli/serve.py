@@ -6,6 +6,11 @@ Example:
     $ curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
         -d '{"inputs": [{"task": "sst2", "text": "great film"}, {"task": "spam", "text": "WIN NOW"}]}'
 
+With ``--ray --replicas N`` the same HTTP API is served by a Ray Serve application (``pip install
+"bitfit-peft[ray]"``): N replicas, each holding the base and every adapter (``docs/serving.md#scaling-out``).
+``--admin-token`` (or ``BITFIT_PEFT_ADMIN_TOKEN``) makes ``POST``/``DELETE /v1/adapters`` require
+``Authorization: Bearer <token>``.
+
 Before anything is loaded, ``--base`` and every ``--adapter`` are checked: a missing directory, a folder without
 ``config.json`` / ``adapter_config.json``, or a Hub id that cannot be fetched is one line naming it, exit code 2
 (as is any load error). An adapter trained on another base is refused unless ``--allow-base-mismatch``.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from peft.utils.constants import CONFIG_NAME
@@ -77,6 +83,11 @@ def serve_command(
     max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Most inputs per forward."),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="How long to wait to fill a batch."),
     max_queue: int = typer.Option(1024, "--max-queue", min=1, help="Most waiting inputs; beyond: HTTP 429."),
+    max_resident: int | None = typer.Option(
+        None, "--max-resident", min=1, show_default=False,
+        help="Keep at most K adapters in memory: least recently used evicted, reloaded on their next request; a "
+        "request for <adapter-root>/<name> loads it on first use. Default: no cap.",
+    ),
     adapter_root: list[Path] = typer.Option(
         [], "--adapter-root", help="Directory POST /v1/adapters may load from (repeatable); none: no hot loading."
     ),
@@ -87,6 +98,17 @@ def serve_command(
         help="Load every --adapter even if it was trained on another base (skips the base fingerprint check).",
     ),
     no_admin: bool = typer.Option(False, "--no-admin", help="Disable POST/DELETE /v1/adapters."),
+    admin_token: str | None = typer.Option(
+        None, "--admin-token", envvar="BITFIT_PEFT_ADMIN_TOKEN", show_default=False, show_envvar=True,
+        help="Require 'Authorization: Bearer TOKEN' for POST/DELETE /v1/adapters (prefer the environment variable: "
+        "command lines are visible to other local users).",
+    ),
+    ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve replicas (needs bitfit-peft[ray])."),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="With --ray: engine replicas, each with every adapter."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --ray: a running cluster ('auto', 'ray://host:10001'); default: start one."
+    ),
+    cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", min=0.0, help="With --ray: CPUs per replica."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
     max_length: int = typer.Option(512, "--max-length", min=1, help="Truncate inputs to this many tokens."),
@@ -105,14 +127,27 @@ def serve_command(
         check_source(source, ADAPTER, label=f"adapter {name!r}", allow_hub=allow_hub)
     if task_type == "auto":
         task_type = _infer_task_type(pairs)
+    if admin_token is not None and not admin_token.strip():
+        raise typer.BadParameter("--admin-token / BITFIT_PEFT_ADMIN_TOKEN is empty; set a secret or unset it.")
     if not _is_loopback(host):
+        unguarded = not no_admin and admin_token is None
         err.print(
-            f"[yellow]warning:[/yellow] binding {host}: the server has no authentication; anyone who can reach "
-            "this port can run the model" + ("" if no_admin else " and load/unload adapters (see --no-admin)") + "."
+            f"[yellow]warning:[/yellow] binding {host}: anyone who can reach this port can run the model"
+            + (" and load/unload adapters (see --admin-token, --no-admin)" if unguarded else "") + "."
         )
     for root in adapter_root:
         if not root.is_dir():
             raise typer.BadParameter(f"--adapter-root {root} is not a directory.")
+    if ray and max_resident is not None:
+        fail("--max-resident is not available with --ray (every replica holds every adapter); drop one of them.")
+    if ray:
+        _serve_ray(base, pairs, task_type=task_type, replicas=replicas, host=host, port=port,
+                   max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_ms / 1000, adapter_roots=adapter_root,
+                   allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, admin=not no_admin,
+                   admin_token=admin_token, device=device, dtype=dtype, max_length=max_length,
+                   normalize_embeddings=normalize_embeddings, ray_address=ray_address,
+                   cpus_per_replica=cpus_per_replica)
+        return
     try:
         engine = MultiTaskEngine(
             base,
@@ -121,6 +156,8 @@ def serve_command(
             dtype=dtype,
             max_length=max_length,
             normalize_embeddings=normalize_embeddings,
+            max_resident=max_resident,
+            adapter_roots=adapter_root,
         )
         for name, source in pairs:
             try:
@@ -143,8 +180,28 @@ def serve_command(
         adapter_roots=adapter_root,
         allow_hub=allow_hub,
         admin=not no_admin,
+        admin_token=admin_token,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _serve_ray(base: str, pairs: list[tuple[str, str]], *, host: str, port: int, ray_address: str | None,
+               cpus_per_replica: float, **options: Any) -> None:
+    """``serve --ray``: run :func:`bitfit_peft.serving.ray_serve.build_app` until interrupted."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        fail('--ray needs Ray Serve: pip install "bitfit-peft[ray]"')
+    from bitfit_peft.serving.ray_serve import build_app
+
+    app = build_app(base, pairs, ray_actor_options={"num_cpus": cpus_per_replica}, **options)
+    ray.init(address=ray_address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(app, name="bitfit-peft", route_prefix="/", blocking=True)
+    except RuntimeError as exc:  # a replica failed to start (its traceback is in the Ray logs above)
+        fail(f"the Ray Serve application did not start: {str(exc).splitlines()[0]}")
 
 
 def register(typer_app: typer.Typer) -> None:

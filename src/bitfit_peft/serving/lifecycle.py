@@ -202,7 +202,7 @@ class AdapterLifecycle:
             raise DuplicateAdapterError(f"An adapter named {name!r} is already loaded; remove it first or pick a new "
                                         "name.")
         roots = None if within is None else [Path(r).expanduser().resolve() for r in within]
-        prepared = self._prepare(source, revision, allow_hub, hub, roots, allow_base_mismatch, label_names)
+        prepared = self._prepare(name, source, revision, allow_hub, hub, roots, allow_base_mismatch, label_names)
         with self._lock:
             if name in self._tasks:
                 raise DuplicateAdapterError(f"An adapter named {name!r} is already loaded; remove it first or pick a "
@@ -239,7 +239,7 @@ class AdapterLifecycle:
             return self._info(task)
 
     def _prepare(
-        self, source: str | Path, revision: str | None, allow_hub: bool, hub: bool | None,
+        self, name: str, source: str | Path, revision: str | None, allow_hub: bool, hub: bool | None,
         roots: list[Path] | None, allow_base_mismatch: bool, label_names: Sequence[str] | None,
     ) -> Prepared:
         """Everything that reads files, before the lock (see the module docstring)."""
@@ -277,7 +277,7 @@ class AdapterLifecycle:
             BitFitModel.resolve_targets(self._base, config)
         weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
         if layout is not None and weights.is_file():
-            self._check_base(config, layout)
+            self._check_base(name, config, layout)
             read = read_for_layout(weights, layout, config)
             if read is not None:  # else (a 0.1.0 file) PEFT's load converts it
                 prepared.layout = layout
@@ -286,7 +286,7 @@ class AdapterLifecycle:
                 prepared.config = self._configs.setdefault(_config_key(config), config)
         return prepared
 
-    def _check_base(self, config: Any, layout: Layout) -> None:
+    def _check_base(self, name: str, config: Any, layout: Layout) -> None:
         """The fingerprint check PEFT's path runs (``BitFitModel._prepare_adapter_config``), cached per value."""
         stored = config.base_fingerprint
         if stored is None or getattr(config, "_skip_fingerprint", False):
@@ -301,9 +301,10 @@ class AdapterLifecycle:
             from ..errors import BitFitError
 
             raise BitFitError(
-                f"This adapter was trained on a different base model: its fingerprint {fingerprint.describe(stored)} "
-                "does not match this model (names, shapes or original values of the targeted modules differ). Load "
-                "it onto the base it was trained on, or pass allow_base_mismatch=True to apply it anyway."
+                f"Adapter {name!r} was trained on a different base model: its fingerprint "
+                f"{fingerprint.describe(stored)} does not match this model (names, shapes or original values of the "
+                "targeted modules differ). Load it onto the base it was trained on, or pass "
+                "`bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
             )
 
     def _commit(self, internal: str, prepared: Prepared) -> None:

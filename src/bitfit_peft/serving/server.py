@@ -7,143 +7,95 @@ Endpoints (OpenAPI docs at ``/docs``):
 - ``GET /v1/adapters``, ``POST /v1/adapters`` (hot load), ``DELETE /v1/adapters/{name}``
 - ``GET /v1/stats``, ``GET /healthz``
 
-Trust model: the server binds 127.0.0.1 by default and has no authentication. Hot loading reads only directories
-inside the configured ``adapter_roots`` (symlinks resolved; anything else is 403), and Hub ids only when
-``allow_hub=True``.
+The routes, schemas and error mapping are shared with the Ray Serve deployment (``ray_serve.py``): both build their
+app with :func:`make_app` over a :class:`Backend` (here :class:`LocalBackend`: one engine, one batcher).
+
+Trust model (``docs/security.md#the-servers``): requests and adapter folders are untrusted. Every file a hot load
+opens must resolve inside the configured ``adapter_roots`` (symlinks followed, else 403); a ``hub_id`` is only ever
+fetched from the Hub, and only when ``allow_hub=True``; with ``admin_token`` set, ``POST``/``DELETE /v1/adapters``
+need ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable, Sequence
-from contextlib import asynccontextmanager
+import errno
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from peft.utils.constants import CONFIG_NAME
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import BASE_ADAPTER_NAME, BitFitError, __version__
 from .batching import DynamicBatcher, QueueFullError
-from .engine import EngineError, MultiTaskEngine, UnknownTaskError, validate_adapter_name
+from .engine import MultiTaskEngine, validate_adapter_name
+from .errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
+from .schemas import GenerateRequest, LoadAdapterRequest, PredictRequest, json_safe, validation_detail
 
-__all__ = ["create_app", "resolve_in_roots"]
+__all__ = ["AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app", "resolve_in_roots"]
 
-MAX_TEXT_CHARS = 20_000
-MAX_TASK_CHARS = 64
-
-
-# ---------------------------------------------------------------------------------------------------- schemas
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class PredictInput(_Strict):
-    task: str = Field(min_length=1, max_length=MAX_TASK_CHARS, description="Adapter name, or '__base__'.")
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    text_pair: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+logger = logging.getLogger(__name__)
+PREDICT_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION")
+GENERATE_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+_BAD_BODY = "There was an error parsing the body"
 
 
-class PredictRequest(_Strict):
-    """Either ``inputs`` (a list) or a single ``task`` + ``text`` (+ ``text_pair``)."""
+class ApiError(Exception):
+    """An answer other than 2xx: ``status``, a one-line ``detail``, an ``error`` code and extra headers."""
 
-    inputs: list[PredictInput] | None = Field(default=None, min_length=1)
-    task: str | None = Field(default=None, min_length=1, max_length=MAX_TASK_CHARS)
-    text: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    text_pair: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={"examples": [{"inputs": [{"task": "sst2", "text": "a gripping, funny film"},
-                                                    {"task": "spam", "text": "WIN a FREE cruise, reply YES"}]}]},
-    )
-
-    @model_validator(mode="after")
-    def _one_form(self) -> PredictRequest:
-        single = self.task is not None or self.text is not None or self.text_pair is not None
-        if self.inputs is None and not single:
-            raise ValueError("give 'inputs' (a non-empty list) or 'task' and 'text'")
-        if self.inputs is not None and single:
-            raise ValueError("give either 'inputs' or 'task'/'text', not both")
-        if single and (self.task is None or self.text is None):
-            raise ValueError("a single input needs both 'task' and 'text'")
-        return self
-
-    def items(self) -> list[PredictInput]:
-        if self.inputs is not None:
-            return self.inputs
-        assert self.task is not None and self.text is not None
-        return [PredictInput(task=self.task, text=self.text, text_pair=self.text_pair)]
+    def __init__(self, status: int, detail: str, error: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.error, self.headers = status, detail, error, headers or {}
 
 
-class GenerateInput(_Strict):
-    task: str = Field(min_length=1, max_length=MAX_TASK_CHARS)
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A checked hot-load request: ``source`` is an absolute folder inside the roots, or a Hub id (``hub``).
+
+    ``confined=False`` and ``allow_base_mismatch`` only for the operator's own start-up adapters (``--adapter``).
+    """
+
+    name: str
+    source: str
+    hub: bool
+    revision: str | None = None
+    label_names: tuple[str, ...] | None = None
+    confined: bool = True
+    allow_base_mismatch: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-class GenerateRequest(_Strict):
-    inputs: list[GenerateInput] | None = Field(default=None, min_length=1)
-    task: str | None = Field(default=None, min_length=1, max_length=MAX_TASK_CHARS)
-    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    max_new_tokens: int = Field(default=32, ge=1)
-    do_sample: bool = False
-    temperature: float | None = Field(default=None, gt=0, le=10)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    num_beams: int = Field(default=1, ge=1, le=8)
-    num_return_sequences: int = Field(default=1, ge=1, le=8)
+class Backend(Protocol):
+    """What :func:`make_app` serves: a single engine (:class:`LocalBackend`) or Ray replicas."""
 
-    @model_validator(mode="after")
-    def _check(self) -> GenerateRequest:
-        single = self.task is not None or self.prompt is not None
-        if self.inputs is None and not single:
-            raise ValueError("give 'inputs' (a non-empty list) or 'task' and 'prompt'")
-        if self.inputs is not None and single:
-            raise ValueError("give either 'inputs' or 'task'/'prompt', not both")
-        if single and (self.task is None or self.prompt is None):
-            raise ValueError("a single input needs both 'task' and 'prompt'")
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise ValueError("without do_sample, num_return_sequences must be <= num_beams")
-        return self
+    task_type: str
+    base_name: str
 
-    def items(self) -> list[GenerateInput]:
-        if self.inputs is not None:
-            return self.inputs
-        assert self.task is not None and self.prompt is not None
-        return [GenerateInput(task=self.task, prompt=self.prompt)]
-
-    def settings(self) -> tuple[tuple[str, Any], ...]:
-        return tuple(
-            (k, getattr(self, k))
-            for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams",
-                      "num_return_sequences")
-        )
+    async def run(self, kind: str, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> list[dict]: ...
+    async def adapters(self) -> list[dict[str, Any]]: ...
+    async def load(self, spec: AdapterSpec) -> dict[str, Any]: ...
+    async def unload(self, name: str) -> list[str]: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def health(self) -> dict[str, Any]: ...
 
 
-class LoadAdapterRequest(_Strict):
-    name: str = Field(min_length=1, max_length=MAX_TASK_CHARS)
-    path: str | None = Field(default=None, min_length=1, max_length=4096,
-                             description="Adapter directory inside one of the server's adapter roots.")
-    hub_id: str | None = Field(default=None, min_length=3, max_length=200,
-                               description="Hugging Face Hub repo id (only if the server allows the Hub).")
-    revision: str | None = Field(default=None, min_length=1, max_length=200)
-    label_names: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> LoadAdapterRequest:
-        if (self.path is None) == (self.hub_id is None):
-            raise ValueError("give exactly one of 'path' or 'hub_id'")
-        return self
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------------- paths
 def resolve_in_roots(path: str, roots: Sequence[Path]) -> Path | None:
     """``path`` resolved (symlinks followed) if it lies inside one of ``roots``, else None.
 
-    A relative ``path`` is taken relative to each root in turn.
+    A relative ``path`` is taken relative to each root in turn. Raises ``OSError`` / ``RuntimeError`` for paths
+    the OS cannot resolve (symlink loops, names too long).
     """
     raw = Path(path).expanduser()
     for root in roots:
@@ -154,8 +106,298 @@ def resolve_in_roots(path: str, roots: Sequence[Path]) -> Path | None:
     return None
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": message, **extra})
+def resolve_adapter_path(path: str, roots: Sequence[Path]) -> Path:
+    """The adapter folder ``path`` names inside ``roots``, or :class:`ApiError` (400 / 403 / 404) saying why."""
+    if not roots:
+        raise ApiError(403, "Hot loading from paths is disabled: the server has no adapter roots (--adapter-root).")
+    try:
+        resolved = resolve_in_roots(path, roots)
+        if resolved is None:
+            raise ApiError(403, "Path is outside the server's adapter roots; give a folder inside one of them.")
+        is_dir, exists = resolved.is_dir(), resolved.exists()
+        has_config = is_dir and (resolved / CONFIG_NAME).is_file()
+    except RuntimeError as err:  # Python 3.11: symlink loop in Path.resolve()
+        raise ApiError(400, f"Path {path!r} is a symlink loop; point at a real adapter folder.") from err
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ApiError(400, f"Path {path!r} is a symlink loop; point at a real adapter folder.") from err
+        raise ApiError(400, f"Path {path!r} cannot be resolved ({err.strerror or err}); shorten or fix it.") from err
+    if not exists:
+        raise ApiError(404, f"No adapter folder at {path!r} in the adapter roots.")
+    if not is_dir:
+        raise ApiError(400, f"Path {path!r} is a file; give the adapter folder that holds {CONFIG_NAME}.")
+    if not has_config:
+        raise ApiError(404, f"No adapter ({CONFIG_NAME}) at {path!r} in the adapter roots.")
+    return resolved
+
+
+def adapter_spec(body: LoadAdapterRequest, roots: Sequence[Path], allow_hub: bool) -> AdapterSpec:
+    """Check a hot-load request against the server's roots and Hub setting."""
+    labels = tuple(body.label_names) if body.label_names is not None else None
+    if body.hub_id is not None:
+        if not allow_hub:
+            raise ApiError(403, "Loading adapters from the Hugging Face Hub is disabled on this server (--allow-hub).")
+        return AdapterSpec(body.name, body.hub_id, True, body.revision, labels)
+    assert body.path is not None
+    return AdapterSpec(body.name, str(resolve_adapter_path(body.path, roots)), False, body.revision, labels)
+
+
+def add_to_engine(engine: MultiTaskEngine, spec: AdapterSpec, roots: Sequence[Path], allow_hub: bool) -> Any:
+    """``engine.add_adapter`` for ``spec``, confined to ``roots``; errors as :class:`ApiError`."""
+    try:
+        return engine.add_adapter(
+            spec.name, spec.source, revision=spec.revision,
+            label_names=list(spec.label_names) if spec.label_names is not None else None,
+            allow_hub=allow_hub and spec.hub, allow_base_mismatch=spec.allow_base_mismatch, hub=spec.hub,
+            within=list(roots) if spec.confined and not spec.hub else None,
+        )
+    except DuplicateAdapterError as err:
+        raise ApiError(409, str(err), "duplicate_adapter") from err
+    except AdapterPathError as err:
+        raise ApiError(403, str(err), "adapter_path") from err
+    except (EngineError, BitFitError) as err:
+        raise ApiError(422, f"Could not load adapter {spec.name!r}: {err}", "invalid_adapter") from err
+    except Exception as err:  # noqa: BLE001 - a broken adapter must not take the server down
+        raise ApiError(422, f"Could not load adapter {spec.name!r}: {type(err).__name__}: {err}",
+                       "invalid_adapter") from err
+
+
+def run_engine_batch(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: list[Any]) -> list[Any]:
+    """One engine call for ``payloads`` of any tasks; an adapter removed meanwhile fails only its inputs."""
+    with engine.lock:  # check-then-run atomically
+        live = [i for i, p in enumerate(payloads) if engine.has_task(p[0])]
+        results: list[Any] = [
+            UnknownTaskError(f"Adapter {p[0]!r} was removed before this request ran.") for p in payloads
+        ]
+        if not live:
+            return results
+        subset = [payloads[i] for i in live]
+        if kind == "predict":
+            outputs: list[Any] = engine.predict(subset)
+        else:
+            outputs = engine.generate([(t, x) for t, x in subset], **dict(settings))
+        for i, out in zip(live, outputs, strict=True):
+            results[i] = out
+        return results
+
+
+def unknown_tasks(engine: MultiTaskEngine, tasks: Sequence[str]) -> UnknownTaskError | None:
+    unknown = sorted({t for t in tasks if not engine.has_task(t)})
+    if not unknown:
+        return None
+    return UnknownTaskError(f"Unknown task(s) {unknown}; loaded adapters: {sorted(engine.tasks())} "
+                            f"(or {BASE_ADAPTER_NAME!r} for the bare base model).")
+
+
+# ---------------------------------------------------------------------------------------------------- local backend
+class LocalBackend:
+    """One engine in this process, fed by a :class:`DynamicBatcher`."""
+
+    def __init__(self, engine: MultiTaskEngine, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 roots: Sequence[Path], allow_hub: bool) -> None:
+        self.engine, self.roots, self.allow_hub = engine, list(roots), allow_hub
+        self.task_type, self.base_name = str(engine.task_type), engine.base_name
+        self.batcher = DynamicBatcher(lambda key, p: run_engine_batch(engine, *key, p),  # type: ignore[misc]
+                                      max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p[0])
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        await self.batcher.start()
+        try:
+            yield
+        finally:
+            await self.batcher.stop()
+
+    async def run(self, kind: str, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> list[dict]:
+        missing = unknown_tasks(self.engine, [p[0] for p in payloads])
+        if missing is not None:
+            raise missing
+        key: Hashable = (kind, settings)
+        return [r.to_dict() for r in await self.batcher.submit(key, payloads)]
+
+    async def adapters(self) -> list[dict[str, Any]]:
+        return [i.to_dict() for i in await asyncio.to_thread(self.engine.adapters)]
+
+    async def load(self, spec: AdapterSpec) -> dict[str, Any]:
+        if spec.name in self.engine.tasks():  # (has_task is also true for adapters a cap would load on use)
+            raise ApiError(409, f"An adapter named {spec.name!r} is already loaded; DELETE it first.",
+                           "duplicate_adapter")
+        info = await asyncio.to_thread(add_to_engine, self.engine, spec, self.roots, self.allow_hub)
+        return info.to_dict()
+
+    async def unload(self, name: str) -> list[str]:
+        if name not in self.engine.tasks():
+            raise ApiError(404, f"No adapter named {name!r} is loaded.", "unknown_task")
+        await asyncio.to_thread(self.engine.remove_adapter, name)
+        return self.engine.tasks()
+
+    async def stats(self) -> dict[str, Any]:
+        b = self.batcher
+        return {**b.stats.to_dict(), "queue_depth": b.depth, "in_flight": b.in_flight, "max_queue": b.max_queue,
+                "max_batch_size": b.max_batch_size, "max_wait_ms": b.max_wait * 1000}
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "task_type": self.task_type, "adapters": self.engine.tasks(),
+                "queue_depth": self.batcher.depth, "in_flight": self.batcher.in_flight}
+
+
+# ---------------------------------------------------------------------------------------------------- the app
+class _CatchAll:
+    """Answer an unexpected exception with a JSON 500 and keep the connection (Starlette's own handler for
+    ``Exception`` re-raises into the server, which then resets the connection)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as err:  # noqa: BLE001 - the server must answer, whatever broke
+            logger.exception("internal error serving %s", scope.get("path"))
+            if started:
+                raise
+            detail = f"Internal error while serving the request: {type(err).__name__}: {err}"
+            await JSONResponse(json_safe({"detail": detail, "error": "internal"}), 500)(scope, receive, send)
+
+
+def _json(status: int, detail: str, error: str | None = None, headers: dict[str, str] | None = None,
+          **extra: Any) -> JSONResponse:
+    body = {"detail": detail, **({"error": error} if error else {}), **extra}
+    return JSONResponse(json_safe(body), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The JSON error mapping of both servers (table in ``docs/serving.md``)."""
+    handlers: dict[type[Exception], Callable[[Exception], JSONResponse]] = {
+        ApiError: lambda e: _json(e.status, e.detail, e.error, e.headers),  # type: ignore[attr-defined]
+        QueueFullError: lambda e: _json(429, str(e), "queue_full", {"Retry-After": "1"}),
+        UnknownTaskError: lambda e: _json(404, str(e), "unknown_task"),
+        DuplicateAdapterError: lambda e: _json(409, str(e), "duplicate_adapter"),
+        AdapterPathError: lambda e: _json(403, str(e), "adapter_path"),
+        EngineError: lambda e: _json(422, str(e), "invalid_request"),
+    }
+
+    def make(fn: Callable[[Exception], JSONResponse]) -> Callable[[Request, Exception], Any]:
+        async def handler(_: Request, err: Exception) -> JSONResponse:
+            return fn(err)
+        return handler
+
+    for exc_type, fn in handlers.items():
+        app.add_exception_handler(exc_type, make(fn))
+
+    async def invalid(_: Request, err: Exception) -> JSONResponse:
+        detail, errors = validation_detail(list(err.errors()))  # type: ignore[attr-defined]
+        return _json(422, detail, "invalid_request", errors=errors)
+
+    async def http_error(_: Request, err: Exception) -> JSONResponse:
+        assert isinstance(err, HTTPException)
+        detail = err.detail if isinstance(err.detail, str) else str(err.detail)
+        if detail == _BAD_BODY:
+            detail = ("Could not parse the request body: send UTF-8 JSON (no invalid bytes, numbers of at most 4300 "
+                      "digits, nesting depth within limits).")
+        return _json(err.status_code, detail, headers=dict(err.headers or {}))
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(_CatchAll)
+
+
+def make_app(
+    backend: Backend,
+    *,
+    adapter_roots: Sequence[str | Path] = (),
+    allow_hub: bool = False,
+    admin: bool = True,
+    admin_token: str | None = None,
+    max_inputs_per_request: int = 256,
+    max_new_tokens_limit: int = 512,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    title: str = "bitfit-peft multi-task server",
+) -> FastAPI:
+    """The FastAPI app of both servers over ``backend`` (see :func:`create_app` for the arguments)."""
+    if admin_token is not None and not admin_token.strip():
+        raise ValueError("admin_token is empty; give a non-empty secret or None for no admin authentication.")
+    roots = [Path(r).expanduser().resolve() for r in adapter_roots]
+    token = admin_token.encode("utf-8") if admin_token is not None else None
+    app = FastAPI(title=title, version=__version__, lifespan=lifespan,
+                  description="Many BitFit adapters over one base model; inputs of different tasks share a forward.")
+    app.state.backend, app.state.adapter_roots = backend, roots
+    install_error_handlers(app)
+
+    def require_admin(request: Request) -> None:
+        if not admin:
+            raise ApiError(403, "Adapter management is disabled on this server (--no-admin).", "admin_disabled")
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        challenge = 'Bearer realm="bitfit-peft admin"'
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "Adapter management needs 'Authorization: Bearer <admin token>'.", "unauthorized",
+                           {"WWW-Authenticate": challenge})
+        if not secrets.compare_digest(given.strip().encode("latin-1"), token):
+            raise ApiError(401, "Wrong admin token; send the server's --admin-token as a Bearer token.",
+                           "unauthorized", {"WWW-Authenticate": challenge + ', error="invalid_token"'})
+
+    def check_size(n: int) -> None:
+        if n > max_inputs_per_request:
+            raise ApiError(413, f"Too many inputs: {n} > {max_inputs_per_request} per request; split it.")
+
+    @app.post("/v1/predict", summary="Classify / regress / embed inputs of any loaded tasks")
+    async def predict(body: PredictRequest) -> dict[str, Any]:
+        if backend.task_type not in PREDICT_TYPES:
+            raise ApiError(400, f"This server's model is {backend.task_type}: use POST /v1/generate.")
+        items = body.items()
+        check_size(len(items))
+        return {"results": await backend.run("predict", (), [(it.task, it.text, it.text_pair) for it in items])}
+
+    @app.post("/v1/generate", summary="Generate text for prompts of any loaded tasks")
+    async def generate(body: GenerateRequest) -> dict[str, Any]:
+        if backend.task_type not in GENERATE_TYPES:
+            raise ApiError(400, f"This server's model is {backend.task_type}: use POST /v1/predict.")
+        items = body.items()
+        check_size(len(items))
+        if body.max_new_tokens > max_new_tokens_limit:
+            raise ApiError(413, f"max_new_tokens={body.max_new_tokens} exceeds this server's limit "
+                                f"{max_new_tokens_limit}; ask for fewer tokens.")
+        return {"results": await backend.run("generate", body.settings(), [(it.task, it.prompt) for it in items])}
+
+    @app.get("/v1/adapters", summary="Loaded adapters, their labels and memory")
+    async def list_adapters() -> dict[str, Any]:
+        return {"base": backend.base_name, "task_type": backend.task_type, "adapters": await backend.adapters()}
+
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(require_admin)],
+              summary="Hot-load an adapter (from an adapter root or the Hub)")
+    async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
+        try:
+            validate_adapter_name(body.name)
+        except EngineError as err:
+            raise ApiError(422, str(err), "invalid_request") from err
+        spec = await asyncio.to_thread(adapter_spec, body, roots, allow_hub)
+        return await backend.load(spec)
+
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(require_admin)], summary="Unload an adapter")
+    async def delete_adapter(name: str) -> dict[str, Any]:
+        return {"removed": name, "adapters": await backend.unload(name)}
+
+    @app.get("/v1/stats", summary="Batching statistics")
+    async def stats() -> dict[str, Any]:
+        return await backend.stats()
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return await backend.health()
+
+    return app
 
 
 def create_app(
@@ -167,183 +409,28 @@ def create_app(
     *,
     allow_hub: bool = False,
     admin: bool = True,
+    admin_token: str | None = None,
     max_inputs_per_request: int = 256,
     max_new_tokens_limit: int = 512,
 ) -> FastAPI:
-    """Build the FastAPI app serving ``engine``.
+    """Build the FastAPI app serving ``engine`` in this process.
 
     Args:
         engine: the loaded :class:`MultiTaskEngine`.
         max_batch_size / max_wait_ms: dynamic batching (inputs of any task arriving within ``max_wait_ms`` of the
             oldest waiting one share a forward, up to ``max_batch_size``).
         max_queue: most inputs waiting; beyond it requests get HTTP 429 with a JSON message (never dropped).
-        adapter_roots: directories hot loading (``POST /v1/adapters``) may read from; empty disables loading
-            from paths.
+        adapter_roots: directories hot loading (``POST /v1/adapters``) may read from: every file a load opens must
+            resolve inside one of them. Empty disables loading from paths.
         allow_hub: let ``POST /v1/adapters`` download ``hub_id`` adapters from the Hugging Face Hub.
         admin: serve ``POST``/``DELETE /v1/adapters`` at all.
+        admin_token: when set, those endpoints need ``Authorization: Bearer <admin_token>`` (else 401).
         max_inputs_per_request / max_new_tokens_limit: request size limits (HTTP 413 beyond them).
     """
     roots = [Path(r).expanduser().resolve() for r in adapter_roots]
-
-    def run_batch(key: Hashable, payloads: list[Any]) -> list[Any]:
-        kind, settings = key  # type: ignore[misc]
-        with engine.lock:  # check-then-run atomically: an adapter removed meanwhile fails only its inputs
-            live = [i for i, p in enumerate(payloads) if engine.has_task(p[0])]
-            results: list[Any] = [
-                UnknownTaskError(f"Adapter {p[0]!r} was removed before this request ran.") for p in payloads
-            ]
-            if not live:
-                return results
-            subset = [payloads[i] for i in live]
-            if kind == "predict":
-                outputs: list[Any] = engine.predict(subset)
-            else:
-                outputs = engine.generate([(t, x) for t, x in subset], **dict(settings))
-            for i, out in zip(live, outputs, strict=True):
-                results[i] = out
-            return results
-
-    batcher = DynamicBatcher(run_batch, max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p[0])
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
-
-    app = FastAPI(
-        title="bitfit-peft multi-task server",
-        version=__version__,
-        description="Many BitFit adapters over one base model; inputs of different tasks share a forward.",
-        lifespan=lifespan,
-    )
-    app.state.engine = engine
-    app.state.batcher = batcher
-    app.state.adapter_roots = roots
-
-    @app.exception_handler(QueueFullError)
-    async def _queue_full(_: Request, err: QueueFullError) -> JSONResponse:
-        return JSONResponse(status_code=429, content={"detail": str(err), "error": "queue_full"},
-                            headers={"Retry-After": "1"})
-
-    @app.exception_handler(UnknownTaskError)
-    async def _unknown_task(_: Request, err: UnknownTaskError) -> JSONResponse:
-        return _error(404, str(err), error="unknown_task")
-
-    @app.exception_handler(EngineError)
-    async def _engine_error(_: Request, err: EngineError) -> JSONResponse:
-        return _error(422, str(err), error="invalid_request")
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, err: Exception) -> JSONResponse:
-        return _error(500, f"Internal error while serving the request: {type(err).__name__}: {err}",
-                      error="internal")
-
-    def check_tasks(tasks: list[str]) -> None:
-        unknown = sorted({t for t in tasks if not engine.has_task(t)})
-        if unknown:
-            raise UnknownTaskError(
-                f"Unknown task(s) {unknown}; loaded adapters: {sorted(engine.tasks())} "
-                f"(or {BASE_ADAPTER_NAME!r} for the bare base model)."
-            )
-
-    def check_size(n: int) -> None:
-        if n > max_inputs_per_request:
-            raise HTTPException(413, f"Too many inputs: {n} > {max_inputs_per_request} per request; split it.")
-
-    @app.post("/v1/predict", summary="Classify / regress / embed inputs of any loaded tasks")
-    async def predict(body: PredictRequest) -> dict[str, Any]:
-        if engine.task_type not in ("SEQ_CLS", "FEATURE_EXTRACTION"):
-            raise HTTPException(400, f"This server's model is {engine.task_type}: use POST /v1/generate.")
-        items = body.items()
-        check_size(len(items))
-        check_tasks([it.task for it in items])
-        payloads = [(it.task, it.text, it.text_pair) for it in items]
-        results = await batcher.submit(("predict", ()), payloads)
-        return {"results": [r.to_dict() for r in results]}
-
-    @app.post("/v1/generate", summary="Generate text for prompts of any loaded tasks")
-    async def generate(body: GenerateRequest) -> dict[str, Any]:
-        if engine.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
-            raise HTTPException(400, f"This server's model is {engine.task_type}: use POST /v1/predict.")
-        items = body.items()
-        check_size(len(items))
-        if body.max_new_tokens > max_new_tokens_limit:
-            raise HTTPException(413, f"max_new_tokens={body.max_new_tokens} exceeds this server's limit "
-                                     f"{max_new_tokens_limit}.")
-        check_tasks([it.task for it in items])
-        results = await batcher.submit(("generate", body.settings()), [(it.task, it.prompt) for it in items])
-        return {"results": [r.to_dict() for r in results]}
-
-    @app.get("/v1/adapters", summary="Loaded adapters, their labels and memory")
-    async def list_adapters() -> dict[str, Any]:
-        infos = await asyncio.to_thread(engine.adapters)
-        return {
-            "base": engine.base_name,
-            "task_type": engine.task_type,
-            "adapters": [i.to_dict() for i in infos],
-        }
-
-    @app.post("/v1/adapters", status_code=201, summary="Hot-load an adapter (from an adapter root or the Hub)")
-    async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
-        if not admin:
-            raise HTTPException(403, "Adapter management is disabled on this server.")
-        try:
-            validate_adapter_name(body.name)
-        except EngineError as err:
-            raise HTTPException(422, str(err)) from err
-        if engine.has_task(body.name):
-            raise HTTPException(409, f"An adapter named {body.name!r} is already loaded; DELETE it first.")
-        if body.hub_id is not None:
-            if not allow_hub:
-                raise HTTPException(403, "Loading adapters from the Hugging Face Hub is disabled on this server.")
-            source: str | Path = body.hub_id
-        else:
-            assert body.path is not None
-            if not roots:
-                raise HTTPException(403, "Hot loading from paths is disabled: the server has no adapter roots.")
-            resolved = resolve_in_roots(body.path, roots)
-            if resolved is None:
-                raise HTTPException(403, "Path is outside the server's adapter roots.")
-            if not (resolved / CONFIG_NAME).is_file():
-                raise HTTPException(404, f"No adapter (adapter_config.json) at {body.path!r} in the adapter roots.")
-            source = resolved
-        try:
-            info = await asyncio.to_thread(
-                engine.add_adapter, body.name, source, revision=body.revision, label_names=body.label_names,
-                allow_hub=allow_hub,
-            )
-        except (EngineError, BitFitError) as err:
-            if "already loaded" in str(err):
-                raise HTTPException(409, str(err)) from err
-            raise HTTPException(422, f"Could not load adapter {body.name!r}: {err}") from err
-        except Exception as err:  # noqa: BLE001 - a broken adapter must not take the server down
-            raise HTTPException(422, f"Could not load adapter {body.name!r}: {type(err).__name__}: {err}") from err
-        return info.to_dict()
-
-    @app.delete("/v1/adapters/{name}", summary="Unload an adapter")
-    async def delete_adapter(name: str) -> dict[str, Any]:
-        if not admin:
-            raise HTTPException(403, "Adapter management is disabled on this server.")
-        if name not in engine.tasks():
-            raise HTTPException(404, f"No adapter named {name!r} is loaded.")
-        try:
-            await asyncio.to_thread(engine.remove_adapter, name)
-        except UnknownTaskError as err:
-            raise HTTPException(404, str(err)) from err
-        return {"removed": name, "adapters": engine.tasks()}
-
-    @app.get("/v1/stats", summary="Batching statistics")
-    async def stats() -> dict[str, Any]:
-        return {**batcher.stats.to_dict(), "queue_depth": batcher.depth, "in_flight": batcher.in_flight,
-                "max_queue": batcher.max_queue,
-                "max_batch_size": batcher.max_batch_size, "max_wait_ms": batcher.max_wait * 1000}
-
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "task_type": engine.task_type, "adapters": engine.tasks(),
-                "queue_depth": batcher.depth, "in_flight": batcher.in_flight}
-
+    backend = LocalBackend(engine, max_batch_size, max_wait_ms, max_queue, roots, allow_hub)
+    app = make_app(backend, adapter_roots=roots, allow_hub=allow_hub, admin=admin, admin_token=admin_token,
+                   max_inputs_per_request=max_inputs_per_request, max_new_tokens_limit=max_new_tokens_limit,
+                   lifespan=backend.lifespan)
+    app.state.engine, app.state.batcher = engine, backend.batcher
     return app
