@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = R.Runner(s, torch.device("cpu"), Path("/dev/null"))
     d = runner.task(args.task)
     train = runner.encoded(args.task, "train", args.train_size)
-    model, steps, loss = R.train("bitfit", args.lr, 0, train, d.num_labels, s, torch.device("cpu"))
+    model, steps, loss, _ = R.train("bitfit", args.lr, 0, train, d.num_labels, s, torch.device("cpu"))
     dev = runner.evaluate(model, args.task, "dev")
     print(f"{args.task}: BitFit (all biases), lr {args.lr:g}, {steps} steps, loss {loss:.3f}, dev acc {dev:.4f}")
     model.save_pretrained(str(args.adapter_dir))

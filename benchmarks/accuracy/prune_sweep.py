@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train = runner.encoded(args.task, "train", args.train_size)
         t0 = time.perf_counter()
-        model, steps, loss = R.train("bitfit", args.lr, 0, train, num_labels, s, cpu)
+        model, steps, loss, _ = R.train("bitfit", args.lr, 0, train, num_labels, s, cpu)
         training.update(
             source="trained", steps=steps, lr=args.lr, batch_size=s.batch_size, n_train=len(train), seed=0,
             final_loss=loss, train_seconds=time.perf_counter() - t0,

