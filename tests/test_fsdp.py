@@ -9,7 +9,6 @@ deltas.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
+from test_ddp import _env as ddp_env
 from transformers import AutoModelForSequenceClassification
 
 import bitfit_peft  # noqa: F401  (registers the BITFIT PEFT type)
@@ -31,15 +31,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def _env() -> dict[str, str]:
-    src = str(HERE.parent / "src")
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH", "")])),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "DS_ACCELERATOR": "cpu",
-    }
+    return {**ddp_env(), "DS_ACCELERATOR": "cpu"}
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
