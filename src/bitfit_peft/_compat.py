@@ -97,14 +97,6 @@ def _restore_training_state(model: Any, state: tuple[list, list]) -> None:
         module.training = was_training
 
 
-def _wrapper_ids(model: Any) -> set[int]:
-    from peft.utils import ModulesToSaveWrapper
-
-    from .layer import BitFitLayer
-
-    return {id(m) for m in model.modules() if isinstance(m, (BitFitLayer, ModulesToSaveWrapper))}
-
-
 def _has_bitfit_layers(model: Any) -> bool:
     from .layer import BitFitLayer
 
@@ -170,7 +162,9 @@ def _load_adapter(original: Callable) -> Callable:
             return original(self, model_id, adapter_name, *args, **kwargs)
         _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(self)
-        wrapped = _wrapper_ids(self)
+        from .model import wrapper_ids
+
+        wrapped = wrapper_ids(self)
         keep = is_bitfit(self) and offload.keeps_dispatch(self, kwargs)  # one PeftModel holds one tuner type
         try:
             with offload.kept_dispatch(self) if keep else contextlib.nullcontext():

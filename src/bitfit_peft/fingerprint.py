@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -160,3 +161,30 @@ def describe(fingerprint: str | Mapping[str, Any] | None) -> str:
     if isinstance(fingerprint, str):
         return fingerprint[:19] + "..."
     return str(fingerprint.get("structure", "?"))[:19] + "..."
+
+
+def base_matches(config: Any, model: nn.Module, names: Iterable[str]) -> bool:
+    """Whether the modules ``names`` of ``model`` match the base fingerprint stored in ``config``.
+
+    True when there is nothing to check (no fingerprint, or a config marked by ``allow_base_mismatch``) and, with
+    a warning, when offloaded values cannot be read."""
+    stored = getattr(config, "base_fingerprint", None)
+    if stored is None or getattr(config, "_skip_fingerprint", False):
+        return True
+    try:
+        return check(stored, module_entries(model, names))
+    except OffloadedValuesUnavailable as err:
+        warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=3)
+        return True
+
+
+def other_base_error(adapter_name: str, stored: str | Mapping[str, Any] | None) -> Exception:
+    """The load error for an adapter whose fingerprint ``stored`` does not match the model."""
+    from .errors import BitFitError
+
+    return BitFitError(
+        f"Adapter {adapter_name!r} was trained on a different base model: its fingerprint {describe(stored)} does "
+        "not match this model (names, shapes or original values of the targeted modules differ). Load it onto the "
+        "base it was trained on, or pass `bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
+    )
+

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -143,18 +142,10 @@ def _refused(where: str, what: str) -> BitFitError:
 
 def _check_base(where: str, config: BitFitConfig, model: nn.Module, names: list[str]) -> None:
     """The new adapter's base fingerprint must match the model, unless ``allow_base_mismatch`` marked the config."""
-    stored = config.base_fingerprint
-    if stored is None or getattr(config, "_skip_fingerprint", False):
-        return
-    try:
-        same = fingerprint.check(stored, fingerprint.module_entries(model, names))
-    except fingerprint.OffloadedValuesUnavailable as err:
-        warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=3)
-        return
-    if not same:
+    if not fingerprint.base_matches(config, model, names):
         raise BitFitError(
             f"Cannot hot-swap {where}: it was trained on a different base model (fingerprint "
-            f"{fingerprint.describe(stored)}). Nothing was changed; pass "
+            f"{fingerprint.describe(config.base_fingerprint)}). Nothing was changed; pass "
             "`config=bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
         )
 

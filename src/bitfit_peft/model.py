@@ -60,20 +60,8 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         """Resolve the targets up front and check the fingerprint, so nothing changes if anything is wrong."""
         adapter_name = self._injecting or next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
         targets = self.resolve_targets(self.model, peft_config)
-        stored = peft_config.base_fingerprint
-        if stored is not None and not getattr(peft_config, "_skip_fingerprint", False):
-            try:
-                same = fingerprint.check(stored, fingerprint.module_entries(self.model, sorted(targets)))
-            except fingerprint.OffloadedValuesUnavailable as err:
-                warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=2)
-                same = True
-            if not same:
-                raise BitFitError(
-                    f"Adapter {adapter_name!r} was trained on a different base model: its fingerprint "
-                    f"{fingerprint.describe(stored)} does not match this model (names, shapes or original values of "
-                    "the targeted modules differ). Load it onto the base it was trained on, or pass "
-                    "`bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
-                )
+        if not fingerprint.base_matches(peft_config, self.model, sorted(targets)):
+            raise fingerprint.other_base_error(adapter_name, peft_config.base_fingerprint)
         self._resolved_targets[adapter_name] = targets
         return peft_config
 
@@ -415,6 +403,11 @@ def _rollback(model: nn.Module, adapter_name: str) -> None:
 def strip_wrappers(model: nn.Module) -> None:
     """Put every BitFit layer's base module and every head's original module back in place."""
     unwrap_new(model, set())
+
+
+def wrapper_ids(model: nn.Module) -> set[int]:
+    """``id`` of every BitFit layer and head wrapper of ``model`` (what :func:`unwrap_new` keeps after a failure)."""
+    return {id(m) for m in model.modules() if isinstance(m, (BitFitLayer, ModulesToSaveWrapper))}
 
 
 def unwrap_new(model: nn.Module, keep: set[int]) -> None:

@@ -115,16 +115,14 @@ class Prepared:
     heads: dict[ModulesToSaveWrapper, nn.Module] | None = None
 
 
-def _config_key(config: Any) -> str:
-    return json.dumps({**config.to_dict(), "_skip": getattr(config, "_skip_fingerprint", False)}, sort_keys=True,
-                      default=str)
-
-
-def _layout_key(config: Any) -> str:
-    data = config.to_dict()
-    for name in _LAYOUT_FREE:
+def _config_keys(config: Any) -> tuple[str, str]:
+    """``(layout key, content key)`` of a config: equal layout keys share a :class:`Layout`, equal content keys one
+    config object."""
+    data = {**config.to_dict(), "_skip": getattr(config, "_skip_fingerprint", False)}
+    content = json.dumps(data, sort_keys=True, default=str)
+    for name in (*_LAYOUT_FREE, "_skip"):
         data.pop(name, None)
-    return json.dumps(data, sort_keys=True, default=str)
+    return json.dumps(data, sort_keys=True, default=str), content
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -209,9 +207,9 @@ class AdapterLifecycle:
                                             "new name.")
             self._serial += 1
             internal = f"{name}__{self._serial}"
-            layout = self._layouts.get(prepared.key) if prepared.deltas is not None else None
             try:
-                if layout is not None and layout is prepared.layout:
+                if prepared.layout is not None:  # read for a known layout (layouts are never replaced)
+                    layout = prepared.layout
                     self._commit(internal, prepared)
                 else:
                     layout = self._load_with_peft(internal, prepared)
@@ -267,14 +265,9 @@ class AdapterLifecycle:
         meta = files.read_task_metadata(adapter_dir)
         if label_names is not None:
             meta["labels"] = [str(x) for x in label_names]
-        heads = [str(h) for h in (config.modules_to_save or []) if isinstance(h, str)]
-        prepared = Prepared(str(source), adapter_dir, config, _layout_key(config), meta,
-                            files.head_shapes(adapter_dir, heads))
-        layout = self._layouts.get(prepared.key)
-        if layout is None:  # PEFT's load will match the config's patterns under the lock: try them here first, so
-            from ..model import BitFitModel  # a slow or hostile pattern is refused (bounded) before the lock
-
-            BitFitModel.resolve_targets(self._base, config)
+        layout_key, content_key = _config_keys(config)
+        prepared = Prepared(str(source), adapter_dir, config, layout_key, meta, {})
+        layout = self._layouts.get(layout_key)
         weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
         if layout is not None and weights.is_file():
             self._check_base(name, config, layout)
@@ -283,29 +276,28 @@ class AdapterLifecycle:
                 prepared.layout = layout
                 prepared.deltas, prepared.heads = read
                 # equal configs share one object (PEFT's own load mutates its config: never shared)
-                prepared.config = self._configs.setdefault(_config_key(config), config)
+                prepared.config = self._configs.setdefault(content_key, config)
+                return prepared
+        # PEFT's load: it matches the config's patterns under the lock, so try them here first (a slow or hostile
+        # pattern is refused, bounded, before the lock), and read the head shapes it needs
+        from ..model import BitFitModel
+
+        BitFitModel.resolve_targets(self._base, config)
+        heads = [str(h) for h in (config.modules_to_save or []) if isinstance(h, str)]
+        prepared.head_shapes = files.head_shapes(adapter_dir, heads)
         return prepared
 
     def _check_base(self, name: str, config: Any, layout: Layout) -> None:
-        """The fingerprint check PEFT's path runs (``BitFitModel._prepare_adapter_config``), cached per value."""
-        stored = config.base_fingerprint
-        if stored is None or getattr(config, "_skip_fingerprint", False):
-            return
-        key = json.dumps(stored, sort_keys=True, default=str)
+        """The fingerprint check of PEFT's path (``BitFitModel._prepare_adapter_config``), cached per stored value
+        (the base is frozen)."""
+        key = json.dumps([config.base_fingerprint, getattr(config, "_skip_fingerprint", False)], sort_keys=True,
+                         default=str)
         same = self._base_checks.get(key)
         if same is None:
-            tuner = self._model.base_model
-            same = fingerprint.check(stored, fingerprint.module_entries(tuner.model, sorted(layout.targets)))
+            same = fingerprint.base_matches(config, self._model.base_model.model, sorted(layout.targets))
             self._base_checks[key] = same
         if not same:
-            from ..errors import BitFitError
-
-            raise BitFitError(
-                f"Adapter {name!r} was trained on a different base model: its fingerprint "
-                f"{fingerprint.describe(stored)} does not match this model (names, shapes or original values of the "
-                "targeted modules differ). Load it onto the base it was trained on, or pass "
-                "`bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
-            )
+            raise fingerprint.other_base_error(name, config.base_fingerprint)
 
     def _commit(self, internal: str, prepared: Prepared) -> None:
         """Put a prepared adapter of a known layout into the model: O(layers), whatever is resident."""
@@ -322,10 +314,10 @@ class AdapterLifecycle:
         """PEFT's own load (first adapter of a layout); the model is left as before if it fails."""
         from peft import PeftModel
 
-        from ..model import unwrap_new
+        from ..model import unwrap_new, wrapper_ids
 
         root = self._base
-        before = {id(m) for m in root.modules() if isinstance(m, (BitFitLayer, ModulesToSaveWrapper))}
+        before = wrapper_ids(root)
         try:
             with head_shapes_as(root, prepared.head_shapes):
                 if self._model is None:
@@ -349,7 +341,8 @@ class AdapterLifecycle:
         from ..heads import route_heads, routing_of
 
         route_heads(layout.wrappers, routing_of(self._model))
-        self._layouts.setdefault(prepared.key, layout)
+        if not getattr(root, "hf_device_map", None):  # dispatched bases always load through PEFT (hooked heads)
+            self._layouts.setdefault(prepared.key, layout)
         return layout
 
     # ------------------------------------------------------------------ unload
@@ -394,9 +387,8 @@ class AdapterLifecycle:
     def _invalidate_caches(self) -> None:
         # Each layer caches its last mixed-batch table, which holds references to the deltas it was built from:
         # drop it on every change, so a removed adapter's tensors are freed.
-        for layout in {id(lay): lay for lay in self._layouts.values()}.values():
-            for layer in layout.deltas.values():
-                layer.drop_cached_tables()
+        for layer in {layer for layout in self._layouts.values() for layer in layout.deltas.values()}:
+            layer.drop_cached_tables()
 
 
 def _rename_in_message(err: BaseException, internal: str, name: str) -> None:
