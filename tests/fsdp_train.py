@@ -142,3 +142,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Everything is written and the process group destroyed. Skip the interpreter's teardown: with torch 2.13 on
+    # CPU, FSDP1's background threads can abort it ("terminate called without an active exception", exit -6)
+    # after a complete, correct run, which made CI flaky.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
