@@ -66,7 +66,7 @@ def test_cli_runs_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path
     assert opt["learning_rate"] == RECIPE.learning_rate
     assert opt["head_learning_rate"] == pytest.approx(RECIPE.head_lr_factor * RECIPE.learning_rate)
     assert opt["lr_scheduler_type"] == RECIPE.lr_scheduler_type and opt["warmup_ratio"] == RECIPE.warmup_ratio
-    assert opt["early_stopping_patience"] == RECIPE.early_stopping_patience and opt["num_epochs"] == 1
+    assert opt["early_stopping_patience"] == (RECIPE.early_stopping_patience or None) and opt["num_epochs"] == 1
 
 
 def test_explicit_values_override_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
@@ -88,7 +88,7 @@ def test_suite_bitfit_method_uses_the_recipe() -> None:
     per_epoch = 400 // s.batch_size
     assert sched.steps == round(RECIPE.num_epochs * per_epoch) and sched.eval_every == per_epoch
     assert sched.head_lr_factor == RECIPE.head_lr_factor and sched.warmup_frac == RECIPE.warmup_ratio
-    assert sched.scheduler == RECIPE.lr_scheduler_type and sched.patience == RECIPE.early_stopping_patience
+    assert sched.scheduler == RECIPE.lr_scheduler_type and sched.patience == (RECIPE.early_stopping_patience or None)
     assert s.lr_grid["bitfit"] == (RECIPE.learning_rate,)
 
 

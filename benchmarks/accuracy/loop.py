@@ -201,6 +201,7 @@ class Schedule:
     scheduler: str = "linear"  #: a ``transformers.get_scheduler`` name, or "legacy" (the suite's first LambdaLR)
     eval_every: int | None = None  #: steps between dev evaluations (None: only after training)
     patience: int | None = None  #: evaluations without dev improvement before stopping (None: never)
+    batch_size: int | None = None  #: training batch size (None: the setting's)
 
 
 def legacy_schedule(n_train: int, s: Setting) -> Schedule:
@@ -213,10 +214,11 @@ def recipe_schedule(n_train: int, s: Setting, recipe: Any = None, **over: Any) -
     from bitfit_peft.training.recipe import RECIPE
 
     r = recipe or RECIPE
-    per_epoch = max(1, math.ceil(n_train / s.batch_size))
+    per_epoch = max(1, math.ceil(n_train / (over.get("batch_size") or r.batch_size or s.batch_size)))
     kw: dict[str, Any] = dict(
         steps=max(1, round(r.num_epochs * per_epoch)), head_lr_factor=r.head_lr_factor, warmup_frac=r.warmup_ratio,
         scheduler=r.lr_scheduler_type, eval_every=per_epoch, patience=r.early_stopping_patience or None,
+        batch_size=r.batch_size,
     )  # fmt: skip
     kw.update(over)
     return Schedule(**kw)
@@ -268,7 +270,7 @@ def train(
     curve: list[float] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     done = 0
-    for rows in train_batches(len(train_set), s.batch_size, steps, seed):
+    for rows in train_batches(len(train_set), sched.batch_size or s.batch_size, steps, seed):
         loss = model(**train_set.batch(rows, device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -51,17 +52,18 @@ def summarise(records: list[dict[str, Any]], patience: int | None) -> list[dict[
     for r in records:
         if r["method"] == "bitfit":
             sc = r["schedule"]
-            key = (r["task"], r["lr"], sc["head_lr_factor"], sc["epochs"], sc["warmup_frac"], sc["scheduler"])
+            key = (r["task"], r["lr"], sc["head_lr_factor"], sc["epochs"], sc["warmup_frac"], sc["scheduler"],
+                   sc.get("batch_size") or SETTINGS["reduced"].batch_size)  # fmt: skip
             cells.setdefault(key, []).append(r)
     rows = []
-    for (task, lr, hf, ep, wu, sch), runs in sorted(cells.items()):
+    for (task, lr, hf, ep, wu, sch, bs), runs in sorted(cells.items()):
         stops = [early_stop(r["dev_curve"], patience) for r in runs]
         # wall time if stopped early: the run's training time scaled by the share of evaluations run
         secs = [r["train_seconds"] * run / len(r["dev_curve"]) for r, (_, _, run) in zip(runs, stops, strict=True)]
         full = ref.get(task)
         rows.append(
             dict(
-                task=task, lr=lr, head_factor=hf, epochs=ep, warmup=wu, scheduler=sch, seeds=len(runs),
+                task=task, lr=lr, head_factor=hf, epochs=ep, warmup=wu, scheduler=sch, batch=bs, seeds=len(runs),
                 dev=100 * statistics.fmean(a for a, _, _ in stops),
                 best_epoch=statistics.fmean(b for _, b, _ in stops),
                 epochs_run=statistics.fmean(n for _, _, n in stops),
@@ -77,15 +79,15 @@ def markdown(records: list[dict[str, Any]], patience: int | None) -> str:
     lines = [
         f"early-stopping patience {patience}: dev accuracy (%) of the best epoch, mean over seeds",
         "",
-        "| task | lr | head × | epochs | warm-up, schedule | seeds | dev | best epoch | epochs run | s | full FT dev "
-        "| wall / full FT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | lr | head × | batch | epochs | warm-up, schedule | seeds | dev | best epoch | epochs run | s "
+        "| full FT dev | wall / full FT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summarise(records, patience):
         full = "–" if r["full_dev"] is None else f"{r['full_dev']:.1f}"
         ratio = "–" if r["wall_ratio"] is None else f"{r['wall_ratio']:.2f}"
         lines.append(
-            f"| {r['task']} | {r['lr']:g} | {r['head_factor']:g} | {r['epochs']:g} | "
+            f"| {r['task']} | {r['lr']:g} | {r['head_factor']:g} | {r['batch']} | {r['epochs']:g} | "
             f"{r['warmup']:g}, {r['scheduler']} | "
             f"{r['seeds']} | {r['dev']:.1f} | "
             f"{r['best_epoch']:.1f} | {r['epochs_run']:.1f} | {r['seconds']:.0f} | {full} | {ratio} |"
@@ -94,7 +96,8 @@ def markdown(records: list[dict[str, Any]], patience: int | None) -> str:
 
 
 def _key(schedule: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in schedule.items() if k != "epochs"}, sort_keys=True)
+    """A schedule's identity in the results file (records from before ``batch_size`` existed match None)."""
+    return json.dumps({k: v for k, v in schedule.items() if k != "epochs" and v is not None}, sort_keys=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-factors", nargs="*", type=float, default=[1.0, 3.0, 10.0])
     p.add_argument("--epochs", nargs="*", type=float, default=[8.0])
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--batch-sizes", nargs="*", type=int, default=[0], help="BitFit batch sizes (0: the setting's)")
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--scheduler", default="linear")
     p.add_argument("--full-lr", type=float, default=1.5e-4, help="full FT reference LR (the suite's dev selection)")
@@ -140,13 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 run(task, "full", args.full_lr, 0, runner.schedule("full", n))
             for ep in args.epochs:
                 for lr in args.lrs:
-                    for hf in args.head_factors:
-                        for seed in args.seeds:
-                            sched = recipe_schedule(n, s, head_lr_factor=hf, patience=None,
-                                                    warmup_frac=args.warmup, scheduler=args.scheduler)  # fmt: skip
-                            per_epoch = sched.eval_every or 1
-                            sched = type(sched)(**{**asdict(sched), "steps": round(ep * per_epoch)})
-                            run(task, "bitfit", lr, seed, sched)
+                    for hf, bs, seed in itertools.product(args.head_factors, args.batch_sizes, args.seeds):
+                        sched = recipe_schedule(n, s, head_lr_factor=hf, patience=None, batch_size=bs or None,
+                                                warmup_frac=args.warmup, scheduler=args.scheduler)  # fmt: skip
+                        per_epoch = sched.eval_every or 1
+                        sched = type(sched)(**{**asdict(sched), "steps": round(ep * per_epoch)})
+                        run(task, "bitfit", lr, seed, sched)
         print(f"search wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     body = "\n\n".join(markdown(records, pat) for pat in args.patience)
     print(body)

@@ -39,15 +39,22 @@ def _best_selected(results: list[dict[str, Any]], phase: str) -> dict[tuple, dic
 
 
 def _seeded(results: list[dict[str, Any]], prefix: str) -> dict[tuple, list[dict[str, Any]]]:
-    """{(task, method, size): [selected run + seed runs at the selected LR]}."""
+    """{(task, method, size): [selected run + seed runs at the selected LR and planned steps]}."""
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for key, sel in _best_selected(results, prefix + "selected").items():
         cells[key] = [sel] + [
             r
             for r in results
-            if r["phase"] == prefix + "seed" and (r["task"], r["method"], r.get("size")) == key and r["lr"] == sel["lr"]
+            if r["phase"] == prefix + "seed"
+            and (r["task"], r["method"], r.get("size")) == key
+            and (r["lr"], _planned(r)) == (sel["lr"], _planned(sel))
         ]
     return cells
+
+
+def _planned(r: dict[str, Any]) -> int | None:
+    """Planned steps of a run's schedule (None in files from before schedules were recorded)."""
+    return (r.get("schedule") or {}).get("steps")
 
 
 def main_table(results: list[dict[str, Any]], s: Setting) -> dict[tuple[str, str], list[dict[str, Any]]]:

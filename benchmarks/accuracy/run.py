@@ -114,7 +114,10 @@ class Runner:
 
     def schedule(self, method: str, n_train: int, task: str | None = None) -> Schedule:
         if method in self.recipes or method in self.setting.recipe_methods:
-            over = {**self.recipes.get(method, {}), **self.step_budget.get((task, method, n_train), {})}
+            over = {
+                **self.setting.recipe_overrides.get(method, {}), **self.recipes.get(method, {}),
+                **self.step_budget.get((task, method, n_train), {}),
+            }  # fmt: skip
             return recipe_schedule(n_train, self.setting, **over)
         return legacy_schedule(n_train, self.setting)
 
@@ -176,13 +179,22 @@ class Runner:
         """LR grid on seed 0 (dev only), then test of the selected model and the remaining seeds."""
         best: tuple[float, RunResult, nn.Module] | None = None
         prefix = "" if phase == "main" else "sweep_"
-        for lr in self.setting.grid_override.get(method, self.setting.lr_grid[method]):
-            r, model = self.one(name, method, lr, 0, size, prefix + "grid", with_test=False)
-            if best is None or r.dev_acc > best[0]:
-                best = (r.dev_acc, r, model)
-            else:
-                del model
-            self.log(r)
+        original = list(self.setting.grid_override.get(method, self.setting.lr_grid[method]))
+        grid, tried = original, []
+        while True:
+            for lr in (lr for lr in grid if lr not in tried):
+                tried.append(lr)
+                r, model = self.one(name, method, lr, 0, size, prefix + "grid", with_test=False)
+                if best is None or r.dev_acc > best[0]:
+                    best = (r.dev_acc, r, model)
+                else:
+                    del model
+                self.log(r)
+            assert best is not None
+            wider = widen(grid, best[1].lr, original) if self.setting.extend_grid else grid
+            if wider == grid:
+                break
+            grid = wider
         assert best is not None
         _, r0, model0 = best
         prior = self.prior.get((name, method, size))
@@ -225,6 +237,23 @@ class Runner:
                         self.log(r)
 
 
+def widen(grid: list[float], best: float, original: list[float], limit: int = 2) -> list[float]:
+    """``grid`` plus one LR beyond the end dev selected (x2 above, /3 below), at most ``limit`` beyond ``original``.
+
+    >>> widen([5e-5, 1.5e-4, 3e-4], 3e-4, [5e-5, 1.5e-4, 3e-4])
+    [5e-05, 0.00015, 0.0003, 0.0006]
+    >>> widen([5e-5, 1.5e-4, 3e-4], 1.5e-4, [5e-5, 1.5e-4, 3e-4])
+    [5e-05, 0.00015, 0.0003]
+    """
+    if len(grid) < 2 or min(grid) < best < max(grid):
+        return grid
+    up = best == max(grid)
+    added = [g for g in grid if (g > max(original) if up else g < min(original))]
+    if len(added) >= limit:
+        return grid
+    return sorted({*grid, float(f"{best * 2:.3g}") if up else float(f"{best / 3:.3g}")})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -260,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, tasks=tuple(args.tasks))
     if args.sweep_tasks:
         s = replace(s, sweep_tasks=tuple(args.sweep_tasks))
-    if args.methods:
-        s = replace(s, methods=tuple(args.methods))
+    if args.methods:  # the sweep keeps only these methods too
+        sweep = tuple(m for m in s.sweep_methods if m in args.methods)
+        s = replace(s, methods=tuple(args.methods), sweep_methods=sweep)
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -12,7 +13,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.accuracy.data import DATASETS  # noqa: E402
 
-from bitfit_peft.training.recipe import RECIPE  # noqa: E402
+from bitfit_peft.training.recipe import RECIPE, Recipe  # noqa: E402
 
 METHODS: tuple[str, ...] = ("full", "bitfit", "bitfit_qi", "lora_r8", "beft")
 METHOD_LABELS = {
@@ -59,7 +60,19 @@ class Setting:
     #: methods -> LR grid overriding ``lr_grid`` and seeds overriding ``seeds`` (a CPU run that must stay short)
     grid_override: dict[str, tuple[float, ...]] = field(default_factory=dict)
     seeds_override: dict[str, int] = field(default_factory=dict)
+    #: recipe methods -> overrides of the recipe (e.g. full FT trains its head at its own LR: head factor 1)
+    recipe_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: widen each method's LR grid (x2 up / /3 down, at most twice each way) while dev selects an end of it
+    extend_grid: bool = False
 
+
+#: Full fine-tuning's protocol in the reduced setting: the recipe machinery (linear schedule with warm-up, dev
+#: evaluation each epoch, best epoch restored) with the usual full-FT choices: head at the same LR, 8 planned
+#: epochs, early stopping with patience 3. Its LR comes from the setting's grid.
+FULL_FT_PROTOCOL = Recipe(
+    learning_rate=1.5e-4, head_lr_factor=1.0, lr_scheduler_type="linear", warmup_ratio=0.1, num_epochs=8.0,
+    early_stopping_patience=3,
+)  # fmt: skip
 
 GRID_FULL = {
     "full": (2e-5, 5e-5, 1e-4),
@@ -103,12 +116,15 @@ SETTINGS: dict[str, Setting] = {
         name="reduced",
         tasks=("trec", "sms", "movie", "bbc"),  # cheapest first: a --time-budget stop loses the costliest
         methods=("full", "bitfit", "lora_r8", "beft"),
-        recipe_methods=("bitfit", "lora_r8", "beft"),
+        # full FT: FULL_FT_PROTOCOL at an LR dev-selected from a grid widened until it is inside; BitFit, LoRA and
+        # BEFT: the default recipe
+        recipe_methods=("full", "bitfit", "lora_r8", "beft"),
+        recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}},
+        extend_grid=True,
         equal_wall=("lora_r8", "beft"),
-        # 2 shared CPU cores: full FT at the LR dev-selected from {5e-5, 1.5e-4} in every task of the run before
-        # (CPU runs reproduce exactly), LoRA / BEFT at their LR dev-selected there, one seed each
-        grid_override={"full": (1.5e-4,), "lora_r8": (3e-3,), "beft": (3e-2,)},
-        seeds_override={"full": 1, "lora_r8": 1, "beft": 1},  # full FT seed 1: from the run before
+        # LoRA / BEFT at their LR dev-selected in the run before, one seed each (2 CPU cores)
+        grid_override={"full": (5e-5, 1.5e-4, 3e-4), "lora_r8": (3e-3,), "beft": (3e-2,)},
+        seeds_override={"lora_r8": 1, "beft": 1},
         seeds=2,
         lr_grid=GRID_REDUCED,
         train_cap=400,
@@ -119,20 +135,22 @@ SETTINGS: dict[str, Setting] = {
         min_steps=30,
         max_steps=50,
         sweep_tasks=("movie", "trec"),
-        sweep_methods=("bitfit",),  # full FT sweep points: the run before (same protocol, deterministic)
+        sweep_methods=("bitfit", "full"),
         sweep_sizes=(100, 200, 400),
         sweep_seeds=2,
         sweep_grid=False,
         notes=(
             "train subsampled to 400/task, dev 200, test 400 (stratified, fixed seed); batch 16; 2 seeds. "
-            "Full FT: 2 epochs = 50 steps (sweep: 30 steps), lr 1.5e-4 (dev-selected from {5e-5, 1.5e-4} in the "
-            "run before, every task). "
+            "Full FT: linear schedule, warm-up 0.1, 8 planned epochs, dev evaluation each epoch, patience 3, best "
+            "epoch restored, head at the same LR; LR dev-selected per task from {5e-5, 1.5e-4, 3e-4}, widened (x2 / "
+            "÷3, up to twice) while dev picks an end. "
             f"BitFit: the default recipe, untuned (lr {RECIPE.learning_rate:g}, head x{RECIPE.head_lr_factor:g}, "
             f"{RECIPE.lr_scheduler_type}, warm-up {RECIPE.warmup_ratio:g}, {RECIPE.num_epochs:g} epochs, dev "
-            f"evaluation each epoch, patience {RECIPE.early_stopping_patience}, best epoch restored). LoRA r8 and "
+            f"evaluation each epoch, early stopping {RECIPE.early_stopping_patience or 'off'}, best epoch "
+            "restored). LoRA r8 and "
             "BEFT: the same recipe with BitFit's wall time per run (steps scaled by measured step times), at the "
-            "LR dev-selected in the run before (3e-3, 3e-2), 1 seed. Sweep: BitFit at 100/200/400, 2 seeds; full "
-            "FT sweep points from the run before"
+            "LR dev-selected in the run before (3e-3, 3e-2), 1 seed. Sweep: BitFit and full FT at 100/200/400, 2 "
+            "seeds, at the main table's LR"
         ),
     ),
     "smoke": Setting(

@@ -14,7 +14,7 @@ import typer
 from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import MODEL, check_source, fail
 from bitfit_peft.training.lr_finder import AUTO_LR_GRID
-from bitfit_peft.training.recipe import RECIPE
+from bitfit_peft.training.recipe import DEMO_DEFAULTS, RECIPE
 from bitfit_peft.utils import human_bytes
 
 
@@ -126,7 +126,8 @@ def train_command(
             "--data",
             "-d",
             help="Training data: a local .csv/.tsv/.json/.jsonl/.parquet file or a Hub "
-            "dataset id. Default: the packaged SMS Spam demo (with a small subset, 4 epochs, 64 tokens).",
+            "dataset id. Default: the packaged SMS Spam demo (with a small subset, "
+            f"{DEMO_DEFAULTS['num_epochs']:g} epochs, {DEMO_DEFAULTS['max_length']} tokens).",
             rich_help_panel=_DATA,
         ),
     ] = None,
@@ -201,7 +202,7 @@ def train_command(
             "--lr",
             "--learning-rate",
             help="Learning rate of the bias deltas, or 'auto': a short range test over --auto-lr-grid on the "
-            "training data, chosen by dev loss. Default 1e-2.",
+            f"training data, chosen by dev loss. Default {RECIPE.learning_rate:g}.",
             rich_help_panel=_OPT,
         ),
     ] = None,
@@ -211,18 +212,25 @@ def train_command(
     ] = ",".join(f"{v:g}" for v in AUTO_LR_GRID),
     head_learning_rate: Annotated[
         float | None,
-        typer.Option("--head-lr", help="Learning rate of the task head. Default: 10x --lr.", rich_help_panel=_OPT),
+        typer.Option(
+            "--head-lr", help=f"Learning rate of the task head. Default: {RECIPE.head_lr_factor:g}x --lr.",
+            rich_help_panel=_OPT,
+        ),
     ] = None,
     weight_decay: Annotated[
         float, typer.Option(help="Weight decay of the head's weight matrix (never of biases).", rich_help_panel=_OPT)
     ] = 0.0,
     warmup_ratio: Annotated[
-        float | None, typer.Option(help="Fraction of steps for linear warm-up. Default 0.1.", rich_help_panel=_OPT)
+        float | None,
+        typer.Option(
+            help=f"Fraction of steps for linear warm-up. Default {RECIPE.warmup_ratio:g}.", rich_help_panel=_OPT
+        ),
     ] = None,
     lr_scheduler: Annotated[
         str | None,
         typer.Option(
-            help="transformers scheduler name (linear, cosine, constant_with_warmup, ...). Default linear.",
+            help="transformers scheduler name (linear, cosine, constant_with_warmup, ...). "
+            f"Default {RECIPE.lr_scheduler_type}.",
             rich_help_panel=_OPT,
         ),
     ] = None,
@@ -230,7 +238,8 @@ def train_command(
         float | None,
         typer.Option(
             "--epochs",
-            help="Planned epochs (the schedule's length). Default 8 (demo: 4); early stopping may end it sooner.",
+            help=f"Planned epochs (the schedule's length). Default {RECIPE.num_epochs:g} (the demo: "
+            f"{DEMO_DEFAULTS['num_epochs']:g}); early stopping, if on, may end it sooner.",
             rich_help_panel=_OPT,
         ),
     ] = None,

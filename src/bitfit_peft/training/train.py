@@ -2,10 +2,10 @@
 
 :func:`train` loads a base model and a dataset, wraps the model with a BitFit adapter (bias deltas + task
 head), trains with BitFit's default recipe (:data:`bitfit_peft.training.recipe.RECIPE`: bias learning rate 1e-2,
-head learning rate 10x, linear schedule with 10% warm-up, up to 8 epochs, evaluation and a checkpoint each epoch,
-early stopping on dev, best-checkpoint restore) and saves only the adapter. ``learning_rate="auto"`` picks the
-learning rate with a short range test (:mod:`bitfit_peft.training.lr_finder`). Trainer checkpoints hold only the
-adapter (+ head), so ``resume_from_checkpoint`` and ``load_best_model_at_end`` stay cheap.
+head learning rate 10x, linear schedule with 10% warm-up, 16 epochs, evaluation and a checkpoint each epoch,
+best-checkpoint restore; early stopping on dev on request) and saves only the adapter. ``learning_rate="auto"``
+picks the learning rate with a short range test (:mod:`bitfit_peft.training.lr_finder`). Trainer checkpoints hold
+only the adapter (+ head), so ``resume_from_checkpoint`` and ``load_best_model_at_end`` stay cheap.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .loading import (  # noqa: F401 - default_model_path and load_trained are p
 )
 from .lr_finder import AUTO_LR_GRID, find_learning_rate, probe_steps_for
 from .metrics import MAIN_METRIC, argmax_logits, clean_metrics, make_compute_metrics
-from .recipe import RECIPE, check_schedule
+from .recipe import DEMO_DEFAULTS, RECIPE, check_schedule
 
 ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
 CHECKPOINT_DIR = "checkpoints"
@@ -54,9 +54,6 @@ DEFAULTS: dict[str, Any] = {
     "early_stopping_patience": RECIPE.early_stopping_patience,
     "max_length": 128,
 }
-#: Used instead when ``data`` is None (the packaged SMS Spam demo): sample caps, a short length and 4 planned
-#: epochs, so that the demo (MiniLM-L6, 2 CPU cores) finishes well under 2 minutes; early stopping may end it sooner.
-DEMO_DEFAULTS: dict[str, Any] = {"max_train_samples": 800, "max_eval_samples": 250, "max_length": 64, "num_epochs": 4.0}
 #: The head's learning rate defaults to this multiple of the bias learning rate (a new head is far from
 #: trained; the bias deltas only nudge a trained model).
 HEAD_LR_FACTOR = RECIPE.head_lr_factor
@@ -245,15 +242,16 @@ def train(
         weight_decay: weight decay of the head's weight matrices (bias deltas never decay).
         warmup_ratio: fraction of the steps used for linear warm-up (default 0.1).
         lr_scheduler_type: a ``transformers`` scheduler name (default ``"linear"``: warm-up, then linear decay).
-        num_epochs: planned training epochs, the schedule's length (default 8, demo 4; early stopping may end
-            it sooner).
+        num_epochs: planned training epochs, the schedule's length (default :data:`~.recipe.RECIPE`'s 16, demo 4;
+            early stopping, if on, may end it sooner).
         batch_size: training batch size.
         eval_batch_size: evaluation batch size (default ``2 * batch_size``).
         max_length: max tokens per example (default 128; demo 64).
         group_by_length: batch training examples of similar length (less padding, so faster), at the cost of
             less mixed batches: avoid it when length correlates with the label (as in the SMS Spam demo).
-        early_stopping_patience: epochs without dev improvement before stopping (default 2); None or 0
-            disables it. The best epoch's checkpoint is restored at the end either way.
+        early_stopping_patience: epochs without dev improvement before stopping (default 0: off, as in
+            :data:`~.recipe.RECIPE`); None or 0 disables it. The best epoch's checkpoint is restored at the end
+            either way.
         auto_lr_grid: candidate learning rates of ``learning_rate="auto"``.
         seed: seed of the split, the head initialisation and the data order.
         adapter_name: PEFT adapter name (a non-default name is saved in a sub-folder).

@@ -1,0 +1,160 @@
+"""The product's own training path on the accuracy suite: ``bitfit_peft.training.train`` with the default recipe
+and with ``learning_rate="auto"``, on the reduced setting's splits (per task: train 400, dev 200, test 400).
+
+The suite's BitFit row trains in the benchmark's own loop (``loop.py``). This script runs what users run instead
+(Trainer, a checkpoint and a dev evaluation each epoch, the early-stopping callback, ``--lr auto``'s range test)
+on the same examples, writes each split as a JSONL file, and measures test accuracy on the *saved* adapter loaded
+back with ``PeftModel.from_pretrained``. Full fine-tuning (the suite's protocol, seed 0, at the LR given by
+``--full-lr``) is trained once per task in the same process as the wall-time reference (``--full-lr 0``: none).
+Dev decides nothing here: both modes are fixed procedures, so their test results can be reported side by side.
+
+Example:
+    $ python -m benchmarks.accuracy.product_train --tasks trec movie --seeds 0 1 --modes default auto
+    $ python -m benchmarks.accuracy.product_train --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.accuracy.data import Split, subsample  # noqa: E402
+from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
+MODES = ("default", "auto")
+
+
+def write_split(split: Split, path: Path) -> Path:
+    """One ``{"text", "label"}`` JSON object per line (integer labels keep the suite's class ids)."""
+    with path.open("w") as fh:
+        for text, label in zip(split.texts, split.labels, strict=True):
+            fh.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path
+
+
+def test_accuracy(adapter_dir: Path, num_labels: int, runner: Runner, task: str) -> float:
+    """Test accuracy of the saved adapter, loaded onto a fresh base with ``PeftModel.from_pretrained``."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=num_labels)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return accuracy(model, runner.encoded(task, "test", None), runner.device, runner.setting.eval_batch_size)
+
+
+def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path) -> dict[str, Any]:
+    """Train with ``bitfit_peft.training.train`` in ``mode`` and evaluate the saved adapter on test."""
+    from bitfit_peft.training import train
+
+    s = runner.setting
+    d = runner.task(task)
+    files = {
+        part: write_split(subsample(getattr(d, part), getattr(s, f"{part}_cap"), seed=0), tmp / f"{task}_{part}.jsonl")
+        for part in ("train", "dev")
+    }
+    out = tmp / f"{task}_{mode}_{seed}"
+    res = train(
+        model=model_path(), data=str(files["train"]), dev_data=str(files["dev"]), output_dir=out,
+        batch_size=s.batch_size, max_length=s.max_length, seed=seed, eval_before=False, quiet=True,
+        learning_rate="auto" if mode == "auto" else None,
+    )  # fmt: skip
+    summary = json.loads((out / "bitfit_training.json").read_text())
+    search = res.extra.get("lr_search") or {}
+    return dict(
+        task=task, mode=mode, seed=seed, lr=summary["optimisation"]["learning_rate"],
+        dev_acc=res.accuracy_after, test_acc=test_accuracy(out, d.num_labels, runner, task),
+        epochs_run=res.epochs_run, train_seconds=res.train_time_s, wall_seconds=res.wall_time_s,
+        search_seconds=search.get("seconds", 0.0), search_dev_loss=search.get("dev_loss"),
+    )  # fmt: skip
+
+
+def full_reference(runner: Runner, task: str, lr: float) -> dict[str, Any]:
+    """Full fine-tuning at the suite's protocol (seed 0): the wall-time reference, measured in this process."""
+    r, _ = runner.one(task, "full", lr, 0, runner.setting.train_cap, "reference", with_test=True)
+    return dict(task=task, mode="full", seed=0, lr=lr, dev_acc=r.dev_acc, test_acc=r.test_acc,
+                train_seconds=r.train_seconds, wall_seconds=r.seconds)  # fmt: skip
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """Per task: test accuracy (mean ± std over seeds), LRs picked by ``auto`` and wall time against full FT."""
+    lines = [
+        "| task | full FT (seed 0) | default recipe | `--lr auto` | auto picked | wall / full FT: default, auto |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        full = next((r for r in rows if r["mode"] == "full"), None)
+        cells, walls = [], []
+        for mode in MODES:
+            runs = [r for r in rows if r["mode"] == mode]
+            accs = [100 * r["test_acc"] for r in runs]
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells.append(f"{statistics.fmean(accs):.1f} ± {sd:.1f} ({len(accs)})" if accs else "–")
+            if runs and full:
+                secs = statistics.fmean(r["train_seconds"] + r["search_seconds"] for r in runs)
+                walls.append(f"{secs / full['train_seconds']:.2f}x")
+            else:
+                walls.append("–")
+        picks = ", ".join(f"{r['lr']:g}" for r in rows if r["mode"] == "auto") or "–"
+        ref = f"{100 * full['test_acc']:.1f}" if full else "–"
+        lines.append(f"| {task} | {ref} | {cells[0]} | {cells[1]} | {picks} | {', '.join(walls)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="*", default=list(SETTINGS["reduced"].tasks))
+    p.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    p.add_argument("--full-lr", type=float, default=1.5e-4, help="full FT reference LR (0: no reference run)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--doc", type=Path, default=None, help="also write the table into this page (docs/accuracy.md)")
+    args = p.parse_args(argv)
+    records = [json.loads(x) for x in args.out.read_text().splitlines()] if args.out.exists() else []
+    if not args.report_only:
+        torch.set_num_threads(args.threads)
+        runner = Runner(SETTINGS["reduced"], torch.device("cpu"), Path("/dev/null"))
+        done = {(r["task"], r["mode"], r["seed"]) for r in records}
+
+        def keep(rec: dict[str, Any]) -> None:
+            records.append(rec)
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bitfit-acc-product-") as tmp:
+            for task in args.tasks:
+                if args.full_lr and (task, "full", 0) not in done:
+                    keep(full_reference(runner, task, args.full_lr))
+                for mode in args.modes:
+                    for seed in args.seeds:
+                        if (task, mode, seed) not in done:
+                            keep(run_one(runner, task, mode, seed, Path(tmp)))
+        print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    body = markdown(records)
+    print(body)
+    if args.doc:
+        from benchmarks.accuracy.run import write_doc_section
+
+        write_doc_section(args.doc, "product_train", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

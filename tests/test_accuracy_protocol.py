@@ -1,0 +1,92 @@
+"""The accuracy suite's selection protocol: grids widened until dev picks an inside value, recipe overrides per
+method, and seeds matched to the selected schedule (no training: ``Runner.one`` is replaced by a dev table)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.accuracy import report  # noqa: E402
+from benchmarks.accuracy.run import SETTINGS, Runner, RunResult, recipe_schedule, widen  # noqa: E402
+from benchmarks.accuracy.settings import FULL_FT_PROTOCOL  # noqa: E402
+
+ORIGINAL = [5e-5, 1.5e-4, 3e-4]
+
+
+@pytest.mark.parametrize(
+    ("grid", "best", "expected"),
+    [
+        (ORIGINAL, 1.5e-4, ORIGINAL),  # inside: unchanged
+        (ORIGINAL, 3e-4, [*ORIGINAL, 6e-4]),  # top: x2
+        (ORIGINAL, 5e-5, [1.67e-5, *ORIGINAL]),  # bottom: /3
+        ([*ORIGINAL, 6e-4], 6e-4, [*ORIGINAL, 6e-4, 1.2e-3]),
+        ([*ORIGINAL, 6e-4, 1.2e-3], 1.2e-3, [*ORIGINAL, 6e-4, 1.2e-3]),  # two additions per side at most
+        ([1e-2], 1e-2, [1e-2]),  # a single value is the recipe, never widened
+    ],
+)
+def test_widen(grid: list[float], best: float, expected: list[float]) -> None:
+    assert widen(grid, best, ORIGINAL) == pytest.approx(expected)
+
+
+class TableRunner(Runner):
+    """A Runner whose runs come from a {lr: dev accuracy} table; records what was run."""
+
+    def __init__(self, dev: dict[float, float], **setting: Any) -> None:
+        super().__init__(replace(SETTINGS["reduced"], **setting), device=None, log_path=Path("/dev/null"))  # type: ignore[arg-type]
+        self.dev, self.calls = dev, []
+
+    def one(self, name, method, lr, seed, size, phase, with_test, sched=None):  # type: ignore[override]
+        self.calls.append((lr, seed, phase))
+        steps = self.schedule(method, 400, name).steps
+        r = RunResult(name, method, lr, seed, 400, steps, self.dev[lr], 0.5 if with_test else None, 1, 1, 1.0,
+                      phase, size, schedule={"steps": steps})  # fmt: skip
+        return r, object()
+
+    def evaluate(self, model, name, part):  # type: ignore[override]
+        return 0.5
+
+    def log(self, r: RunResult) -> None:
+        self.results.append(r)
+
+
+def test_grid_is_widened_until_dev_picks_an_inside_value() -> None:
+    dev = {1.67e-5: 0.1, 5e-5: 0.2, 1.5e-4: 0.5, 3e-4: 0.7, 6e-4: 0.8, 1.2e-3: 0.6}
+    runner = TableRunner(dev, grid_override={"full": tuple(ORIGINAL)})
+    assert runner.select_and_seed("trec", "full", 400, "main", seeds=2) == 6e-4
+    assert [lr for lr, seed, _ in runner.calls if seed == 0] == [*ORIGINAL, 6e-4, 1.2e-3]  # each LR once
+    assert (6e-4, 1, "seed") in runner.calls  # the remaining seed at the selected LR
+
+
+def test_no_widening_without_extend_grid() -> None:
+    runner = TableRunner({5e-5: 0.2, 1.5e-4: 0.5, 3e-4: 0.7}, extend_grid=False,
+                         grid_override={"full": tuple(ORIGINAL)})  # fmt: skip
+    assert runner.select_and_seed("trec", "full", 400, "main", seeds=1) == 3e-4
+    assert [lr for lr, _, _ in runner.calls] == ORIGINAL
+
+
+def test_full_ft_trains_with_its_protocol_and_bitfit_with_the_recipe() -> None:
+    from bitfit_peft.training.recipe import RECIPE
+
+    runner = Runner(SETTINGS["reduced"], device=None, log_path=Path("/dev/null"))  # type: ignore[arg-type]
+    full, bitfit = runner.schedule("full", 400, "trec"), runner.schedule("bitfit", 400, "trec")
+    per_epoch = 400 // SETTINGS["reduced"].batch_size
+    assert asdict(full) == asdict(recipe_schedule(400, SETTINGS["reduced"], recipe=FULL_FT_PROTOCOL))
+    assert full.head_lr_factor == 1.0 and full.steps == 8 * per_epoch and full.patience == 3
+    assert bitfit.head_lr_factor == RECIPE.head_lr_factor and bitfit.steps == RECIPE.num_epochs * per_epoch
+    assert full.eval_every == bitfit.eval_every == per_epoch  # both evaluate on dev each epoch
+
+
+def test_seed_runs_must_match_the_selected_schedule() -> None:
+    """A seed run at the selected LR but another planned length (e.g. an older file) is not averaged in."""
+    sel = dict(task="t", method="full", lr=1e-4, size=400, phase="selected", test_acc=0.8, dev_acc=0.8,
+               schedule={"steps": 200})  # fmt: skip
+    same = {**sel, "phase": "seed", "test_acc": 0.7}
+    other = {**same, "schedule": {"steps": 50}, "test_acc": 0.1}
+    cells = report._seeded([sel, same, other], "")
+    assert [r["test_acc"] for r in cells[("t", "full", 400)]] == [0.8, 0.7]
