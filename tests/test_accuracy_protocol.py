@@ -90,3 +90,32 @@ def test_seed_runs_must_match_the_selected_schedule() -> None:
     other = {**same, "schedule": {"steps": 50}, "test_acc": 0.1}
     cells = report._seeded([sel, same, other], "")
     assert [r["test_acc"] for r in cells[("t", "full", 400)]] == [0.8, 0.7]
+
+
+def test_product_train_splits_keep_the_suites_class_ids(tmp_path: Path) -> None:
+    """The JSONL files product_train hands to ``train()`` map every label back to the suite's class id."""
+    from benchmarks.accuracy.data import Split
+    from benchmarks.accuracy.product_train import write_split
+
+    from bitfit_peft.training.data import load_task_data
+
+    labels = [i % 12 for i in range(36)]  # 12 classes: "10" and "11" sort after "2" as numbers, not text
+    split = Split([f"text {i} é" for i in range(36)], labels)
+    train_file, dev_file = write_split(split, tmp_path / "train.jsonl"), write_split(split, tmp_path / "dev.jsonl")
+    data = load_task_data(train_file, dev_source=dev_file)
+    assert data.label_names == [str(i) for i in range(12)]
+    by_text = {ex["text"]: ex["label"] for ex in data.train}
+    assert by_text == dict(zip(split.texts, labels, strict=True))
+
+
+def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
+    from benchmarks.accuracy.product_train import markdown
+
+    records = [
+        dict(task="trec", mode="full", seed=0, lr=1.5e-4, test_acc=0.9, train_seconds=100.0, search_seconds=0.0),
+        dict(task="trec", mode="default", seed=0, lr=1e-2, test_acc=0.88, train_seconds=110.0, search_seconds=0.0),
+        dict(task="trec", mode="default", seed=1, lr=1e-2, test_acc=0.86, train_seconds=130.0, search_seconds=0.0),
+        dict(task="trec", mode="auto", seed=0, lr=3e-3, test_acc=0.80, train_seconds=100.0, search_seconds=50.0),
+    ]
+    row = markdown(records).splitlines()[-1]
+    assert row == "| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 0.003 | 1.20x, 1.50x |"

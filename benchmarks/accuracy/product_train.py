@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy.data import Split, subsample  # noqa: E402
+from benchmarks.accuracy.report import publish  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
@@ -55,7 +56,7 @@ def test_accuracy(adapter_dir: Path, num_labels: int, runner: Runner, task: str)
     return accuracy(model, runner.encoded(task, "test", None), runner.device, runner.setting.eval_batch_size)
 
 
-def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path) -> dict[str, Any]:
+def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: float | None = None) -> dict[str, Any]:
     """Train with ``bitfit_peft.training.train`` in ``mode`` and evaluate the saved adapter on test."""
     from bitfit_peft.training import train
 
@@ -69,7 +70,7 @@ def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path) -> dict[
     res = train(
         model=model_path(), data=str(files["train"]), dev_data=str(files["dev"]), output_dir=out,
         batch_size=s.batch_size, max_length=s.max_length, seed=seed, eval_before=False, quiet=True,
-        learning_rate="auto" if mode == "auto" else None,
+        learning_rate="auto" if mode == "auto" else None, num_epochs=epochs,
     )  # fmt: skip
     summary = json.loads((out / "bitfit_training.json").read_text())
     search = res.extra.get("lr_search") or {}
@@ -121,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     p.add_argument("--full-lr", type=float, default=1.5e-4, help="full FT reference LR (0: no reference run)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--reference", type=Path, default=None, metavar="RUNS_JSONL",
+        help="report against the suite's dev-selected full FT (seed 0) in this file instead of own reference runs",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=float, default=None, help="planned epochs (default: the recipe's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--doc", type=Path, default=None, help="also write the table into this page (docs/accuracy.md)")
@@ -145,14 +151,19 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in args.modes:
                     for seed in args.seeds:
                         if (task, mode, seed) not in done:
-                            keep(run_one(runner, task, mode, seed, Path(tmp)))
+                            keep(run_one(runner, task, mode, seed, Path(tmp), args.epochs))
         print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-    body = markdown(records)
-    print(body)
-    if args.doc:
-        from benchmarks.accuracy.run import write_doc_section
+    if args.reference:  # the suite's dev-selected full FT (seed 0) as the reference of each task
+        from benchmarks.accuracy.report import load_results
 
-        write_doc_section(args.doc, "product_train", body)
+        refs = [r for r in load_results(args.reference) if r["method"] == "full" and r["phase"] == "selected"]
+        tasks = {r["task"] for r in records}
+        records = [r for r in records if r["mode"] != "full"] + [
+            dict(task=r["task"], mode="full", seed=0, lr=r["lr"], dev_acc=r["dev_acc"], test_acc=r["test_acc"],
+                 train_seconds=r["train_seconds"], wall_seconds=r["seconds"])
+            for r in refs if r["task"] in tasks and r.get("size") == SETTINGS["reduced"].train_cap
+        ]  # fmt: skip
+    publish(markdown(records), args.doc, "product_train")
     return 0
 
 

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.accuracy.report import publish  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, recipe_schedule  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_recipe_search.json"
@@ -115,9 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--patience", nargs="*", type=int, default=[2])
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--merge", nargs="*", type=Path, default=[], help="add the BitFit runs of other results files")
+    p.add_argument(
+        "--reference", type=Path, default=None, metavar="RUNS_JSONL",
+        help="replace the full FT references by the suite's dev-selected full FT runs (seed 0) of this file",
+    )  # fmt: skip
     p.add_argument("--doc", type=Path, default=None, help="also write the tables into this page (docs/accuracy.md)")
     args = p.parse_args(argv)
     records: list[dict[str, Any]] = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    for other in args.merge:
+        records += [r for r in json.loads(other.read_text())["runs"] if r["method"] == "bitfit"]
+    if args.reference:
+        from benchmarks.accuracy.report import load_results
+
+        refs = [r for r in load_results(args.reference) if r["method"] == "full" and r["phase"] == "selected"]
+        records = [r for r in records if r["method"] != "full"] + refs
+    if args.merge or args.reference:
+        args.out.write_text(json.dumps({"setting": asdict(SETTINGS["reduced"]), "runs": records}, indent=1) + "\n")
     if not args.report_only:
         torch.set_num_threads(args.threads)
         s = SETTINGS["reduced"]
@@ -151,12 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         sched = type(sched)(**{**asdict(sched), "steps": round(ep * per_epoch)})
                         run(task, "bitfit", lr, seed, sched)
         print(f"search wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-    body = "\n\n".join(markdown(records, pat) for pat in args.patience)
-    print(body)
-    if args.doc:
-        from benchmarks.accuracy.run import write_doc_section
-
-        write_doc_section(args.doc, "recipe_search", body)
+    publish("\n\n".join(markdown(records, pat) for pat in args.patience), args.doc, "recipe_search")
     return 0
 
 

@@ -255,6 +255,13 @@ def plot_sweep(results: list[dict[str, Any]], s: Setting, path: Path) -> None:
     plt.close(fig)
 
 
+def publish(body: str, doc: Path | None, section: str) -> None:
+    """Print ``body`` and, with ``doc``, write it between that page's ``results:<section>`` markers."""
+    print(body)
+    if doc:
+        write_doc_section(doc, section, body)
+
+
 def write_doc_section(doc: Path, setting: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- results:<setting>:start/end -->`` markers."""
     start, end = f"<!-- results:{setting}:start -->", f"<!-- results:{setting}:end -->"
