@@ -214,11 +214,10 @@ def recipe_schedule(n_train: int, s: Setting, recipe: Any = None, **over: Any) -
     from bitfit_peft.training.recipe import RECIPE
 
     r = recipe or RECIPE
-    per_epoch = max(1, math.ceil(n_train / (over.get("batch_size") or r.batch_size or s.batch_size)))
+    per_epoch = max(1, math.ceil(n_train / (over.get("batch_size") or s.batch_size)))
     kw: dict[str, Any] = dict(
         steps=max(1, round(r.num_epochs * per_epoch)), head_lr_factor=r.head_lr_factor, warmup_frac=r.warmup_ratio,
         scheduler=r.lr_scheduler_type, eval_every=per_epoch, patience=r.early_stopping_patience or None,
-        batch_size=r.batch_size,
     )  # fmt: skip
     kw.update(over)
     return Schedule(**kw)

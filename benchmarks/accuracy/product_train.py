@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy.data import Split, subsample  # noqa: E402
-from benchmarks.accuracy.report import publish  # noqa: E402
+from benchmarks.accuracy.report import publish, selected_runs  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
@@ -62,10 +63,10 @@ def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: 
 
     s = runner.setting
     d = runner.task(task)
-    files = {
-        part: write_split(subsample(getattr(d, part), getattr(s, f"{part}_cap"), seed=0), tmp / f"{task}_{part}.jsonl")
-        for part in ("train", "dev")
-    }
+    files = {part: tmp / f"{task}_{part}.jsonl" for part in ("train", "dev")}
+    for part, path in files.items():  # the same subsample for every mode and seed: written once per task
+        if not path.exists():
+            write_split(subsample(getattr(d, part), getattr(s, f"{part}_cap"), seed=0), path)
     out = tmp / f"{task}_{mode}_{seed}"
     res = train(
         model=model_path(), data=str(files["train"]), dev_data=str(files["dev"]), output_dir=out,
@@ -85,8 +86,13 @@ def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: 
 def full_reference(runner: Runner, task: str, lr: float) -> dict[str, Any]:
     """Full fine-tuning at the suite's protocol (seed 0): the wall-time reference, measured in this process."""
     r, _ = runner.one(task, "full", lr, 0, runner.setting.train_cap, "reference", with_test=True)
-    return dict(task=task, mode="full", seed=0, lr=lr, dev_acc=r.dev_acc, test_acc=r.test_acc,
-                train_seconds=r.train_seconds, wall_seconds=r.seconds)  # fmt: skip
+    return as_reference(asdict(r))
+
+
+def as_reference(run: dict[str, Any]) -> dict[str, Any]:
+    """A suite run record (full FT, seed 0) as this script's ``mode="full"`` reference record."""
+    return dict(task=run["task"], mode="full", seed=0, lr=run["lr"], dev_acc=run["dev_acc"], test_acc=run["test_acc"],
+                train_seconds=run["train_seconds"], wall_seconds=run["seconds"])  # fmt: skip
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -154,15 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                             keep(run_one(runner, task, mode, seed, Path(tmp), args.epochs))
         print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     if args.reference:  # the suite's dev-selected full FT (seed 0) as the reference of each task
-        from benchmarks.accuracy.report import load_results
-
-        refs = [r for r in load_results(args.reference) if r["method"] == "full" and r["phase"] == "selected"]
         tasks = {r["task"] for r in records}
         records = [r for r in records if r["mode"] != "full"] + [
-            dict(task=r["task"], mode="full", seed=0, lr=r["lr"], dev_acc=r["dev_acc"], test_acc=r["test_acc"],
-                 train_seconds=r["train_seconds"], wall_seconds=r["seconds"])
-            for r in refs if r["task"] in tasks and r.get("size") == SETTINGS["reduced"].train_cap
-        ]  # fmt: skip
+            as_reference(r) for r in selected_runs(args.reference, "full") if r["task"] in tasks
+        ]
     publish(markdown(records), args.doc, "product_train")
     return 0
 

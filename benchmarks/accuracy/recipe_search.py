@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy.report import publish  # noqa: E402
+from benchmarks.accuracy.report import publish, selected_runs  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, recipe_schedule  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_recipe_search.json"
@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for other in args.merge:
         records += [r for r in json.loads(other.read_text())["runs"] if r["method"] == "bitfit"]
     if args.reference:
-        from benchmarks.accuracy.report import load_results
-
-        refs = [r for r in load_results(args.reference) if r["method"] == "full" and r["phase"] == "selected"]
-        records = [r for r in records if r["method"] != "full"] + refs
+        records = [r for r in records if r["method"] != "full"] + selected_runs(args.reference, "full")
     if args.merge or args.reference:
         args.out.write_text(json.dumps({"setting": asdict(SETTINGS["reduced"]), "runs": records}, indent=1) + "\n")
     if not args.report_only:

@@ -52,6 +52,11 @@ def _seeded(results: list[dict[str, Any]], prefix: str) -> dict[tuple, list[dict
     return cells
 
 
+def selected_runs(path: Path, method: str) -> list[dict[str, Any]]:
+    """The main table's dev-selected (seed 0) runs of ``method`` in a suite results file, one per task."""
+    return [r for r in load_results(path) if r["method"] == method and r["phase"] == "selected"]
+
+
 def _planned(r: dict[str, Any]) -> int | None:
     """Planned steps of a run's schedule (None in files from before schedules were recorded)."""
     return (r.get("schedule") or {}).get("steps")

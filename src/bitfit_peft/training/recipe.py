@@ -27,7 +27,6 @@ class Recipe:
     warmup_ratio: float  #: fraction of the planned steps used for linear warm-up
     num_epochs: float  #: planned epochs (the schedule's length); early stopping usually ends sooner
     early_stopping_patience: int  #: evaluations (epochs) without dev improvement before stopping
-    batch_size: int | None = None  #: training batch size (None: the caller's)
 
     def head_learning_rate(self, learning_rate: float) -> float:
         """Head learning rate for a bias learning rate ``learning_rate``."""
