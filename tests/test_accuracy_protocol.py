@@ -70,13 +70,16 @@ def test_no_widening_without_extend_grid() -> None:
     assert [lr for lr, _, _ in runner.calls] == ORIGINAL
 
 
-def test_full_ft_trains_with_its_protocol_and_bitfit_with_the_recipe() -> None:
+@pytest.mark.parametrize("setting", ["reduced", "gpu_recipe"])
+def test_full_ft_trains_with_its_protocol_and_bitfit_with_the_recipe(setting: str) -> None:
     from bitfit_peft.training.recipe import RECIPE
 
-    runner = Runner(SETTINGS["reduced"], device=None, log_path=Path("/dev/null"))  # type: ignore[arg-type]
+    s = SETTINGS[setting]
+    runner = Runner(s, device=None, log_path=Path("/dev/null"))  # type: ignore[arg-type]
     full, bitfit = runner.schedule("full", 400, "trec"), runner.schedule("bitfit", 400, "trec")
-    per_epoch = 400 // SETTINGS["reduced"].batch_size
-    assert asdict(full) == asdict(recipe_schedule(400, SETTINGS["reduced"], recipe=FULL_FT_PROTOCOL))
+    per_epoch = 400 // s.batch_size + (400 % s.batch_size > 0)
+    assert set(s.methods) <= set(s.recipe_methods)  # no method falls back to the legacy 50-step protocol
+    assert asdict(full) == asdict(recipe_schedule(400, s, recipe=FULL_FT_PROTOCOL))
     assert full.head_lr_factor == 1.0 and full.steps == 8 * per_epoch and full.patience == 3
     assert bitfit.head_lr_factor == RECIPE.head_lr_factor and bitfit.steps == RECIPE.num_epochs * per_epoch
     assert full.eval_every == bitfit.eval_every == per_epoch  # both evaluate on dev each epoch
@@ -119,3 +122,44 @@ def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
     ]
     row = markdown(records).splitlines()[-1]
     assert row == "| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 0.003 | 1.20x, 1.50x |"
+
+
+def _tiny_suite_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the suite's model loader at a tiny random BERT (with a pooler) saved under ``tmp_path``."""
+    from benchmarks.accuracy import loop
+    from conftest import make_tiny_model
+
+    make_tiny_model("bert", task="base").save_pretrained(tmp_path / "base")
+    monkeypatch.setenv("BITFIT_ACC_MODEL", str(tmp_path / "base"))
+    monkeypatch.setattr(loop, "_BASE_STATE", {})
+    monkeypatch.setattr(loop, "_TEMPLATES", {})
+
+
+def _toy_split(n: int = 16) -> Any:
+    from benchmarks.accuracy.loop import Encoded
+
+    enc = Encoded.__new__(Encoded)
+    enc.ids = [[2, 5 + i % 7, 6 + i % 3, 3] for i in range(n)]
+    enc.labels, enc.pad_id = [i % 2 for i in range(n)], 0
+    return enc
+
+
+def test_search_knobs_dropout_and_pooler_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Schedule.dropout`` sets every dropout rate; ``Schedule.pooler_lr`` trains the pooler weight, nothing else."""
+    import torch
+    from benchmarks.accuracy.loop import Schedule, build_model, train
+
+    _tiny_suite_model(tmp_path, monkeypatch)
+    s = SETTINGS["smoke"]
+    before = build_model("bitfit", 2, 0).state_dict()
+    sched = Schedule(steps=3, head_lr_factor=10.0, scheduler="linear", dropout=0.0, pooler_lr=1e-2)
+    model, steps, _, _ = train("bitfit", 1e-2, 0, _toy_split(), 2, s, torch.device("cpu"), sched)
+    assert steps == 3
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.endswith("pooler.dense.base_layer.weight") or k.endswith("pooler.dense.weight") for k in changed)
+    frozen = [k for k in changed if k.endswith("weight") and ".pooler." not in k and "classifier" not in k]
+    assert frozen == [], frozen
+    plain, _, _, _ = train("bitfit", 1e-2, 0, _toy_split(), 2, s, torch.device("cpu"), replace(sched, pooler_lr=None))
+    assert not any(".pooler." in k and k.endswith("weight") and not torch.equal(v, before[k])
+                   for k, v in plain.state_dict().items())  # fmt: skip

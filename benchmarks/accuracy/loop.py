@@ -202,6 +202,8 @@ class Schedule:
     eval_every: int | None = None  #: steps between dev evaluations (None: only after training)
     patience: int | None = None  #: evaluations without dev improvement before stopping (None: never)
     batch_size: int | None = None  #: training batch size (None: the setting's)
+    dropout: float | None = None  #: every ``nn.Dropout`` of the model set to this rate (None: the checkpoint's)
+    pooler_lr: float | None = None  #: also train the pooler's weight at this LR (None: frozen; its bias is BitFit's)
 
 
 def legacy_schedule(n_train: int, s: Setting) -> Schedule:
@@ -223,12 +225,18 @@ def recipe_schedule(n_train: int, s: Setting, recipe: Any = None, **over: Any) -
     return Schedule(**kw)
 
 
-def _param_groups(model: nn.Module, lr: float, head_factor: float) -> list[dict[str, Any]]:
-    head, rest = [], []
+def _param_groups(
+    model: nn.Module, lr: float, head_factor: float, pooler_lr: float | None = None
+) -> list[dict[str, Any]]:
+    head, pooler, rest = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if pooler_lr is not None and ".pooler." in name and name.endswith("weight"):
+            p.requires_grad_(True)
+            pooler.append(p)
+        elif p.requires_grad:
             (head if "classifier" in name else rest).append(p)
-    return [g for g in ({"params": rest, "lr": lr}, {"params": head, "lr": lr * head_factor}) if g["params"]]
+    groups = ({"params": rest, "lr": lr}, {"params": head, "lr": lr * head_factor}, {"params": pooler, "lr": pooler_lr})
+    return [g for g in groups if g["params"]]
 
 
 def train(
@@ -253,8 +261,13 @@ def train(
     sched = sched or legacy_schedule(len(train_set), s)
     random.seed(seed)
     model = build_model(method, num_labels, seed).to(device)
+    if sched.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = sched.dropout
+    groups = _param_groups(model, lr, sched.head_lr_factor, sched.pooler_lr)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(_param_groups(model, lr, sched.head_lr_factor), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     steps = sched.steps
     warmup = max(1, int(sched.warmup_frac * steps))
     if sched.scheduler == "legacy":  # kept so that earlier results files reproduce exactly

@@ -51,20 +51,21 @@ def summarise(records: list[dict[str, Any]], patience: int | None) -> list[dict[
     ref = {r["task"]: r for r in records if r["method"] == "full"}
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        if r["method"] == "bitfit":
-            sc = r["schedule"]
+        if r["method"] != "full":
+            sc = {**r["schedule"], "method": r["method"]}
             key = (r["task"], r["lr"], sc["head_lr_factor"], sc["epochs"], sc["warmup_frac"], sc["scheduler"],
-                   sc.get("batch_size") or SETTINGS["reduced"].batch_size)  # fmt: skip
+                   sc.get("batch_size") or SETTINGS["reduced"].batch_size, _variant(sc))  # fmt: skip
             cells.setdefault(key, []).append(r)
     rows = []
-    for (task, lr, hf, ep, wu, sch, bs), runs in sorted(cells.items()):
+    for (task, lr, hf, ep, wu, sch, bs, var), runs in sorted(cells.items()):
         stops = [early_stop(r["dev_curve"], patience) for r in runs]
         # wall time if stopped early: the run's training time scaled by the share of evaluations run
         secs = [r["train_seconds"] * run / len(r["dev_curve"]) for r, (_, _, run) in zip(runs, stops, strict=True)]
         full = ref.get(task)
         rows.append(
             dict(
-                task=task, lr=lr, head_factor=hf, epochs=ep, warmup=wu, scheduler=sch, batch=bs, seeds=len(runs),
+                task=task, lr=lr, head_factor=hf, epochs=ep, warmup=wu, scheduler=sch, batch=bs, variant=var,
+                seeds=len(runs),
                 dev=100 * statistics.fmean(a for a, _, _ in stops),
                 best_epoch=statistics.fmean(b for _, b, _ in stops),
                 epochs_run=statistics.fmean(n for _, _, n in stops),
@@ -80,20 +81,30 @@ def markdown(records: list[dict[str, Any]], patience: int | None) -> str:
     lines = [
         f"early-stopping patience {patience}: dev accuracy (%) of the best epoch, mean over seeds",
         "",
-        "| task | lr | head × | batch | epochs | warm-up, schedule | seeds | dev | best epoch | epochs run | s "
-        "| full FT dev | wall / full FT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | lr | head × | batch | epochs | warm-up, schedule | variant | seeds | dev | best epoch | epochs run "
+        "| s | full FT dev | wall / full FT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summarise(records, patience):
         full = "–" if r["full_dev"] is None else f"{r['full_dev']:.1f}"
         ratio = "–" if r["wall_ratio"] is None else f"{r['wall_ratio']:.2f}"
         lines.append(
             f"| {r['task']} | {r['lr']:g} | {r['head_factor']:g} | {r['batch']} | {r['epochs']:g} | "
-            f"{r['warmup']:g}, {r['scheduler']} | "
+            f"{r['warmup']:g}, {r['scheduler']} | {r['variant']} | "
             f"{r['seeds']} | {r['dev']:.1f} | "
             f"{r['best_epoch']:.1f} | {r['epochs_run']:.1f} | {r['seconds']:.0f} | {full} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def _variant(schedule: dict[str, Any]) -> str:
+    """What a run changed beyond LR / head / length / batch / warm-up: method, dropout, pooler ("–": nothing)."""
+    parts = [] if schedule.get("method", "bitfit") == "bitfit" else [schedule["method"]]
+    if schedule.get("dropout") is not None:
+        parts.append(f"dropout {schedule['dropout']:g}")
+    if schedule.get("pooler_lr") is not None:
+        parts.append(f"pooler weight at {schedule['pooler_lr']:g}")
+    return ", ".join(parts) or "–"
 
 
 def _key(schedule: dict[str, Any]) -> str:
@@ -109,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", nargs="*", type=float, default=[8.0])
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
     p.add_argument("--batch-sizes", nargs="*", type=int, default=[0], help="BitFit batch sizes (0: the setting's)")
+    p.add_argument("--method", default="bitfit", choices=["bitfit", "bitfit_qi"], help="the method searched")
+    p.add_argument("--dropouts", nargs="*", type=float, default=[-1.0], help="dropout rates (-1: the model's)")
+    p.add_argument("--pooler-lrs", nargs="*", type=float, default=[0.0], help="pooler weight LRs (0: frozen)")
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--scheduler", default="linear")
     p.add_argument("--full-lr", type=float, default=1.5e-4, help="full FT reference LR (the suite's dev selection)")
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     records: list[dict[str, Any]] = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     for other in args.merge:
-        records += [r for r in json.loads(other.read_text())["runs"] if r["method"] == "bitfit"]
+        records += [r for r in json.loads(other.read_text())["runs"] if r["method"] != "full"]
     if args.reference:
         records = [r for r in records if r["method"] != "full"] + selected_runs(args.reference, "full")
     if args.merge or args.reference:
@@ -156,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
                 run(task, "full", args.full_lr, 0, runner.schedule("full", n))
             for ep in args.epochs:
                 for lr in args.lrs:
-                    for hf, bs, seed in itertools.product(args.head_factors, args.batch_sizes, args.seeds):
-                        sched = recipe_schedule(n, s, head_lr_factor=hf, patience=None, batch_size=bs or None,
-                                                warmup_frac=args.warmup, scheduler=args.scheduler)  # fmt: skip
+                    grid = itertools.product(args.head_factors, args.batch_sizes, args.dropouts, args.pooler_lrs,
+                                             args.seeds)  # fmt: skip
+                    for hf, bs, dp, plr, seed in grid:
+                        sched = recipe_schedule(
+                            n, s, head_lr_factor=hf, patience=None, batch_size=bs or None, warmup_frac=args.warmup,
+                            scheduler=args.scheduler, dropout=None if dp < 0 else dp, pooler_lr=plr or None,
+                        )  # fmt: skip
                         per_epoch = sched.eval_every or 1
                         sched = type(sched)(**{**asdict(sched), "steps": round(ep * per_epoch)})
-                        run(task, "bitfit", lr, seed, sched)
+                        run(task, args.method, lr, seed, sched)
         print(f"search wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     publish("\n\n".join(markdown(records, pat) for pat in args.patience), args.doc, "recipe_search")
     return 0

@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--reduced", action="store_const", const="reduced", dest="setting")
     g.add_argument("--full", action="store_const", const="full", dest="setting")
     g.add_argument("--smoke", action="store_const", const="smoke", dest="setting")
+    g.add_argument("--gpu-recipe", action="store_const", const="gpu_recipe", dest="setting")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs)")
     p.add_argument("--out", type=Path, default=None, help="results dir (default benchmarks/accuracy/results)")

@@ -153,6 +153,41 @@ SETTINGS: dict[str, Setting] = {
             "seeds, at the main table's LR"
         ),
     ),
+    # The reduced setting's protocol on all data (GPU): not run yet. Estimated ~90k optimizer steps at batch 32,
+    # about 1.3x the `full` setting's 72k steps that took 5.7 min on one H200 as six shards (gpu_full.sh).
+    "gpu_recipe": Setting(
+        name="gpu_recipe",
+        tasks=DATASETS,
+        methods=("full", "bitfit", "lora_r8", "beft"),
+        recipe_methods=("full", "bitfit", "lora_r8", "beft"),
+        recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}},
+        extend_grid=True,
+        equal_wall=("lora_r8", "beft"),
+        grid_override={"full": (5e-5, 1e-4, 2e-4), "lora_r8": (3e-3,), "beft": (3e-2,)},
+        seeds_override={"lora_r8": 1, "beft": 1},
+        seeds=3,
+        lr_grid=GRID_REDUCED,
+        train_cap=None,
+        dev_cap=None,
+        test_cap=None,
+        batch_size=32,
+        epochs=3.0,  # unused: every method trains with a recipe schedule
+        min_steps=150,
+        max_steps=None,
+        sweep_tasks=("movie", "trec"),
+        sweep_methods=("bitfit", "full"),
+        sweep_sizes=(100, 300, 1000, 3000, None),
+        sweep_seeds=2,
+        sweep_grid=False,
+        notes=(
+            "all data, batch 32. Full FT: the reduced setting's protocol (8 planned epochs, dev each epoch, "
+            "patience 3, best epoch restored), LR dev-selected from {5e-5, 1e-4, 2e-4} widened while dev picks an "
+            f"end, 3 seeds. BitFit: the default recipe, untuned (lr {RECIPE.learning_rate:g}, head "
+            f"x{RECIPE.head_lr_factor:g}, {RECIPE.num_epochs:g} epochs, best epoch restored), 3 seeds. LoRA r8 / "
+            "BEFT: the recipe at BitFit's wall time per run, 1 seed. Sweep: BitFit and full FT at 100 / 300 / "
+            "1000 / 3000 / all, 2 seeds, at the main table's LR"
+        ),
+    ),
     "smoke": Setting(
         name="smoke",
         tasks=("trec", "sms"),
