@@ -83,6 +83,8 @@ def test_full_ft_trains_with_its_protocol_and_bitfit_with_the_recipe(setting: st
     assert full.head_lr_factor == 1.0 and full.steps == 8 * per_epoch and full.patience == 3
     assert bitfit.head_lr_factor == RECIPE.head_lr_factor and bitfit.steps == RECIPE.num_epochs * per_epoch
     assert full.eval_every == bitfit.eval_every == per_epoch  # both evaluate on dev each epoch
+    cls = runner.schedule("bitfit_cls", 400, "trec")  # the recipe plus the uniform [CLS] init, nothing else
+    assert cls.cls_init and not bitfit.cls_init and asdict(cls) == {**asdict(bitfit), "cls_init": True}
 
 
 def test_seed_runs_must_match_the_selected_schedule() -> None:

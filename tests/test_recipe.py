@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bitfit_peft.cli import app
+from bitfit_peft.errors import BitFitError
 from bitfit_peft.training import AUTO_LR_GRID, DEFAULTS, RECIPE, train
 from bitfit_peft.training.lr_finder import check_grid, find_learning_rate, probe_steps_for
 from bitfit_peft.training.train import SUMMARY_FILE
@@ -193,3 +194,16 @@ def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert_
     if last != Path(result.best_checkpoint):  # a later, worse epoch exists: the saved adapter is not it
         later = load_file(str(last / "adapter_model.safetensors"))
         assert any(not torch.equal(final[k], later[k]) for k in final)
+
+
+def test_cls_init_flag_sets_the_query_delta(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    """``--cls-init``: the last query delta starts non-zero (the eval before training already sees it), recorded."""
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out), "--cls-init",
+                              "--epochs", "1", "--batch-size", "8", "--max-length", "24", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["optimisation"]["cls_attention_init"] is True
+    assert summary["result"]["extra"]["cls_attention_init"].endswith("encoder.layer.1.attention.self.query")
+    with pytest.raises(BitFitError, match="applies to seq-cls and regression"):
+        train("never-loaded", spam_csv, task="token-cls", cls_attention_init=True, output_dir=tmp_path / "t")

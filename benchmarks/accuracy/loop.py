@@ -73,7 +73,7 @@ def build_model(method: str, num_labels: int, seed: int) -> nn.Module:
 
     import bitfit_peft
 
-    if method == "bitfit":
+    if method in ("bitfit", "bitfit_cls"):  # bitfit_cls: its schedule sets cls_init
         cfg: Any = bitfit_peft.BitFitConfig(task_type="SEQ_CLS", bias_terms="all")
     elif method == "bitfit_qi":
         cfg = bitfit_peft.BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"])
@@ -204,6 +204,8 @@ class Schedule:
     batch_size: int | None = None  #: training batch size (None: the setting's)
     dropout: float | None = None  #: every ``nn.Dropout`` of the model set to this rate (None: the checkpoint's)
     pooler_lr: float | None = None  #: also train the pooler's weight at this LR (None: frozen; its bias is BitFit's)
+    ema: float | None = None  #: evaluate (and keep) an exponential moving average of the trainable weights
+    cls_init: bool = False  #: ``bitfit_peft.training.cls_init.initialize_cls_attention`` before training
 
 
 def legacy_schedule(n_train: int, s: Setting) -> Schedule:
@@ -265,6 +267,12 @@ def train(
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = sched.dropout
+    if sched.cls_init:
+        from bitfit_peft.training.cls_init import initialize_cls_attention
+
+        step = s.eval_batch_size
+        initialize_cls_attention(model, (train_set.batch(list(range(i, min(len(train_set), i + step))), device)
+                                         for i in range(0, len(train_set), step)))  # fmt: skip
     groups = _param_groups(model, lr, sched.head_lr_factor, sched.pooler_lr)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
@@ -282,6 +290,8 @@ def train(
     curve: list[float] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     done = 0
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ema = [p.detach().clone() for _, p in named] if sched.ema else None
     for rows in train_batches(len(train_set), sched.batch_size or s.batch_size, steps, seed):
         loss = model(**train_set.batch(rows, device)).loss
         loss.backward()
@@ -291,14 +301,25 @@ def train(
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         done += 1
+        if ema is not None and sched.ema is not None:  # warmed-up decay: early averages follow the weights closely
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p for _, p in named], 1.0 - min(sched.ema, (1 + done) / (10 + done)))
         if dev is not None and sched.eval_every and (done % sched.eval_every == 0 or done == steps):
+            live = None
+            if ema is not None:  # evaluate the average: swap it in, swap the live weights back afterwards
+                live = [p.detach().clone() for _, p in named]
+                with torch.no_grad():
+                    torch._foreach_copy_([p for _, p in named], ema)
             acc = accuracy(model, dev, device, s.eval_batch_size)
             model.train()
             curve.append(acc)
             if best is None or acc > best[0]:
-                state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                state = {n: p.detach().clone() for n, p in named}
                 best = (acc, state)
-            elif sched.patience and len(curve) - 1 - curve.index(best[0]) >= sched.patience:
+            if live is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_([p for _, p in named], live)
+            if sched.patience and len(curve) - 1 - curve.index(best[0]) >= sched.patience:
                 break
     if best is not None:  # restore the best evaluation (load_best_model_at_end)
         with torch.no_grad():

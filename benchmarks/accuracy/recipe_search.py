@@ -98,10 +98,14 @@ def markdown(records: list[dict[str, Any]], patience: int | None) -> str:
 
 
 def _variant(schedule: dict[str, Any]) -> str:
-    """What a run changed beyond LR / head / length / batch / warm-up: method, dropout, pooler ("–": nothing)."""
+    """What a run changed beyond LR / head / length / batch / warm-up: method, dropout, pooler, EMA ("–": none)."""
     parts = [] if schedule.get("method", "bitfit") == "bitfit" else [schedule["method"]]
     if schedule.get("dropout") is not None:
         parts.append(f"dropout {schedule['dropout']:g}")
+    if schedule.get("cls_init"):
+        parts.append("uniform [CLS] init")
+    if schedule.get("ema") is not None:
+        parts.append(f"EMA {schedule['ema']:g}")
     if schedule.get("pooler_lr") is not None:
         parts.append(f"pooler weight at {schedule['pooler_lr']:g}")
     return ", ".join(parts) or "–"
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", nargs="*", type=int, default=[0], help="BitFit batch sizes (0: the setting's)")
     p.add_argument("--method", default="bitfit", choices=["bitfit", "bitfit_qi"], help="the method searched")
     p.add_argument("--dropouts", nargs="*", type=float, default=[-1.0], help="dropout rates (-1: the model's)")
+    p.add_argument("--cls-init", nargs="*", type=int, default=[0], help="1: uniform [CLS] attention init")
+    p.add_argument("--emas", nargs="*", type=float, default=[0.0], help="EMA decays of the weights (0: none)")
     p.add_argument("--pooler-lrs", nargs="*", type=float, default=[0.0], help="pooler weight LRs (0: frozen)")
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--scheduler", default="linear")
@@ -171,11 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             for ep in args.epochs:
                 for lr in args.lrs:
                     grid = itertools.product(args.head_factors, args.batch_sizes, args.dropouts, args.pooler_lrs,
-                                             args.seeds)  # fmt: skip
-                    for hf, bs, dp, plr, seed in grid:
+                                             args.emas, args.cls_init, args.seeds)  # fmt: skip
+                    for hf, bs, dp, plr, ema, ci, seed in grid:
                         sched = recipe_schedule(
                             n, s, head_lr_factor=hf, patience=None, batch_size=bs or None, warmup_frac=args.warmup,
                             scheduler=args.scheduler, dropout=None if dp < 0 else dp, pooler_lr=plr or None,
+                            ema=ema or None, cls_init=bool(ci),
                         )  # fmt: skip
                         per_epoch = sched.eval_every or 1
                         sched = type(sched)(**{**asdict(sched), "steps": round(ep * per_epoch)})

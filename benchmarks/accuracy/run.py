@@ -5,6 +5,7 @@ Methods (all with a fresh, trained classification head):
 - ``full``: every parameter trained.
 - ``bitfit``: BitFit, all bias terms (``BitFitConfig(bias_terms="all")``).
 - ``bitfit_qi``: BitFit, the paper's small subset ``bias_terms=["query", "intermediate"]``.
+- ``bitfit_cls``: ``bitfit`` started from a uniform ``[CLS]`` attention (``train(cls_attention_init=True)``).
 - ``lora_r8``: ``peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])``.
 - ``beft``: ``peft.BeftConfig()`` (PEFT's default BEFT targets for BERT: the value bias).
 

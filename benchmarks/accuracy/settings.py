@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +15,18 @@ from benchmarks.accuracy.data import DATASETS  # noqa: E402
 
 from bitfit_peft.training.recipe import RECIPE, Recipe  # noqa: E402
 
-METHODS: tuple[str, ...] = ("full", "bitfit", "bitfit_qi", "lora_r8", "beft")
+METHODS: tuple[str, ...] = ("full", "bitfit", "bitfit_qi", "bitfit_cls", "lora_r8", "beft")
 METHOD_LABELS = {
     "full": "Full FT",
     "bitfit": "BitFit (all biases)",
     "bitfit_qi": "BitFit (q + intermediate)",
+    "bitfit_cls": "BitFit, uniform [CLS] init",
     "lora_r8": "LoRA r=8 (q,v)",
     "beft": "BEFT (PEFT, value bias)",
 }
 METHOD_COLORS = {
-    "full": "#1f77b4", "bitfit": "#ff7f0e", "bitfit_qi": "#2ca02c", "lora_r8": "#d62728", "beft": "#9467bd"
+    "full": "#1f77b4", "bitfit": "#ff7f0e", "bitfit_qi": "#2ca02c", "bitfit_cls": "#8c564b", "lora_r8": "#d62728",
+    "beft": "#9467bd",
 }  # fmt: skip
 
 
@@ -78,15 +80,19 @@ GRID_FULL = {
     "full": (2e-5, 5e-5, 1e-4),
     "bitfit": (1e-3, 3e-3, 1e-2),
     "bitfit_qi": (1e-3, 3e-3, 1e-2),
+    "bitfit_cls": (1e-3, 3e-3, 1e-2),
     "lora_r8": (3e-4, 1e-3, 3e-3),
     "beft": (1e-3, 1e-2, 3e-2),
 }
 #: one higher LR per method, for ``--extend`` (the first full run picked the top of GRID_FULL for most cells)
-GRID_EXTEND = {"full": (2e-4,), "bitfit": (3e-2,), "bitfit_qi": (3e-2,), "lora_r8": (1e-2,), "beft": (1e-1,)}
+GRID_EXTEND = {
+    "full": (2e-4,), "bitfit": (3e-2,), "bitfit_qi": (3e-2,), "bitfit_cls": (3e-2,), "lora_r8": (1e-2,), "beft": (1e-1,)
+}  # fmt: skip
 GRID_REDUCED = {
     "full": (5e-5, 1.5e-4),
     "bitfit": (RECIPE.learning_rate,),  # the default recipe, untuned
     "bitfit_qi": (3e-3, 1e-2),
+    "bitfit_cls": (RECIPE.learning_rate,),
     "lora_r8": (1e-3, 3e-3),
     "beft": (1e-2, 3e-2),
 }
@@ -115,11 +121,11 @@ SETTINGS: dict[str, Setting] = {
     "reduced": Setting(
         name="reduced",
         tasks=("trec", "sms", "movie", "bbc"),  # cheapest first: a --time-budget stop loses the costliest
-        methods=("full", "bitfit", "lora_r8", "beft"),
+        methods=("full", "bitfit", "bitfit_cls", "lora_r8", "beft"),
         # full FT: FULL_FT_PROTOCOL at an LR dev-selected from a grid widened until it is inside; BitFit, LoRA and
-        # BEFT: the default recipe
-        recipe_methods=("full", "bitfit", "lora_r8", "beft"),
-        recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}},
+        # BEFT: the default recipe; bitfit_cls: the recipe plus the uniform [CLS] init (train(cls_attention_init=True))
+        recipe_methods=("full", "bitfit", "bitfit_cls", "lora_r8", "beft"),
+        recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}, "bitfit_cls": {"cls_init": True}},
         extend_grid=True,
         equal_wall=("lora_r8", "beft"),
         # LoRA / BEFT at their LR dev-selected in the run before, one seed each (2 CPU cores)
@@ -147,45 +153,10 @@ SETTINGS: dict[str, Setting] = {
             f"BitFit: the default recipe, untuned (lr {RECIPE.learning_rate:g}, head x{RECIPE.head_lr_factor:g}, "
             f"{RECIPE.lr_scheduler_type}, warm-up {RECIPE.warmup_ratio:g}, {RECIPE.num_epochs:g} epochs, dev "
             f"evaluation each epoch, early stopping {RECIPE.early_stopping_patience or 'off'}, best epoch "
-            "restored). LoRA r8 and "
+            "restored); BitFit, uniform [CLS] init: the same with `--cls-init`. LoRA r8 and "
             "BEFT: the same recipe with BitFit's wall time per run (steps scaled by measured step times), at the "
             "LR dev-selected in the run before (3e-3, 3e-2), 1 seed. Sweep: BitFit and full FT at 100/200/400, 2 "
             "seeds, at the main table's LR"
-        ),
-    ),
-    # The reduced setting's protocol on all data (GPU): not run yet. Estimated ~90k optimizer steps at batch 32,
-    # about 1.3x the `full` setting's 72k steps that took 5.7 min on one H200 as six shards (gpu_full.sh).
-    "gpu_recipe": Setting(
-        name="gpu_recipe",
-        tasks=DATASETS,
-        methods=("full", "bitfit", "lora_r8", "beft"),
-        recipe_methods=("full", "bitfit", "lora_r8", "beft"),
-        recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}},
-        extend_grid=True,
-        equal_wall=("lora_r8", "beft"),
-        grid_override={"full": (5e-5, 1e-4, 2e-4), "lora_r8": (3e-3,), "beft": (3e-2,)},
-        seeds_override={"lora_r8": 1, "beft": 1},
-        seeds=3,
-        lr_grid=GRID_REDUCED,
-        train_cap=None,
-        dev_cap=None,
-        test_cap=None,
-        batch_size=32,
-        epochs=3.0,  # unused: every method trains with a recipe schedule
-        min_steps=150,
-        max_steps=None,
-        sweep_tasks=("movie", "trec"),
-        sweep_methods=("bitfit", "full"),
-        sweep_sizes=(100, 300, 1000, 3000, None),
-        sweep_seeds=2,
-        sweep_grid=False,
-        notes=(
-            "all data, batch 32. Full FT: the reduced setting's protocol (8 planned epochs, dev each epoch, "
-            "patience 3, best epoch restored), LR dev-selected from {5e-5, 1e-4, 2e-4} widened while dev picks an "
-            f"end, 3 seeds. BitFit: the default recipe, untuned (lr {RECIPE.learning_rate:g}, head "
-            f"x{RECIPE.head_lr_factor:g}, {RECIPE.num_epochs:g} epochs, best epoch restored), 3 seeds. LoRA r8 / "
-            "BEFT: the recipe at BitFit's wall time per run, 1 seed. Sweep: BitFit and full FT at 100 / 300 / "
-            "1000 / 3000 / all, 2 seeds, at the main table's LR"
         ),
     ),
     "smoke": Setting(
@@ -211,3 +182,25 @@ SETTINGS: dict[str, Setting] = {
         equal_wall=("lora_r8", "beft"),
     ),
 }
+# The reduced setting's protocol on all data (GPU): not run yet. Estimated ~90k optimizer steps at batch 32, about
+# 1.3x the `full` setting's 72k steps that took 5.7 min on one H200 as six shards (gpu_full.sh).
+SETTINGS["gpu_recipe"] = replace(
+    SETTINGS["reduced"],
+    name="gpu_recipe",
+    tasks=DATASETS,
+    grid_override={"full": (5e-5, 1e-4, 2e-4), "lora_r8": (3e-3,), "beft": (3e-2,)},
+    seeds=3,
+    train_cap=None,
+    dev_cap=None,
+    test_cap=None,
+    batch_size=32,
+    sweep_sizes=(100, 300, 1000, 3000, None),
+    notes=(
+        "all data, batch 32. Full FT: the reduced setting's protocol (8 planned epochs, dev each epoch, patience 3, "
+        "best epoch restored), LR dev-selected from {5e-5, 1e-4, 2e-4} widened while dev picks an end, 3 seeds. "
+        f"BitFit: the default recipe, untuned (lr {RECIPE.learning_rate:g}, head x{RECIPE.head_lr_factor:g}, "
+        f"{RECIPE.num_epochs:g} epochs, best epoch restored), 3 seeds. LoRA r8 / BEFT: the recipe at BitFit's wall "
+        "time per run, 1 seed. Sweep: BitFit and full FT at 100 / 300 / 1000 / 3000 / all, 2 seeds, at the main "
+        "table's LR"
+    ),
+)

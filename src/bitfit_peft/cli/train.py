@@ -255,6 +255,15 @@ def train_command(
             rich_help_panel=_OPT,
         ),
     ] = RECIPE.early_stopping_patience,
+    cls_init: Annotated[
+        bool,
+        typer.Option(
+            "--cls-init",
+            help="Start with the first token attending uniformly (last layer's query bias; BERT-style encoders, "
+            "seq-cls / regression). Helps mean-pooling checkpoints such as all-MiniLM on hard tasks.",
+            rich_help_panel=_OPT,
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for the split, head init and data order.", rich_help_panel=_OPT)] = 42,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Where the adapter is saved.", rich_help_panel=_OUT)
@@ -348,6 +357,7 @@ def train_command(
             eval_batch_size=eval_batch_size,
             max_length=max_length,
             early_stopping_patience=early_stopping_patience or None,
+            cls_attention_init=cls_init,
             seed=seed,
             resume_from_checkpoint=resume,
             keep_checkpoints=keep_checkpoints,

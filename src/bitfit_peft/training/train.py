@@ -22,12 +22,15 @@ from typing import Any
 import torch
 from peft import get_peft_model
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from torch.utils.data import DataLoader
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from .. import hub as bitfit_hub
 from ..atomic_save import save_pretrained
 from ..config import BitFitConfig
+from ..errors import BitFitError
 from ..tasks import peft_task_type
+from .cls_init import initialize_cls_attention
 from .data import EncodedDataset, TaskData, encode, load_task_data, normalize_task
 from .loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
     SUMMARY_FILE,
@@ -202,6 +205,7 @@ def train(
     max_length: int | None = None,
     group_by_length: bool = False,
     early_stopping_patience: int | None = RECIPE.early_stopping_patience,
+    cls_attention_init: bool = False,
     auto_lr_grid: Sequence[float] = AUTO_LR_GRID,
     seed: int = 42,
     adapter_name: str = "default",
@@ -252,6 +256,9 @@ def train(
         early_stopping_patience: epochs without dev improvement before stopping (default 0: off, as in
             :data:`~.recipe.RECIPE`); None or 0 disables it. The best epoch's checkpoint is restored at the end
             either way.
+        cls_attention_init: before training, set the last layer's query-bias delta so that the first token
+            attends uniformly (seq-cls / regression on BERT-style encoders; see :mod:`.cls_init`): helps
+            mean-pooling checkpoints on tasks their ``[CLS]`` state serves badly.
         auto_lr_grid: candidate learning rates of ``learning_rate="auto"``.
         seed: seed of the split, the head initialisation and the data order.
         adapter_name: PEFT adapter name (a non-default name is saved in a sub-folder).
@@ -288,6 +295,8 @@ def train(
     auto_lr = learning_rate == "auto"
     learning_rate = defaults["learning_rate"] if learning_rate is None or auto_lr else learning_rate
     check_schedule(learning_rate, warmup_ratio, lr_scheduler_type, num_epochs, auto_lr_grid if auto_lr else None)
+    if cls_attention_init and task not in ("seq-cls", "regression"):
+        raise BitFitError(f"cls_attention_init applies to seq-cls and regression tasks, not {task!r}; drop it")
     model_path = model or default_model_path()
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / CHECKPOINT_DIR
@@ -375,8 +384,11 @@ def train(
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
 
-    metrics_before = clean_metrics(trainer.evaluate()) if eval_before else {}
     extra: dict[str, Any] = {}
+    if cls_attention_init:  # before evaluation and the range test: both start from the initialised adapter
+        loader = DataLoader(train_ds, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+        extra["cls_attention_init"] = initialize_cls_attention(peft_model, loader, adapter_name)
+    metrics_before = clean_metrics(trainer.evaluate()) if eval_before else {}
     if auto_lr:  # range test from the same initial adapter; the real run then starts from it again
         factor = HEAD_LR_FACTOR if head_learning_rate is None else head_learning_rate / learning_rate
         steps = probe_steps_for(len(train_ds), batch_size)
@@ -443,6 +455,7 @@ def train(
             "warmup_ratio": warmup_ratio,
             "num_epochs": num_epochs,
             "early_stopping_patience": early_stopping_patience or None,
+            "cls_attention_init": cls_attention_init,
             "batch_size": batch_size,
         },
         "result": result.to_dict(),
