@@ -197,11 +197,17 @@ def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert_
 
 
 def test_cls_init_flag_sets_the_query_delta(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
-    """``--cls-init``: the last query delta starts non-zero (the eval before training already sees it), recorded."""
-    out = tmp_path / "o"
-    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out), "--cls-init",
-                              "--epochs", "1", "--batch-size", "8", "--max-length", "24", "--json"])  # fmt: skip
-    assert res.exit_code == 0, res.output
+    """``--cls-init``: the saved last query delta is the init (an LR too small to move it), recorded in the summary."""
+    deltas = {}
+    for flag in ([], ["--cls-init"]):
+        out = tmp_path / f"o{len(flag)}"
+        res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out), *flag,
+                                  "--lr", "1e-12", "--epochs", "1", "--batch-size", "8", "--max-length", "24",
+                                  "--json"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        saved = load_file(str(out / "adapter_model.safetensors"))
+        deltas[bool(flag)] = next(v for k, v in saved.items() if "layer.1.attention.self.query" in k)
+    assert deltas[False].abs().max() < 1e-6 < deltas[True].abs().max()
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["optimisation"]["cls_attention_init"] is True
     assert summary["result"]["extra"]["cls_attention_init"].endswith("encoder.layer.1.attention.self.query")

@@ -50,11 +50,11 @@ if [ -n "${EXTEND:-}" ]; then # one higher LR per method on top of an earlier ru
     run x_sms --tasks sms --skip-sweep --extend "$EXTEND" &
     run x_bbc --tasks bbc --skip-sweep --extend "$EXTEND" &
 else
-    qi=bitfit_qi
-    [ "$SETTING" = gpu_recipe ] && qi="" # not a method of that setting
+    qi=bitfit_qi cls=""
+    [ "$SETTING" = gpu_recipe ] && qi="" cls=bitfit_cls # bitfit_cls: a method of that setting only
     run a --tasks trec bbc --skip-sweep &
     run b1 --tasks movie --methods full $qi --skip-sweep &
-    run b3 --tasks movie --methods bitfit --skip-sweep &
+    run b3 --tasks movie --methods bitfit $cls --skip-sweep &
     run b2 --tasks movie --methods lora_r8 beft --skip-sweep &
     run c --tasks sms --skip-sweep &
     run d --skip-main --sweep-tasks movie &

@@ -82,7 +82,7 @@ def build_model(method: str, num_labels: int, seed: int) -> nn.Module:
     elif method == "beft":
         cfg = BeftConfig(task_type="SEQ_CLS")
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose from {(*METHODS, 'bitfit_cls')}")
     return get_peft_model(model, cfg)
 
 
@@ -267,6 +267,8 @@ def train(
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = sched.dropout
+    if method == "bitfit_cls" and not sched.cls_init:  # its setting's recipe_overrides must set it
+        raise ValueError("bitfit_cls needs a schedule with cls_init=True (the setting's recipe_overrides)")
     if sched.cls_init:
         from bitfit_peft.training.cls_init import initialize_cls_attention
 

@@ -15,7 +15,9 @@ from benchmarks.accuracy.data import DATASETS  # noqa: E402
 
 from bitfit_peft.training.recipe import RECIPE, Recipe  # noqa: E402
 
-METHODS: tuple[str, ...] = ("full", "bitfit", "bitfit_qi", "bitfit_cls", "lora_r8", "beft")
+METHODS: tuple[str, ...] = ("full", "bitfit", "bitfit_qi", "lora_r8", "beft")  #: the full / smoke settings' methods
+#: a further method of the reduced / gpu_recipe settings: BitFit with the uniform [CLS] init (``cls_init`` schedule)
+CLS_METHOD = "bitfit_cls"
 METHOD_LABELS = {
     "full": "Full FT",
     "bitfit": "BitFit (all biases)",
@@ -121,10 +123,10 @@ SETTINGS: dict[str, Setting] = {
     "reduced": Setting(
         name="reduced",
         tasks=("trec", "sms", "movie", "bbc"),  # cheapest first: a --time-budget stop loses the costliest
-        methods=("full", "bitfit", "bitfit_cls", "lora_r8", "beft"),
+        methods=("full", "bitfit", CLS_METHOD, "lora_r8", "beft"),
         # full FT: FULL_FT_PROTOCOL at an LR dev-selected from a grid widened until it is inside; BitFit, LoRA and
         # BEFT: the default recipe; bitfit_cls: the recipe plus the uniform [CLS] init (train(cls_attention_init=True))
-        recipe_methods=("full", "bitfit", "bitfit_cls", "lora_r8", "beft"),
+        recipe_methods=("full", "bitfit", CLS_METHOD, "lora_r8", "beft"),
         recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}, "bitfit_cls": {"cls_init": True}},
         extend_grid=True,
         equal_wall=("lora_r8", "beft"),
