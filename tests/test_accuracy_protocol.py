@@ -121,9 +121,11 @@ def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
         dict(task="trec", mode="default", seed=0, lr=1e-2, test_acc=0.88, train_seconds=110.0, search_seconds=0.0),
         dict(task="trec", mode="default", seed=1, lr=1e-2, test_acc=0.86, train_seconds=130.0, search_seconds=0.0),
         dict(task="trec", mode="auto", seed=0, lr=3e-3, test_acc=0.80, train_seconds=100.0, search_seconds=50.0),
+        dict(task="trec", mode="cls", seed=0, lr=1e-2, test_acc=0.89, train_seconds=105.0, search_seconds=0.0),
     ]
     row = markdown(records).splitlines()[-1]
-    assert row == "| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 0.003 | 1.20x, 1.50x |"
+    assert row == "| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | 0.003 | 1.20x, 1.50x, 1.05x |"
+    assert markdown(records[:-1]).splitlines()[-1].endswith("| – | 0.003 | 1.20x, 1.50x, – |")  # a mode not run
 
 
 def _tiny_suite_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from .loading import (  # noqa: F401 - default_model_path and load_trained are p
 from .lr_finder import AUTO_LR_GRID, find_learning_rate, probe_steps_for
 from .metrics import MAIN_METRIC, argmax_logits, clean_metrics, make_compute_metrics
 from .recipe import DEMO_DEFAULTS, RECIPE, check_schedule
+from .result import TrainResult, count_params
 
 ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
 CHECKPOINT_DIR = "checkpoints"
@@ -60,47 +61,6 @@ DEFAULTS: dict[str, Any] = {
 #: The head's learning rate defaults to this multiple of the bias learning rate (a new head is far from
 #: trained; the bias deltas only nudge a trained model).
 HEAD_LR_FACTOR = RECIPE.head_lr_factor
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` did: metrics on the dev set before/after training, sizes and timings."""
-
-    task: str
-    metric_name: str
-    metrics_before: dict[str, float]
-    metrics_after: dict[str, float]
-    majority_accuracy: float | None
-    trainable_params: int
-    total_params: int
-    bias_params: int
-    head_params: int
-    adapter_size_bytes: int
-    output_dir: str
-    wall_time_s: float
-    train_time_s: float
-    num_train: int
-    num_dev: int
-    epochs_run: float
-    best_checkpoint: str | None = None
-    label_names: list[str] | None = None
-    hub_url: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def accuracy_before(self) -> float | None:
-        """Dev accuracy before training (sequence / token / next-token accuracy; None for regression)."""
-        return self.metrics_before.get("accuracy")
-
-    @property
-    def accuracy_after(self) -> float | None:
-        """Dev accuracy after training (the restored best checkpoint)."""
-        return self.metrics_after.get("accuracy")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["accuracy_before"], d["accuracy_after"] = self.accuracy_before, self.accuracy_after
-        return d
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,19 +121,6 @@ class BitFitTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------------
 # train()
 # ----------------------------------------------------------------------------------------------------
-
-
-def _count_params(model: torch.nn.Module) -> tuple[int, int, int, int]:
-    trainable = total = bias = head = 0
-    for name, p in model.named_parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-            if "bitfit_delta" in name:
-                bias += p.numel()
-            elif "modules_to_save" in name:
-                head += p.numel()
-    return trainable, total, bias, head
 
 
 def train(
@@ -336,7 +283,7 @@ def train(
         modules_to_save=["classifier", "score"] if task == "token-cls" else None,
     )
     peft_model = get_peft_model(base, peft_config, adapter_name=adapter_name)
-    trainable, total, bias_n, head_n = _count_params(peft_model)
+    trainable, total, bias_n, head_n = count_params(peft_model)
 
     metric = MAIN_METRIC[task]
     cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
