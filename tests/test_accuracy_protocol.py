@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.accuracy import report  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, RunResult, recipe_schedule, widen  # noqa: E402
-from benchmarks.accuracy.settings import FULL_FT_PROTOCOL  # noqa: E402
+from benchmarks.accuracy.settings import CLS_METHOD, FULL_FT_PROTOCOL  # noqa: E402
 
 ORIGINAL = [5e-5, 1.5e-4, 3e-4]
 
@@ -167,3 +167,20 @@ def test_search_knobs_dropout_and_pooler_weight(tmp_path: Path, monkeypatch: pyt
     plain, _, _, _ = train("bitfit", 1e-2, 0, _toy_split(), 2, s, torch.device("cpu"), replace(sched, pooler_lr=None))
     assert not any(".pooler." in k and k.endswith("weight") and not torch.equal(v, before[k])
                    for k, v in plain.state_dict().items())  # fmt: skip
+
+
+def test_search_knobs_ema_and_cls_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Schedule.ema`` evaluates the average each epoch; ``cls_init`` runs the product's init; ``bitfit_cls``
+    refuses a schedule without it."""
+    import torch
+    from benchmarks.accuracy.loop import Schedule, train
+
+    _tiny_suite_model(tmp_path, monkeypatch)
+    s, cpu = SETTINGS["smoke"], torch.device("cpu")
+    sched = Schedule(steps=3, head_lr_factor=10.0, scheduler="linear", eval_every=1, ema=0.9, cls_init=True)
+    model, steps, _, curve = train(CLS_METHOD, 1e-2, 0, _toy_split(), 2, s, cpu, sched, _toy_split())
+    assert steps == 3 and len(curve) == 3
+    query = model.get_base_model().bert.encoder.layer[-1].attention.self.query
+    assert query.delta_of("default").abs().max() > 0
+    with pytest.raises(ValueError, match="bitfit_cls needs a schedule with cls_init=True"):
+        train(CLS_METHOD, 1e-2, 0, _toy_split(), 2, s, cpu, replace(sched, cls_init=False))

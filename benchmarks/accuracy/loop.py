@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy.data import Split  # noqa: E402
-from benchmarks.accuracy.settings import METHODS, Setting  # noqa: E402
+from benchmarks.accuracy.settings import CLS_METHOD, METHODS, Setting  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -73,7 +73,7 @@ def build_model(method: str, num_labels: int, seed: int) -> nn.Module:
 
     import bitfit_peft
 
-    if method in ("bitfit", "bitfit_cls"):  # bitfit_cls: its schedule sets cls_init
+    if method in ("bitfit", CLS_METHOD):  # CLS_METHOD: its schedule sets cls_init
         cfg: Any = bitfit_peft.BitFitConfig(task_type="SEQ_CLS", bias_terms="all")
     elif method == "bitfit_qi":
         cfg = bitfit_peft.BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"])
@@ -82,7 +82,7 @@ def build_model(method: str, num_labels: int, seed: int) -> nn.Module:
     elif method == "beft":
         cfg = BeftConfig(task_type="SEQ_CLS")
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {(*METHODS, 'bitfit_cls')}")
+        raise ValueError(f"unknown method {method!r}; choose from {(*METHODS, CLS_METHOD)}")
     return get_peft_model(model, cfg)
 
 
@@ -127,6 +127,14 @@ class Encoded:
         labels = torch.tensor([self.labels[r] for r in rows])
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
+    def batches(
+        self, batch_size: int, device: torch.device, order: list[int] | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive batches of ``batch_size`` rows, in ``order`` (default: the split's own)."""
+        rows = list(range(len(self))) if order is None else order
+        for i in range(0, len(rows), batch_size):
+            yield self.batch(rows[i : i + batch_size], device)
+
 
 _TOKENIZER: dict[str, Any] = {}
 
@@ -162,8 +170,7 @@ def accuracy(model: nn.Module, data: Encoded, device: torch.device, batch_size: 
     model.eval()
     order = sorted(range(len(data)), key=lambda r: len(data.ids[r]))  # length-sorted: little padding
     correct = 0
-    for i in range(0, len(order), batch_size):
-        batch = data.batch(order[i : i + batch_size], device)
+    for batch in data.batches(batch_size, device, order):
         labels = batch.pop("labels")
         logits = model(**batch).logits
         correct += int((logits.argmax(-1) == labels).sum())
@@ -267,14 +274,12 @@ def train(
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = sched.dropout
-    if method == "bitfit_cls" and not sched.cls_init:  # its setting's recipe_overrides must set it
-        raise ValueError("bitfit_cls needs a schedule with cls_init=True (the setting's recipe_overrides)")
+    if method == CLS_METHOD and not sched.cls_init:  # its setting's recipe_overrides must set it
+        raise ValueError(f"{CLS_METHOD} needs a schedule with cls_init=True (the setting's recipe_overrides)")
     if sched.cls_init:
         from bitfit_peft.training.cls_init import initialize_cls_attention
 
-        step = s.eval_batch_size
-        initialize_cls_attention(model, (train_set.batch(list(range(i, min(len(train_set), i + step))), device)
-                                         for i in range(0, len(train_set), step)))  # fmt: skip
+        initialize_cls_attention(model, train_set.batches(s.eval_batch_size, device))
     groups = _param_groups(model, lr, sched.head_lr_factor, sched.pooler_lr)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
@@ -292,8 +297,8 @@ def train(
     curve: list[float] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     done = 0
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ema = [p.detach().clone() for _, p in named] if sched.ema else None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the same tensors as ``params``
+    ema = [p.detach().clone() for p in params] if sched.ema else None
     for rows in train_batches(len(train_set), sched.batch_size or s.batch_size, steps, seed):
         loss = model(**train_set.batch(rows, device)).loss
         loss.backward()
@@ -303,15 +308,15 @@ def train(
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         done += 1
-        if ema is not None and sched.ema is not None:  # warmed-up decay: early averages follow the weights closely
+        if ema is not None:  # warmed-up decay: early averages follow the weights closely
             with torch.no_grad():
-                torch._foreach_lerp_(ema, [p for _, p in named], 1.0 - min(sched.ema, (1 + done) / (10 + done)))
+                torch._foreach_lerp_(ema, params, 1.0 - min(sched.ema, (1 + done) / (10 + done)))
         if dev is not None and sched.eval_every and (done % sched.eval_every == 0 or done == steps):
             live = None
             if ema is not None:  # evaluate the average: swap it in, swap the live weights back afterwards
-                live = [p.detach().clone() for _, p in named]
+                live = [p.detach().clone() for p in params]
                 with torch.no_grad():
-                    torch._foreach_copy_([p for _, p in named], ema)
+                    torch._foreach_copy_(params, ema)
             acc = accuracy(model, dev, device, s.eval_batch_size)
             model.train()
             curve.append(acc)
@@ -320,7 +325,7 @@ def train(
                 best = (acc, state)
             if live is not None:
                 with torch.no_grad():
-                    torch._foreach_copy_([p for _, p in named], live)
+                    torch._foreach_copy_(params, live)
             if sched.patience and len(curve) - 1 - curve.index(best[0]) >= sched.patience:
                 break
     if best is not None:  # restore the best evaluation (load_best_model_at_end)

@@ -127,7 +127,7 @@ SETTINGS: dict[str, Setting] = {
         # full FT: FULL_FT_PROTOCOL at an LR dev-selected from a grid widened until it is inside; BitFit, LoRA and
         # BEFT: the default recipe; bitfit_cls: the recipe plus the uniform [CLS] init (train(cls_attention_init=True))
         recipe_methods=("full", "bitfit", CLS_METHOD, "lora_r8", "beft"),
-        recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}, "bitfit_cls": {"cls_init": True}},
+        recipe_overrides={"full": {"recipe": FULL_FT_PROTOCOL}, CLS_METHOD: {"cls_init": True}},
         extend_grid=True,
         equal_wall=("lora_r8", "beft"),
         # LoRA / BEFT at their LR dev-selected in the run before, one seed each (2 CPU cores)

@@ -102,7 +102,7 @@ def initialize_cls_attention(
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                       for k, v in batch.items() if k not in _NOT_INPUTS}  # fmt: skip
             model(**inputs)
-            count = sum(len(s) for s in seen)
+            count += len(seen[-1])
             if count >= max_examples:
                 break
     finally:
