@@ -21,8 +21,8 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from bitfit_peft import BitFitConfig, BitFitError, BitFitLayer, targets
+from bitfit_peft.base_modules import FUSED_TYPES, can_merge_into
 from bitfit_peft.groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index
-from bitfit_peft.layer import FUSED_TYPES, can_merge_into
 
 FIX = "use a list of module names or a simpler regex"
 

@@ -70,7 +70,8 @@ def _materialize(module: nn.Module, tensor: Any, attr: str) -> torch.Tensor | No
 
 def module_entries(model: nn.Module, names: Iterable[str]) -> list[Entry]:
     """``(name, bias shape, original bias, weight sample)`` of the modules ``names`` of a (partly) wrapped model."""
-    from .layer import BitFitLayer, bias_shape
+    from .base_modules import bias_shape
+    from .layer import BitFitLayer
 
     entries = []
     for name in names:

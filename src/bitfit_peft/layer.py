@@ -16,17 +16,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base_modules import CONV_TYPES, FUSED_TYPES, bias_shape, can_merge_into, in_out_features
 from .offload import execution_device
 from .routing import Routing
-
-try:  # PEFT's own rule (Linear, ConvNd, Conv1D, quantized/parallel linears, ...), as its LoRA/LN-tuning layers use
-    from peft.tuners.tuners_utils import _get_in_out_features
-except ImportError:  # pragma: no cover - private helper; fall back to the bias shape
-    _get_in_out_features = None
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: base layer types whose own op takes the bias, so the fast path can pass ``base + delta`` straight in.
-FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, *_CONV_TYPES, nn.LayerNorm, nn.GroupNorm)
 
 
 class MixedCall(NamedTuple):
@@ -71,59 +63,6 @@ class BiasDeltas(nn.ParameterDict):
         return base_bias.to(delta.dtype) + delta
 
 
-def bias_shape(base: nn.Module) -> tuple[int, ...]:
-    """Shape of the bias vector a supported module has or would have."""
-    bias = getattr(base, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        return tuple(bias.shape)
-    if isinstance(base, nn.Linear):
-        return (base.out_features,)
-    if isinstance(base, Conv1D):
-        return (base.nf,)
-    if isinstance(base, _CONV_TYPES):
-        return (base.out_channels,)
-    if isinstance(base, nn.LayerNorm):
-        return tuple(base.normalized_shape)
-    if isinstance(base, nn.GroupNorm):
-        return (base.num_channels,)
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1:  # RMSNorm-like
-        return tuple(weight.shape)
-    raise TypeError(
-        f"BitFit cannot tell the bias shape of {type(base).__name__}; target only Linear, Conv1D, ConvNd or "
-        "LayerNorm-like modules (use exclude_modules to skip this one)."
-    )
-
-
-def in_out_features(base: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a base module, as PEFT's tuner layers expose them.
-
-    PEFT's rule where it knows the module type; norms (and anything else it does not know) map ``n -> n``
-    features, ``n`` being the size of the bias vector.
-    """
-    in_features = out_features = None
-    weight = getattr(base, "weight", None)
-    is_norm = isinstance(base, (nn.LayerNorm, nn.GroupNorm)) or (isinstance(weight, torch.Tensor) and weight.dim() == 1)
-    if _get_in_out_features is not None and not is_norm:  # (PEFT warns on norms, which it does not know)
-        try:
-            in_features, out_features = _get_in_out_features(base)
-        except Exception:  # e.g. a module type PEFT refuses; the bias shape still tells the feature count
-            in_features = out_features = None
-    if in_features is None or out_features is None:
-        n = 1
-        for size in shape:
-            n *= int(size)
-        in_features = out_features = n
-    return int(in_features), int(out_features)
-
-
-def can_merge_into(base: nn.Module) -> bool:
-    """Whether the module's own forward uses a ``bias`` attribute (so a created bias takes effect)."""
-    if getattr(base, "bias", None) is not None:
-        return True
-    return isinstance(base, FUSED_TYPES)
-
-
 class BitFitLayer(BaseTunerLayer):
     """Mixin holding the deltas of every adapter for one base module."""
 
@@ -155,7 +94,7 @@ class BitFitLayer(BaseTunerLayer):
         self.in_features, self.out_features = in_out_features(base, self._bias_shape)
         self._view_shape = (
             (self._bias_shape[0],) + (1,) * (base.weight.dim() - 2)
-            if isinstance(base, _CONV_TYPES)
+            if isinstance(base, CONV_TYPES)
             else self._bias_shape
         )
         self._fused = type(base) in FUSED_TYPES and not (
@@ -167,7 +106,7 @@ class BitFitLayer(BaseTunerLayer):
             else "conv1d_hf"
             if isinstance(base, Conv1D)
             else "conv"
-            if isinstance(base, _CONV_TYPES)
+            if isinstance(base, CONV_TYPES)
             else "layer_norm"
             if isinstance(base, nn.LayerNorm)
             else "group_norm"

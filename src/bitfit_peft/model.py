@@ -12,12 +12,13 @@ from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_
 from torch import nn
 
 from . import delta_format, fingerprint
+from .base_modules import bias_shape, can_merge_into
 from .call_plan import CallPlanMixin, layers_and_heads
 from .config import SAVE_DTYPES, BitFitConfig
 from .delta_format import PEFT_PREFIX
 from .errors import BitFitError
 from .groups import primary_group
-from .layer import BitFitLayer, BitFitWrapper, bias_shape, can_merge_into, layers_holding
+from .layer import BitFitLayer, BitFitWrapper, layers_holding
 from .offload import execution_device
 from .routing import Routing
 from .targets import resolve_targets as _resolve_targets

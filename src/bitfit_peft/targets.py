@@ -31,9 +31,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from .base_modules import FUSED_TYPES, can_merge_into
 from .errors import BitFitError
 from .groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index
-from .layer import FUSED_TYPES, BitFitLayer, can_merge_into
+from .layer import BitFitLayer
 from .tasks import task_of
 
 _sre: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")  # stdlib's parser: private, stable

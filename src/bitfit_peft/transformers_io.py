@@ -39,7 +39,8 @@ def _head_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
 
 def expected_checkpoint(model: nn.Module, config: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
     """``(delta shapes, head tensors)`` keyed as in the file, for ``config`` on ``model`` (before injection)."""
-    from .layer import BitFitLayer, bias_shape
+    from .base_modules import bias_shape
+    from .layer import BitFitLayer
     from .model import BitFitModel
 
     deltas = {}

@@ -1,12 +1,14 @@
-"""BitFit training: dataset loading (:mod:`.data`), the default recipe (:mod:`.recipe`), ``learning_rate="auto"``
-(:mod:`.lr_finder`) and a Trainer-based :func:`train` (:mod:`.train`)."""
+"""BitFit training: reading files and Hub datasets (:mod:`.sources`), validating them for a task (:mod:`.data`),
+the default recipe (:mod:`.recipe`), ``learning_rate="auto"`` (:mod:`.lr_finder`) and a Trainer-based :func:`train`
+(:mod:`.train`)."""
 
 from __future__ import annotations
 
-from .data import DataError, TaskData, demo_data_path, load_task_data
+from .data import TaskData, demo_data_path, load_task_data
 from .distributed import block_classes, fsdp_auto_wrap_policy, save_sharded_adapter, shard_bitfit_model
 from .lr_finder import AUTO_LR_GRID, LRSearchResult, find_learning_rate
 from .recipe import RECIPE, Recipe
+from .sources import DataError
 from .train import DEFAULTS, DEMO_DEFAULTS, BitFitTrainer, TrainResult, bitfit_param_groups, load_trained, train
 
 __all__ = [
