@@ -128,6 +128,18 @@ def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
     assert markdown(records[:-1]).splitlines()[-1].endswith("| – | 0.003 | 1.20x, 1.50x, – |")  # a mode not run
 
 
+def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
+    from benchmarks.accuracy.product_train import dev_table
+
+    def rec(mode: str, seed: int, dev: float) -> dict[str, Any]:
+        return dict(task="movie", mode=mode, seed=seed, dev_acc=dev)
+
+    records = [rec("full", 0, 0.815), rec("default", 0, 0.80), rec("default", 1, 0.70), rec("default", 2, 0.90),
+               rec("cls", 0, 0.83), rec("cls", 1, 0.80)]  # fmt: skip
+    row = dev_table(records).splitlines()[-1]  # the gain uses seeds 0 and 1 only (seed 2 has no cls-init run)
+    assert row == "| movie | 81.5 | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | +6.50 ± 4.95 (2) |"
+
+
 def _tiny_suite_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point the suite's model loader at a tiny random BERT (with a pooler) saved under ``tmp_path``."""
     from benchmarks.accuracy import loop
