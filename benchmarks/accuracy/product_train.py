@@ -8,8 +8,7 @@ on the same examples, writes each split as a JSONL file, and measures test accur
 back with ``PeftModel.from_pretrained``. Full fine-tuning (the suite's protocol, seed 0, at the LR given by
 ``--full-lr``) is trained once per task in the same process as the wall-time reference (``--full-lr 0``: none).
 Each run keeps its best epoch on dev, and nothing else is selected: every mode is a fixed procedure, so their test
-results can be reported side by side;
-the dev table (``dev_table``) is the evidence for which procedure should be the default.
+results can be reported side by side; the dev table (``dev_table``) is the evidence for which should be the default.
 
 Example:
     $ python -m benchmarks.accuracy.product_train --tasks trec movie --seeds 0 1 --modes default auto
