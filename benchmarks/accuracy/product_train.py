@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy.data import Split, subsample  # noqa: E402
-from benchmarks.accuracy.report import publish, selected_runs  # noqa: E402
+from benchmarks.accuracy.report import mean_std, publish, selected_runs  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
@@ -97,6 +97,14 @@ def as_reference(run: dict[str, Any]) -> dict[str, Any]:
                 train_seconds=run["train_seconds"], wall_seconds=run["seconds"])  # fmt: skip
 
 
+def _spread(values: list[float], fmt: str = ".1f") -> str:
+    """``mean ± std (n)`` of ``values``, or "–" when there are none."""
+    if not values:
+        return "–"
+    mu, sd = mean_std(values)
+    return f"{mu:{fmt}} ± {sd:{fmt.lstrip('+')}} ({len(values)})"
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     """Per task: test accuracy (mean ± std over seeds), LRs picked by ``auto`` and wall time against full FT."""
     lines = [
@@ -111,8 +119,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         for mode in MODES:
             runs = [r for r in rows if r["mode"] == mode]
             accs = [100 * r["test_acc"] for r in runs]
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cells.append(f"{statistics.fmean(accs):.1f} ± {sd:.1f} ({len(accs)})" if accs else "–")
+            cells.append(_spread(accs))
             if runs and full:
                 secs = statistics.fmean(r["train_seconds"] + r["search_seconds"] for r in runs)
                 walls.append(f"{secs / full['train_seconds']:.2f}x")
@@ -122,10 +129,6 @@ def markdown(records: list[dict[str, Any]]) -> str:
         ref = f"{100 * full['test_acc']:.1f}" if full else "–"
         lines.append(f"| {task} | {ref} | {' | '.join(cells)} | {picks} | {', '.join(walls)} |")
     return "\n".join(lines)
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def dev_table(records: list[dict[str, Any]]) -> str:
@@ -142,10 +145,10 @@ def dev_table(records: list[dict[str, Any]]) -> str:
         cells = []
         for mode in MODES:
             accs = list(by_mode[mode].values())
-            cells.append("{:.1f} ± {:.1f} ({})".format(*_mean_sd(accs), len(accs)) if accs else "–")
+            cells.append(_spread(accs))
         both = sorted(set(by_mode["default"]) & set(by_mode["cls"]))
         diffs = [by_mode["cls"][s] - by_mode["default"][s] for s in both]
-        gain = "{:+.2f} ± {:.2f} ({})".format(*_mean_sd(diffs), len(diffs)) if diffs else "–"
+        gain = _spread(diffs, "+.2f")
         lines.append(f"| {task} | {full} | {' | '.join(cells)} | {gain} |")
     return "\n".join(lines)
 

@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy.settings import METHOD_COLORS, METHOD_LABELS, Setting  # noqa: E402
+from benchmarks.accuracy.settings import CLS_METHOD, METHOD_COLORS, METHOD_LABELS, Setting  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value, NaN for none)."""
     if not xs:
         return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -81,7 +82,7 @@ def markdown_main(results: list[dict[str, Any]], s: Setting) -> str:
         trainable = f"{fewest['trainable']:,} ({100 * fewest['trainable'] / fewest['total']:.2f}%)" if fewest else ""
         for t in tasks:
             runs = cells.get((t, m), [])
-            mu, sd = _mean_std([100 * r["test_acc"] for r in runs])
+            mu, sd = mean_std([100 * r["test_acc"] for r in runs])
             means[(t, m)] = mu
             lr = runs[0]["lr"] if runs else math.nan
             row.append(f"{mu:.1f} ± {sd:.1f} <sub>lr {lr:g}</sub>" if runs else "–")
@@ -94,7 +95,7 @@ def markdown_main(results: list[dict[str, Any]], s: Setting) -> str:
     lines.append("")
     lines.append("| gap | " + " | ".join(tasks) + " | avg |")
     lines.append("|---" * (len(tasks) + 2) + "|")
-    pairs = (("bitfit", "full"), ("bitfit_cls", "full"), ("bitfit", "lora_r8"), ("bitfit", "beft"),
+    pairs = (("bitfit", "full"), (CLS_METHOD, "full"), ("bitfit", "lora_r8"), ("bitfit", "beft"),
              ("bitfit_qi", "full"))  # fmt: skip
     for a, b in pairs:
         if a not in methods or b not in methods:
@@ -112,7 +113,7 @@ BEFORE_RUNS = "cpu_reduced_before_runs.jsonl"  #: the reduced suite before issue
 
 
 def _cell_stats(results: list[dict[str, Any]], s: Setting) -> dict[tuple[str, str], tuple[float, float, int]]:
-    return {k: (*_mean_std([100 * r["test_acc"] for r in v]), len(v)) for k, v in main_table(results, s).items()}
+    return {k: (*mean_std([100 * r["test_acc"] for r in v]), len(v)) for k, v in main_table(results, s).items()}
 
 
 def markdown_before_after(before: list[dict[str, Any]], after: list[dict[str, Any]], s: Setting) -> str:
@@ -152,7 +153,7 @@ def markdown_wall(results: list[dict[str, Any]], s: Setting) -> str:
             sec = statistics.fmean(r.get("train_seconds") or r["seconds"] for r in runs)
             secs[m] = sec
             steps = statistics.fmean(r["steps"] for r in runs)
-            mu, sd = _mean_std([100 * r["test_acc"] for r in runs])
+            mu, sd = mean_std([100 * r["test_acc"] for r in runs])
             row.append(f"{steps:.0f}, {sec:.0f} s, {mu:.1f} ± {sd:.1f}")
         ratio = secs["bitfit"] / secs["full"] if "bitfit" in secs and "full" in secs else None
         if ratio is not None:
@@ -191,7 +192,7 @@ def markdown_sweep(results: list[dict[str, Any]], s: Setting) -> str:
             d = pts.get((t, m), {})
             cells = []
             for n in sizes:
-                mu, sd = _mean_std(d.get(n, []))
+                mu, sd = mean_std(d.get(n, []))
                 cells.append(f"{mu:.1f} ± {sd:.1f}" if d.get(n) else "–")
             lines.append(f"| {t} | {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
         if all(m in s.sweep_methods for m in ("bitfit", "full")):
@@ -217,7 +218,7 @@ def plot_main(results: list[dict[str, Any]], s: Setting, path: Path) -> None:
     for j, m in enumerate(methods):
         mus, sds = [], []
         for t in tasks:
-            mu, sd = _mean_std([100 * r["test_acc"] for r in cells.get((t, m), [])])
+            mu, sd = mean_std([100 * r["test_acc"] for r in cells.get((t, m), [])])
             mus.append(mu)
             sds.append(sd)
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
@@ -248,7 +249,7 @@ def plot_sweep(results: list[dict[str, Any]], s: Setting, path: Path) -> None:
             ns = sorted(d)
             if not ns:
                 continue
-            stats = [_mean_std(d[n]) for n in ns]
+            stats = [mean_std(d[n]) for n in ns]
             ax.errorbar(ns, [a for a, _ in stats], yerr=[b for _, b in stats], marker="o", capsize=3,
                         label=METHOD_LABELS[m], color=METHOD_COLORS[m])  # fmt: skip
         ax.set_xscale("log")

@@ -93,7 +93,8 @@ def initialize_cls_attention(
         x = args[0] if args else kwargs["input"]
         seen.append(x[:, 0].detach().float())
 
-    device = layer.delta_of(adapter_name).device
+    delta = layer.delta_of(adapter_name)
+    device = delta.device
     was_training = model.training
     hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
     model.eval()
@@ -117,7 +118,6 @@ def initialize_cls_attention(
     original = layer.original_bias()
     if original is not None:
         target = target - original.float().to(target.device)
-    delta = layer.delta_of(adapter_name)
     if not torch.isfinite(target).all():
         raise BitFitError("cls_attention_init: the first token's states are not finite; check the inputs")
     delta.copy_(target.to(device=delta.device, dtype=delta.dtype))

@@ -24,6 +24,8 @@ import torch
 from .sources import DataError, RawData, load_raw
 
 TASKS: tuple[str, ...] = ("seq-cls", "regression", "token-cls", "causal-lm")
+#: tasks with one label per sequence (a sequence head; text pairs allowed)
+SEQUENCE_TASKS: tuple[str, ...] = ("seq-cls", "regression")
 IGNORE_INDEX = -100
 
 
@@ -187,7 +189,7 @@ def build_examples(
     records = raw.records
     required = {"--text-column": text_column}
     if text_pair_column:
-        if task not in ("seq-cls", "regression"):
+        if task not in SEQUENCE_TASKS:
             raise DataError("--text-pair-column is only supported for --task seq-cls / regression")
         required["--text-pair-column"] = text_pair_column
     if task != "causal-lm":

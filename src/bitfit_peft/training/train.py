@@ -31,7 +31,7 @@ from ..config import BitFitConfig
 from ..errors import BitFitError
 from ..tasks import peft_task_type
 from .cls_init import initialize_cls_attention
-from .data import EncodedDataset, TaskData, encode, load_task_data, normalize_task
+from .data import SEQUENCE_TASKS, EncodedDataset, TaskData, encode, load_task_data, normalize_task
 from .loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
     SUMMARY_FILE,
     collator,
@@ -242,7 +242,7 @@ def train(
     auto_lr = learning_rate == "auto"
     learning_rate = defaults["learning_rate"] if learning_rate is None or auto_lr else learning_rate
     check_schedule(learning_rate, warmup_ratio, lr_scheduler_type, num_epochs, auto_lr_grid if auto_lr else None)
-    if cls_attention_init and task not in ("seq-cls", "regression"):
+    if cls_attention_init and task not in SEQUENCE_TASKS:
         raise BitFitError(f"cls_attention_init applies to seq-cls and regression tasks, not {task!r}; drop it")
     model_path = model or default_model_path()
     output_dir = Path(output_dir)
