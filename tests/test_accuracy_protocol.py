@@ -124,8 +124,9 @@ def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
         dict(task="trec", mode="cls", seed=0, lr=1e-2, test_acc=0.89, train_seconds=105.0, search_seconds=0.0),
     ]
     row = markdown(records).splitlines()[-1]
-    assert row == "| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | 0.003 | 1.20x, 1.50x, 1.05x |"
-    assert markdown(records[:-1]).splitlines()[-1].endswith("| – | 0.003 | 1.20x, 1.50x, – |")  # a mode not run
+    want = "| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | – | 0.003 | 1.20x, 1.50x, 1.05x, – |"
+    assert row == want
+    assert markdown(records[:-1]).splitlines()[-1].endswith("| – | – | 0.003 | 1.20x, 1.50x, –, – |")  # not run
 
 
 def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
@@ -137,7 +138,28 @@ def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
     records = [rec("full", 0, 0.815), rec("default", 0, 0.80), rec("default", 1, 0.70), rec("default", 2, 0.90),
                rec("cls", 0, 0.83), rec("cls", 1, 0.80)]  # fmt: skip
     row = dev_table(records).splitlines()[-1]  # the gain uses seeds 0 and 1 only (seed 2 has no cls-init run)
-    assert row == "| movie | 81.5 | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | +6.50 ± 4.95 (2) |"
+    assert row == "| movie | 81.5 | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | – | +6.50 ± 4.95 (2) | – | – |"
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_product_train_dev_table_reads_the_cls_init_auto_decision(on: bool) -> None:
+    """``--cls-init auto``'s gain is on − off where it decided on and 0 where off; its runs must equal that mode's."""
+    from benchmarks.accuracy.product_train import dev_table
+
+    probe = {"first_token": 44.0, "mean_pooled": 75.0}
+    twin = 0.83 if on else 0.80
+
+    def rec(mode: str, seed: int, dev: float, **kw: Any) -> dict[str, Any]:
+        return dict(task="trec", mode=mode, seed=seed, dev_acc=dev, **kw)
+
+    records = [rec("default", 0, 0.80), rec("default", 1, 0.70), rec("cls", 0, 0.83), rec("cls", 1, 0.80),
+               rec("cls_auto", 0, twin, cls_init_enabled=on, cls_probe=probe)]  # fmt: skip
+    row = dev_table(records).splitlines()[-1]
+    gain = "+6.50 ± 4.95 (2)" if on else "+0.00 ± 0.00 (2)"
+    assert row.endswith(f"| +6.50 ± 4.95 (2) | 44.0 / 75.0, {'on' if on else 'off'} | {gain} |")
+    records[-1]["dev_acc"] = 0.5  # an auto run that does not match the mode it picked
+    with pytest.raises(ValueError, match="differs from the"):
+        dev_table(records)
 
 
 def _tiny_suite_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,3 +88,78 @@ def test_adapter_name_selects_the_delta(tiny_model_factory) -> None:
     name, layer = last_query_layer(model, "other")
     initialize_cls_attention(model, _batches(model.config.vocab_size), adapter_name="other")
     assert layer.delta_of("other").abs().sum() > 0 and layer.delta_of("default").abs().sum() == 0
+
+
+def test_a_disk_offloaded_last_layer_gets_the_same_init(tmp_path) -> None:
+    """With a ``device_map`` that puts the last layer on disk (its query weight is ``meta`` until Accelerate's hook
+    loads it), the init equals the one on the same model held in memory."""
+    from conftest import make_tiny_model
+    from transformers import AutoModelForSequenceClassification
+
+    base_dir = tmp_path / "base"
+    make_tiny_model("bert", task="seq_cls").save_pretrained(base_dir)
+    device_map = {"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu", "bert.encoder.layer.1": "disk",
+                  "bert.pooler": "disk", "classifier": "cpu"}  # fmt: skip
+    offloaded = AutoModelForSequenceClassification.from_pretrained(
+        base_dir, device_map=device_map, offload_folder=str(tmp_path / "offload"), low_cpu_mem_usage=True
+    )
+    assert offloaded.bert.encoder.layer[1].attention.self.query.weight.device.type == "meta"
+    deltas = []
+    for base in (AutoModelForSequenceClassification.from_pretrained(base_dir), offloaded):
+        model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"))
+        initialize_cls_attention(model, _batches(model.config.vocab_size))
+        deltas.append(last_query_layer(model)[1].delta_of("default").detach().clone())
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[1], deltas[0], rtol=0, atol=1e-6)
+
+
+def test_probe_accuracy_separates_what_is_linear_and_not_noise() -> None:
+    from bitfit_peft.training.cls_init import probe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    x, x_dev = torch.randn(200, 8, generator=g), torch.randn(100, 8, generator=g)
+    y, y_dev = (x[:, 3] > 0).long(), (x_dev[:, 3] > 0).long()
+    assert probe_accuracy(x, y, x_dev, y_dev, 1e-3) > 95
+    noise = torch.randint(0, 2, (100,), generator=g)
+    assert probe_accuracy(x, y, x_dev, noise, 1e-3) < 70
+
+
+def test_auto_decision_says_why_it_does_not_apply(tiny_model_factory) -> None:
+    from bitfit_peft.training.cls_init import auto_cls_init
+
+    bert = get_peft_model(tiny_model_factory("bert", task="seq_cls"), BitFitConfig(task_type="SEQ_CLS"))
+    batches = _batches(bert.config.vocab_size)
+    assert auto_cls_init(bert, "regression", batches, batches) == {
+        "enable": False, "reason": "the probe needs class labels; task 'regression'"}  # fmt: skip
+    gpt2 = get_peft_model(tiny_model_factory("gpt2", task="seq_cls"), BitFitConfig(task_type="SEQ_CLS"))
+    got = auto_cls_init(gpt2, "seq-cls", batches, batches)
+    assert got["enable"] is False and "model_type 'gpt2'" in got["reason"]
+    probe = auto_cls_init(bert, "seq-cls", batches, batches)
+    assert set(probe) == {"enable", "min_gap", "min_dev", "first_token", "mean_pooled", "num_train", "num_dev"}
+    assert probe["num_dev"] == 12 < probe["min_dev"] and probe["enable"] is False  # too few dev examples to decide
+    before = _state(bert)
+    auto_cls_init(bert, "seq-cls", batches, batches)
+    assert all(torch.equal(v, before[k]) for k, v in _state(bert).items())  # probing changes nothing
+
+
+def test_auto_probe_refuses_float_labels_and_no_data(tiny_model_factory) -> None:
+    from bitfit_peft.training.cls_init import probe_first_token
+
+    model = get_peft_model(tiny_model_factory("bert", task="seq_cls"), BitFitConfig(task_type="SEQ_CLS"))
+    floats = [{**b, "labels": b["labels"].float()} for b in _batches(model.config.vocab_size)]
+    with pytest.raises(BitFitError, match="needs integer class labels"):
+        probe_first_token(model, floats, floats)
+    with pytest.raises(BitFitError, match="no batches given"):
+        probe_first_token(model, [], [])
+
+
+def test_auto_decides_on_the_gap_between_the_probes() -> None:
+    from bitfit_peft.training.cls_init import AUTO_MIN_DEV, AUTO_MIN_GAP, FirstTokenProbe
+
+    def probe(first: float, mean: float, dev: int = AUTO_MIN_DEV) -> bool:
+        return FirstTokenProbe(first_token=first, mean_pooled=mean, num_train=400, num_dev=dev).enable
+
+    assert probe(44.0, 75.0) and probe(59.5, 72.5)  # the suite's trec and movie
+    assert not probe(91.0, 93.5) and not probe(96.0, 96.5)  # bbc and sms
+    assert not probe(50.0, 50.0 + AUTO_MIN_GAP) and probe(50.0, 50.1 + AUTO_MIN_GAP)
+    assert not probe(44.0, 75.0, dev=AUTO_MIN_DEV - 1)

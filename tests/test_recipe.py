@@ -199,17 +199,42 @@ def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert_
 def test_cls_init_flag_sets_the_query_delta(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
     """``--cls-init``: the saved last query delta is the init (an LR too small to move it), recorded in the summary."""
     deltas = {}
-    for flag in ([], ["--cls-init"]):
-        out = tmp_path / f"o{len(flag)}"
+    for flag in (["--cls-init", "off"], ["--cls-init", "on"]):
+        out = tmp_path / flag[1]
         res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out), *flag,
                                   "--lr", "1e-12", "--epochs", "1", "--batch-size", "8", "--max-length", "24",
                                   "--json"])  # fmt: skip
         assert res.exit_code == 0, res.output
         saved = load_file(str(out / "adapter_model.safetensors"))
-        deltas[bool(flag)] = next(v for k, v in saved.items() if "layer.1.attention.self.query" in k)
+        deltas[flag[1] == "on"] = next(v for k, v in saved.items() if "layer.1.attention.self.query" in k)
     assert deltas[False].abs().max() < 1e-6 < deltas[True].abs().max()
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["optimisation"]["cls_attention_init"] is True
     assert summary["result"]["extra"]["cls_attention_init"].endswith("encoder.layer.1.attention.self.query")
     with pytest.raises(BitFitError, match="applies to seq-cls and regression"):
         train("never-loaded", spam_csv, task="token-cls", cls_attention_init=True, output_dir=tmp_path / "t")
+
+
+@pytest.mark.parametrize("decision", [False, True])
+def test_cls_init_auto_trains_exactly_like_its_decision(
+    tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path, monkeypatch: pytest.MonkeyPatch, decision: bool
+) -> None:
+    """``"auto"`` probes, then trains bit for bit like ``True`` / ``False`` would (the probe leaves the random state
+    alone); the probe's figures and the resolved choice are recorded."""
+    from bitfit_peft.training import cls_init
+
+    monkeypatch.setattr(cls_init, "AUTO_MIN_GAP", -1e9 if decision else 1e9)  # the threshold decides
+    monkeypatch.setattr(cls_init, "AUTO_MIN_DEV", 1)  # (this dev set is tiny)
+    kw = dict(task="seq-cls", learning_rate=1e-2, num_epochs=1, batch_size=8, max_length=24, quiet=True,
+              eval_before=False)  # fmt: skip
+    auto = train(str(tiny_bert_dir), str(spam_csv), output_dir=tmp_path / "auto", cls_attention_init="auto", **kw)
+    train(str(tiny_bert_dir), str(spam_csv), output_dir=tmp_path / "fixed", cls_attention_init=decision, **kw)
+    probe = auto.extra["cls_probe"]
+    assert probe["enable"] is decision and 0 <= probe["first_token"] <= 100 and probe["num_train"] > 0
+    assert ("cls_attention_init" in auto.extra) is decision
+    a, f = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("auto", "fixed"))
+    assert a.keys() == f.keys() and all(torch.equal(a[k], f[k]) for k in a)
+    summary = json.loads((tmp_path / "auto" / SUMMARY_FILE).read_text())
+    assert summary["optimisation"]["cls_attention_init"] is decision
+    with pytest.raises(ValueError, match="cls_attention_init must be True, False or 'auto'"):
+        train(str(tiny_bert_dir), str(spam_csv), output_dir=tmp_path / "x", cls_attention_init="yes", **kw)

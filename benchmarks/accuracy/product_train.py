@@ -38,7 +38,12 @@ from benchmarks.accuracy.report import mean_std, publish, selected_runs  # noqa:
 from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
-MODES = ("default", "auto", "cls")  #: cls: the default recipe with ``cls_attention_init=True``
+#: default: the recipe with ``cls_attention_init=False``; auto: ``learning_rate="auto"``; cls / cls_auto: the recipe
+#: with ``cls_attention_init=True`` / ``"auto"``
+MODES = ("default", "auto", "cls", "cls_auto")
+CLS_INIT = {"cls": True, "cls_auto": "auto"}
+LABELS = {"default": "`--cls-init off`", "auto": "`--lr auto`", "cls": "`--cls-init on`",
+          "cls_auto": "`--cls-init auto`"}  # fmt: skip
 
 
 def write_split(split: Split, path: Path) -> Path:
@@ -73,7 +78,8 @@ def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: 
     res = train(
         model=model_path(), data=str(files["train"]), dev_data=str(files["dev"]), output_dir=out,
         batch_size=s.batch_size, max_length=s.max_length, seed=seed, eval_before=False, quiet=True,
-        learning_rate="auto" if mode == "auto" else None, num_epochs=epochs, cls_attention_init=mode == "cls",
+        learning_rate="auto" if mode == "auto" else None, num_epochs=epochs,
+        cls_attention_init=CLS_INIT.get(mode, False),
     )  # fmt: skip
     summary = json.loads((out / "bitfit_training.json").read_text())
     search = res.extra.get("lr_search") or {}
@@ -82,6 +88,7 @@ def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: 
         dev_acc=res.accuracy_after, test_acc=test_accuracy(out, d.num_labels, runner, task),
         epochs_run=res.epochs_run, train_seconds=res.train_time_s, wall_seconds=res.wall_time_s,
         search_seconds=search.get("seconds", 0.0), search_dev_loss=search.get("dev_loss"),
+        cls_init_enabled="cls_attention_init" in res.extra, cls_probe=res.extra.get("cls_probe"),
     )  # fmt: skip
 
 
@@ -108,9 +115,9 @@ def _spread(values: list[float], fmt: str = ".1f") -> str:
 def markdown(records: list[dict[str, Any]]) -> str:
     """Per task: test accuracy (mean ± std over seeds), LRs picked by ``auto`` and wall time against full FT."""
     lines = [
-        "| task | full FT (seed 0) | default recipe | `--lr auto` | `--cls-init` | auto picked "
-        "| wall / full FT: default, auto, cls-init |",
-        "|---|---|---|---|---|---|---|",
+        f"| task | full FT (seed 0) | {' | '.join(LABELS[m] for m in MODES)} | `--lr auto` picked "
+        f"| wall / full FT: {', '.join(LABELS[m] for m in MODES)} |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
@@ -132,11 +139,12 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 
 def dev_table(records: list[dict[str, Any]]) -> str:
-    """Per task: dev accuracy (mean ± std over seeds) of each mode, and ``--cls-init`` minus the default recipe
-    over the seeds both ran (the evidence a default is decided on; test decides nothing)."""
+    """Per task: dev accuracy (mean ± std over seeds) of each mode, ``--cls-init on`` minus ``off`` over the seeds
+    both ran, and what ``auto`` makes of it (the evidence a default is decided on; test decides nothing)."""
     lines = [
-        "| task | full FT dev (seed 0) | default recipe | `--lr auto` | `--cls-init` | cls-init − default (seeds) |",
-        "|---|---|---|---|---|---|",
+        f"| task | full FT dev (seed 0) | {' | '.join(LABELS[m] for m in MODES)} | on − off (seeds) "
+        "| auto: probe [CLS] / mean, decision | auto − off (seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
@@ -148,9 +156,27 @@ def dev_table(records: list[dict[str, Any]]) -> str:
             cells.append(_spread(accs))
         both = sorted(set(by_mode["default"]) & set(by_mode["cls"]))
         diffs = [by_mode["cls"][s] - by_mode["default"][s] for s in both]
-        gain = _spread(diffs, "+.2f")
-        lines.append(f"| {task} | {full} | {' | '.join(cells)} | {gain} |")
+        probe, auto_gain = auto_decision(rows, both)
+        lines.append(f"| {task} | {full} | {' | '.join(cells)} | {_spread(diffs, '+.2f')} | {probe} | {auto_gain} |")
     return "\n".join(lines)
+
+
+def auto_decision(rows: list[dict[str, Any]], seeds: list[int]) -> tuple[str, str]:
+    """``--cls-init auto``'s probe and decision (from its runs: the probe does not depend on the seed) and its gain
+    over ``off`` on ``seeds``: ``on − off`` where it decides on, 0 where it decides off (it then trains exactly as
+    ``off``, ``tests/test_recipe.py``). Its own runs must match the mode it picked; a mismatch is an error."""
+    runs = [r for r in rows if r["mode"] == "cls_auto"]
+    if not runs:
+        return "–", "–"
+    if len({r["cls_init_enabled"] for r in runs}) != 1:
+        raise ValueError(f"{rows[0]['task']}: --cls-init auto decided differently across seeds")
+    on, p = runs[0]["cls_init_enabled"], runs[0]["cls_probe"]
+    twin = {(r["seed"]): r["dev_acc"] for r in rows if r["mode"] == ("cls" if on else "default")}
+    if any(r["seed"] in twin and r["dev_acc"] != twin[r["seed"]] for r in runs):
+        raise ValueError(f"{rows[0]['task']}: a --cls-init auto run differs from the {'on' if on else 'off'} run")
+    dev = {m: {r["seed"]: 100 * r["dev_acc"] for r in rows if r["mode"] == m} for m in ("default", "cls")}
+    gains = [dev["cls"][s] - dev["default"][s] if on else 0.0 for s in seeds]
+    return f"{p['first_token']:.1f} / {p['mean_pooled']:.1f}, {'on' if on else 'off'}", _spread(gains, "+.2f")
 
 
 def main(argv: list[str] | None = None) -> int:

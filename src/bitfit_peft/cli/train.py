@@ -18,6 +18,17 @@ from bitfit_peft.training.recipe import DEMO_DEFAULTS, RECIPE
 from bitfit_peft.utils import human_bytes
 
 
+class ClsInit(str, Enum):
+    """``--cls-init``: uniform first-token attention at the start (``train(cls_attention_init=...)``)."""
+
+    on = "on"
+    off = "off"
+    auto = "auto"
+
+
+CLS_INIT_VALUES = {ClsInit.on: True, ClsInit.off: False, ClsInit.auto: "auto"}
+
+
 class Task(str, Enum):
     """Training task."""
 
@@ -256,14 +267,15 @@ def train_command(
         ),
     ] = RECIPE.early_stopping_patience,
     cls_init: Annotated[
-        bool,
+        ClsInit,
         typer.Option(
             "--cls-init",
             help="Start with the first token attending uniformly (last layer's query bias; BERT-style encoders, "
-            "seq-cls / regression). Helps mean-pooling checkpoints such as all-MiniLM on hard tasks.",
+            "seq-cls / regression). Helps mean-pooling checkpoints such as all-MiniLM on hard tasks. auto: only "
+            "where linear probes of the frozen model say the first token serves the task badly (seq-cls).",
             rich_help_panel=_OPT,
         ),
-    ] = False,
+    ] = next(k for k, v in CLS_INIT_VALUES.items() if v == RECIPE.cls_attention_init),
     seed: Annotated[int, typer.Option(help="Seed for the split, head init and data order.", rich_help_panel=_OPT)] = 42,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Where the adapter is saved.", rich_help_panel=_OUT)
@@ -357,7 +369,7 @@ def train_command(
             eval_batch_size=eval_batch_size,
             max_length=max_length,
             early_stopping_patience=early_stopping_patience or None,
-            cls_attention_init=cls_init,
+            cls_attention_init=CLS_INIT_VALUES[cls_init],
             seed=seed,
             resume_from_checkpoint=resume,
             keep_checkpoints=keep_checkpoints,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -68,6 +69,18 @@ def last_query_layer(model: nn.Module, adapter_name: str = "default") -> tuple[s
     return name, layer
 
 
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embeddings' device (CPU when they are offloaded: Accelerate's hooks
+    move inputs to the execution device of every module they guard)."""
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get() if get else None, "weight", None)
+    return weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
+
+
+def _model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k not in _NOT_INPUTS}
+
+
 @torch.no_grad()
 def initialize_cls_attention(
     model: nn.Module, batches: Iterable[Mapping[str, Any]], adapter_name: str = "default", max_examples: int = 2048
@@ -76,7 +89,7 @@ def initialize_cls_attention(
 
     Args:
         model: a PEFT model with a BitFit adapter ``adapter_name`` on a supported encoder
-            (:data:`FIRST_TOKEN_MODEL_TYPES`).
+            (:data:`FIRST_TOKEN_MODEL_TYPES`); its modules may be spread or offloaded by a ``device_map``.
         batches: model inputs (``input_ids``, ``attention_mask``, ...; labels are ignored), e.g. training batches.
         adapter_name: the adapter whose delta is set (it must be the active one).
         max_examples: stop after this many examples (the mean settles long before).
@@ -91,19 +104,16 @@ def initialize_cls_attention(
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["input"]
-        seen.append(x[:, 0].detach().float())
+        seen.append(x[:, 0].detach())
 
-    delta = layer.delta_of(adapter_name)
-    device = delta.device
+    device = _input_device(model)
     was_training = model.training
     hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
     model.eval()
     try:
         count = 0
         for batch in batches:
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                      for k, v in batch.items() if k not in _NOT_INPUTS}  # fmt: skip
-            model(**inputs)
+            model(**_model_inputs(batch, device))
             count += len(seen[-1])
             if count >= max_examples:
                 break
@@ -112,14 +122,135 @@ def initialize_cls_attention(
         model.train(was_training)
     if not seen:
         raise BitFitError("cls_attention_init: no batches given; pass some training batches")
-    mean_first = torch.cat(seen)[:max_examples].mean(0)
+    mean_first = torch.cat([s.float().cpu() for s in seen])[:max_examples].mean(0)
     base = layer.get_base_layer()
-    target = -(base.weight.float() @ mean_first.to(base.weight.device))
-    original = layer.original_bias()
-    if original is not None:
-        target = target - original.float().to(target.device)
+    if base.weight.device.type == "meta":  # offloaded: Accelerate's hook loads the weight for the layer's own forward
+        target = -base(mean_first[None].to(device=seen[0].device, dtype=seen[0].dtype))[0].float()
+    else:  # in fp32 whatever the base dtype
+        target = -(base.weight.float() @ mean_first.to(base.weight.device))
+        original = layer.original_bias()
+        if original is not None:
+            target = target - original.float().to(target.device)
+    delta = layer.delta_of(adapter_name)
     if not torch.isfinite(target).all():
         raise BitFitError("cls_attention_init: the first token's states are not finite; check the inputs")
     delta.copy_(target.to(device=delta.device, dtype=delta.dtype))
     layer.set_call(None)
     return name
+
+
+# ---------------------------------------------------------------------------------- cls_attention_init="auto"
+#: ``cls_attention_init="auto"`` turns the init on when a linear probe of the mean-pooled last hidden state beats
+#: one of the first token's by more than this many points of dev accuracy (accuracy suite, MiniLM-L6: trec 31 and
+#: movie 13 -> on; bbc 2.5 and sms 1 -> off; see ``docs/accuracy.md``).
+AUTO_MIN_GAP = 5.0
+#: ... and only with at least this many dev examples (on fewer, 5 points is a handful of examples: it stays off).
+AUTO_MIN_DEV = 100
+PROBE_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)  #: L2 strengths tried per probe; the best dev accuracy counts
+
+
+@dataclass(frozen=True)
+class FirstTokenProbe:
+    """Dev accuracy (%) of linear probes on the frozen model's last hidden state, fitted on training examples."""
+
+    first_token: float  #: on the first token's state (what the classification head reads)
+    mean_pooled: float  #: on the mean over the tokens
+    num_train: int
+    num_dev: int
+
+    @property
+    def enable(self) -> bool:
+        """Whether ``cls_attention_init="auto"`` turns the init on."""
+        return self.num_dev >= AUTO_MIN_DEV and self.mean_pooled - self.first_token > AUTO_MIN_GAP
+
+
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, x_dev: torch.Tensor, y_dev: torch.Tensor, l2: float) -> float:
+    """Dev accuracy (%) of a logistic regression (L-BFGS, standardised features, L2 penalty ``l2``) fitted on ``x``."""
+    mu, sd = x.mean(0), x.std(0) + 1e-8
+    z, z_dev = (x - mu) / sd, (x_dev - mu) / sd
+    lin = nn.Linear(x.shape[1], int(max(y.max(), y_dev.max())) + 1)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(lin(z), y) + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return 100 * float((lin(z_dev).argmax(-1) == y_dev).float().mean())
+
+
+@torch.no_grad()
+def frozen_features(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], max_examples: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first-token states, mean-pooled states, labels) of the model's last hidden layer, in fp32 on the CPU."""
+    device = _input_device(model)
+    first, mean, labels = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        count = 0
+        for batch in batches:
+            label = batch.get("labels", batch.get("label"))
+            if label is None or label.is_floating_point():
+                raise BitFitError("cls_attention_init='auto' needs integer class labels in the batches")
+            hidden = model(**_model_inputs(batch, device), output_hidden_states=True).hidden_states[-1].float().cpu()
+            mask = batch.get("attention_mask", torch.ones(hidden.shape[:2])).cpu().unsqueeze(-1).float()
+            first.append(hidden[:, 0])
+            mean.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+            labels.append(label.cpu().long())
+            count += len(label)
+            if count >= max_examples:
+                break
+    finally:
+        model.train(was_training)
+    if not labels:
+        raise BitFitError("cls_attention_init='auto': no batches given; pass training and dev batches")
+    return torch.cat(first)[:max_examples], torch.cat(mean)[:max_examples], torch.cat(labels)[:max_examples]
+
+
+def probe_first_token(
+    model: nn.Module,
+    train_batches: Iterable[Mapping[str, Any]],
+    dev_batches: Iterable[Mapping[str, Any]],
+    max_examples: int = 2048,
+) -> FirstTokenProbe:
+    """Fit the two probes of :class:`FirstTokenProbe` on up to ``max_examples`` training and dev examples each.
+
+    The model is only run (in eval mode, no gradients); nothing in it changes, and the probes start from zero
+    weights, so the result does not depend on the random state.
+    """
+    first, mean, y = frozen_features(model, train_batches, max_examples)
+    first_dev, mean_dev, y_dev = frozen_features(model, dev_batches, max_examples)
+    return FirstTokenProbe(
+        first_token=max(probe_accuracy(first, y, first_dev, y_dev, l2) for l2 in PROBE_L2_GRID),
+        mean_pooled=max(probe_accuracy(mean, y, mean_dev, y_dev, l2) for l2 in PROBE_L2_GRID),
+        num_train=len(y),
+        num_dev=len(y_dev),
+    )
+
+
+def auto_cls_init(
+    model: nn.Module,
+    task: str,
+    train_batches: Iterable[Mapping[str, Any]],
+    dev_batches: Iterable[Mapping[str, Any]],
+    adapter_name: str = "default",
+) -> dict[str, Any]:
+    """Decide ``cls_attention_init="auto"``: ``{"enable": bool, ...}`` with the probe's figures, or the reason
+    the init does not apply (another task, model type or bias selection: then ``enable`` is False)."""
+    if task != "seq-cls":
+        return {"enable": False, "reason": f"the probe needs class labels; task {task!r}"}
+    try:
+        last_query_layer(model, adapter_name)
+    except BitFitError as exc:
+        return {"enable": False, "reason": str(exc)}
+    probe = probe_first_token(model, train_batches, dev_batches)
+    return {"enable": probe.enable, "min_gap": AUTO_MIN_GAP, "min_dev": AUTO_MIN_DEV, **asdict(probe)}

@@ -27,6 +27,8 @@ class Recipe:
     warmup_ratio: float  #: fraction of the planned steps used for linear warm-up
     num_epochs: float  #: planned epochs (the schedule's length); early stopping usually ends sooner
     early_stopping_patience: int  #: evaluations (epochs) without dev improvement before stopping
+    #: start with the first token attending uniformly: True, False or ``"auto"`` (see :mod:`.cls_init`)
+    cls_attention_init: bool | str = False
 
     def head_learning_rate(self, learning_rate: float) -> float:
         """Head learning rate for a bias learning rate ``learning_rate``."""

@@ -30,7 +30,7 @@ from ..atomic_save import save_pretrained
 from ..config import BitFitConfig
 from ..errors import BitFitError
 from ..tasks import peft_task_type
-from .cls_init import initialize_cls_attention
+from .cls_init import auto_cls_init, initialize_cls_attention
 from .data import SEQUENCE_TASKS, EncodedDataset, TaskData, encode, load_task_data, normalize_task
 from .loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
     SUMMARY_FILE,
@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_ratio": RECIPE.warmup_ratio,
     "lr_scheduler_type": RECIPE.lr_scheduler_type,
     "early_stopping_patience": RECIPE.early_stopping_patience,
+    "cls_attention_init": RECIPE.cls_attention_init,
     "max_length": 128,
 }
 #: The head's learning rate defaults to this multiple of the bias learning rate (a new head is far from
@@ -152,7 +153,7 @@ def train(
     max_length: int | None = None,
     group_by_length: bool = False,
     early_stopping_patience: int | None = RECIPE.early_stopping_patience,
-    cls_attention_init: bool = False,
+    cls_attention_init: bool | str | None = None,
     auto_lr_grid: Sequence[float] = AUTO_LR_GRID,
     seed: int = 42,
     adapter_name: str = "default",
@@ -205,7 +206,10 @@ def train(
             either way.
         cls_attention_init: before training, set the last layer's query-bias delta so that the first token
             attends uniformly (seq-cls / regression on BERT-style encoders; see :mod:`.cls_init`): helps
-            mean-pooling checkpoints on tasks their ``[CLS]`` state serves badly.
+            mean-pooling checkpoints on tasks their ``[CLS]`` state serves badly. ``"auto"``: only where linear
+            probes of the frozen model say the first token serves the task badly (seq-cls on a supported
+            encoder; the probe's figures go to ``extra["cls_probe"]``); off everywhere else. Default: the
+            recipe's (:data:`~.recipe.RECIPE`).
         auto_lr_grid: candidate learning rates of ``learning_rate="auto"``.
         seed: seed of the split, the head initialisation and the data order.
         adapter_name: PEFT adapter name (a non-default name is saved in a sub-folder).
@@ -242,7 +246,10 @@ def train(
     auto_lr = learning_rate == "auto"
     learning_rate = defaults["learning_rate"] if learning_rate is None or auto_lr else learning_rate
     check_schedule(learning_rate, warmup_ratio, lr_scheduler_type, num_epochs, auto_lr_grid if auto_lr else None)
-    if cls_attention_init and task not in SEQUENCE_TASKS:
+    cls_attention_init = defaults["cls_attention_init"] if cls_attention_init is None else cls_attention_init
+    if cls_attention_init not in (True, False, "auto"):
+        raise ValueError(f"cls_attention_init must be True, False or 'auto', got {cls_attention_init!r}")
+    if cls_attention_init is True and task not in SEQUENCE_TASKS:
         raise BitFitError(f"cls_attention_init applies to seq-cls and regression tasks, not {task!r}; drop it")
     model_path = model or default_model_path()
     output_dir = Path(output_dir)
@@ -332,8 +339,14 @@ def train(
         trainer.remove_callback(ProgressCallback)
 
     extra: dict[str, Any] = {}
+    # Plain loaders, not Trainer's: every rank of a multi-process run reads all of the data and decides alike.
+    loader, dev_loader = (DataLoader(ds, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+                          for ds in (train_ds, dev_ds))  # fmt: skip
+    if cls_attention_init == "auto":  # the probe leaves the random state as it was: "off" runs equal plain ones
+        with torch.random.fork_rng(devices=[]):
+            extra["cls_probe"] = auto_cls_init(peft_model, task, loader, dev_loader, adapter_name)
+        cls_attention_init = extra["cls_probe"]["enable"]
     if cls_attention_init:  # before evaluation and the range test: both start from the initialised adapter
-        loader = DataLoader(train_ds, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
         extra["cls_attention_init"] = initialize_cls_attention(peft_model, loader, adapter_name)
     metrics_before = clean_metrics(trainer.evaluate()) if eval_before else {}
     if auto_lr:  # range test from the same initial adapter; the real run then starts from it again
