@@ -119,6 +119,17 @@ def test_lr_auto_picks_from_grid_deterministically(tmp_path: Path, tiny_bert_dir
     assert len({round(v, 6) for v in a["dev_loss"].values()}) == len(grid)  # the probes really differ
 
 
+def test_lr_auto_that_picks_the_default_trains_exactly_like_it(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path):
+    """The range test leaves the random state alone: picking 1e-2 gives the plain 1e-2 run, bit for bit."""
+    kw = dict(num_epochs=1, **FAST)
+    auto = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "a", learning_rate="auto", auto_lr_grid=[1e-2],
+                 **kw)
+    train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "p", learning_rate=1e-2, **kw)
+    assert auto.extra["lr_search"]["learning_rate"] == 1e-2
+    a, p = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("a", "p"))
+    assert a.keys() == p.keys() and all(torch.equal(a[k], p[k]) for k in a)
+
+
 def test_range_test_restores_the_initial_adapter(tiny_bert_dir: Path, spam_csv: Path, tmp_path: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
+
 import torch
 
 #: dtype names accepted anywhere (config ``save_dtype``, ``--dtype``), with their short forms
@@ -30,3 +34,28 @@ def human_bytes(n: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run a block without moving Python's, NumPy's or torch's (CPU and every CUDA device's) random state.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> with preserved_random_state():
+        ...     _ = torch.rand(3)
+        >>> after = torch.rand(1)
+        >>> _ = torch.manual_seed(0)
+        >>> torch.equal(after, torch.rand(1))
+        True
+    """
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)

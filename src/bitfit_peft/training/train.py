@@ -30,6 +30,7 @@ from ..atomic_save import save_pretrained
 from ..config import BitFitConfig
 from ..errors import BitFitError
 from ..tasks import peft_task_type
+from ..utils import preserved_random_state
 from .cls_init import auto_cls_init, initialize_cls_attention
 from .data import SEQUENCE_TASKS, EncodedDataset, TaskData, encode, load_task_data, normalize_task
 from .loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
@@ -342,8 +343,8 @@ def train(
     # Plain loaders, not Trainer's: every rank of a multi-process run reads all of the data and decides alike.
     loader, dev_loader = (DataLoader(ds, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
                           for ds in (train_ds, dev_ds))  # fmt: skip
-    if cls_attention_init == "auto":  # the probe leaves the random state as it was: "off" runs equal plain ones
-        with torch.random.fork_rng(devices=[]):
+    if cls_attention_init == "auto":  # leaves the random state as it was: an "off" decision trains like off
+        with preserved_random_state():
             extra["cls_probe"] = auto_cls_init(peft_model, task, loader, dev_loader, adapter_name)
         cls_attention_init = extra["cls_probe"]["enable"]
     if cls_attention_init:  # before evaluation and the range test: both start from the initialised adapter
@@ -352,7 +353,8 @@ def train(
     if auto_lr:  # range test from the same initial adapter; the real run then starts from it again
         factor = HEAD_LR_FACTOR if head_learning_rate is None else head_learning_rate / learning_rate
         steps = probe_steps_for(len(train_ds), batch_size)
-        found = find_learning_rate(trainer, auto_lr_grid, probe_steps=steps, head_lr_factor=factor, seed=seed)
+        with preserved_random_state():  # so a pick equal to the default trains exactly as the default does
+            found = find_learning_rate(trainer, auto_lr_grid, probe_steps=steps, head_lr_factor=factor, seed=seed)
         trainer.args.learning_rate = learning_rate = found.learning_rate
         trainer.head_learning_rate = factor * learning_rate
         extra["lr_search"] = asdict(found)
