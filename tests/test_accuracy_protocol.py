@@ -137,8 +137,9 @@ def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
 
     records = [rec("full", 0, 0.815), rec("default", 0, 0.80), rec("default", 1, 0.70), rec("default", 2, 0.90),
                rec("cls", 0, 0.83), rec("cls", 1, 0.80)]  # fmt: skip
-    row = dev_table(records).splitlines()[-1]  # the gain uses seeds 0 and 1 only (seed 2 has no cls-init run)
+    *_, row, mean = dev_table(records).splitlines()  # the gain uses seeds 0 and 1 only (seed 2 has no cls-init run)
     assert row == "| movie | 81.5 | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | – | +6.50 ± 4.95 (2) | – | – |"
+    assert mean == "| mean | | | | | | +6.50 (1 task) | | – |"
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -152,11 +153,12 @@ def test_product_train_dev_table_reads_the_cls_init_auto_decision(on: bool) -> N
     def rec(mode: str, seed: int, dev: float, **kw: Any) -> dict[str, Any]:
         return dict(task="trec", mode=mode, seed=seed, dev_acc=dev, **kw)
 
-    records = [rec("default", 0, 0.80), rec("default", 1, 0.70), rec("cls", 0, 0.83), rec("cls", 1, 0.80),
-               rec("cls_auto", 0, twin, cls_init_enabled=on, cls_probe=probe)]  # fmt: skip
-    row = dev_table(records).splitlines()[-1]
-    gain = "+6.50 ± 4.95 (2)" if on else "+0.00 ± 0.00 (2)"
+    records = [rec("default", 0, 0.80), rec("default", 1, 0.70), rec("default", 2, 0.75), rec("cls", 0, 0.83),
+               rec("cls", 1, 0.80), rec("cls_auto", 0, twin, cls_init_enabled=on, cls_probe=probe)]  # fmt: skip
+    *_, row, mean = dev_table(records).splitlines()
+    gain = "+6.50 ± 4.95 (2)" if on else "+0.00 ± 0.00 (3)"  # off: auto is off on every seed off ran
     assert row.endswith(f"| +6.50 ± 4.95 (2) | 44.0 / 75.0, {'on' if on else 'off'} | {gain} |")
+    assert mean.endswith(f"| +6.50 (1 task) | | {'+6.50' if on else '+0.00'} (1 task) |")
     records[-1]["dev_acc"] = 0.5  # an auto run that does not match the mode it picked
     with pytest.raises(ValueError, match="differs from the"):
         dev_table(records)

@@ -206,6 +206,19 @@ def test_split_is_seeded_and_stratified(spam_csv: Path) -> None:
     assert not {ex["text"] for ex in a.dev} & {ex["text"] for ex in a.train}
 
 
+def test_a_dev_file_sorted_by_label_is_sampled_evenly_under_a_cap(tmp_path: Path, spam_csv: Path) -> None:
+    """Hub test splits are often sorted by label (IMDB's is): a capped dev set, or the probe of --cls-init auto
+    reading the first examples, must not see one class only."""
+    rows = sorted(_spam_rows(60, seed=1), key=lambda r: r["label"])
+    dev_file = _write_csv(tmp_path / "dev_sorted.csv", rows)
+    a = load_task_data(spam_csv, dev_source=dev_file, max_eval_samples=20, seed=1)
+    assert {ex["label"] for ex in a.dev} == {0, 1}
+    assert [ex["text"] for ex in a.dev] == [ex["text"] for ex in load_task_data(
+        spam_csv, dev_source=dev_file, max_eval_samples=20, seed=1).dev]  # fmt: skip
+    full = load_task_data(spam_csv, dev_source=dev_file, seed=1).dev
+    assert sorted(ex["text"] for ex in full) == sorted(r["text"] for r in rows)  # nothing lost, order only
+
+
 def test_file_formats_agree(tmp_path: Path) -> None:
     rows = _spam_rows(20)
     sources = [

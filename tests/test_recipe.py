@@ -53,6 +53,7 @@ def test_api_defaults_are_the_recipe() -> None:
     assert DEFAULTS["learning_rate"] == RECIPE.learning_rate and DEFAULTS["num_epochs"] == RECIPE.num_epochs
     assert DEFAULTS["warmup_ratio"] == RECIPE.warmup_ratio
     assert DEFAULTS["lr_scheduler_type"] == RECIPE.lr_scheduler_type
+    assert sig["cls_attention_init"].default is None and DEFAULTS["cls_attention_init"] == RECIPE.cls_attention_init
     assert RECIPE.learning_rate in AUTO_LR_GRID  # the auto grid brackets the default ...
     assert min(AUTO_LR_GRID) < RECIPE.learning_rate < max(AUTO_LR_GRID)  # ... from both sides
 
@@ -68,6 +69,18 @@ def test_cli_runs_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path
     assert opt["head_learning_rate"] == pytest.approx(RECIPE.head_lr_factor * RECIPE.learning_rate)
     assert opt["lr_scheduler_type"] == RECIPE.lr_scheduler_type and opt["warmup_ratio"] == RECIPE.warmup_ratio
     assert opt["early_stopping_patience"] == (RECIPE.early_stopping_patience or None) and opt["num_epochs"] == 1
+    assert RECIPE.cls_attention_init == "auto"  # the probe ran and kept the init off on this tiny dev set
+    probe = json.loads((out / SUMMARY_FILE).read_text())["result"]["extra"]["cls_probe"]
+    assert probe["enable"] is False and probe["num_dev"] < probe["min_dev"] and opt["cls_attention_init"] is False
+
+
+def test_cli_says_what_cls_init_auto_decided(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(tmp_path / "o"),
+                              "--epochs", "1", "--batch-size", "8", "--max-length", "24"],
+                        env={"COLUMNS": "400"})  # fmt: skip
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "[CLS] init (auto)" in x)
+    assert "off: linear probe of the first token" in line and "dev examples (on above a 5-point gap" in line
 
 
 def test_explicit_values_override_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
@@ -83,6 +96,7 @@ def test_explicit_values_override_the_recipe(tmp_path: Path, tiny_bert_dir: Path
 def test_suite_bitfit_method_uses_the_recipe() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.accuracy.run import SETTINGS, recipe_schedule
+    from benchmarks.accuracy.settings import CLS_METHOD
 
     s = SETTINGS["reduced"]
     sched = recipe_schedule(400, s)
@@ -91,6 +105,8 @@ def test_suite_bitfit_method_uses_the_recipe() -> None:
     assert sched.head_lr_factor == RECIPE.head_lr_factor and sched.warmup_frac == RECIPE.warmup_ratio
     assert sched.scheduler == RECIPE.lr_scheduler_type and sched.patience == (RECIPE.early_stopping_patience or None)
     assert s.lr_grid["bitfit"] == (RECIPE.learning_rate,)
+    # the suite reports --cls-init off (bitfit) and on (bitfit_cls) as rows of their own; auto picks one per task
+    assert not sched.cls_init and s.recipe_overrides[CLS_METHOD] == {"cls_init": True}
 
 
 # ----------------------------------------------------------------------------------------------------- --lr auto

@@ -140,34 +140,41 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 def dev_table(records: list[dict[str, Any]]) -> str:
     """Per task: dev accuracy (mean ± std over seeds) of each mode, ``--cls-init on`` minus ``off`` over the seeds
-    both ran, and what ``auto`` makes of it (the evidence a default is decided on; test decides nothing)."""
+    both ran, and what ``auto`` makes of it (the evidence a default is decided on; test decides nothing). The last
+    row averages the per-task gains over the tasks (the figure the adoption rule reads)."""
     lines = [
         f"| task | full FT dev (seed 0) | {' | '.join(LABELS[m] for m in MODES)} | on − off (seeds) "
         "| auto: probe [CLS] / mean, decision | auto − off (seeds) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    task_gains: dict[str, list[float]] = {"on": [], "auto": []}
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
         full = next((f"{100 * r['dev_acc']:.1f}" for r in rows if r["mode"] == "full"), "–")
         by_mode = {m: {r["seed"]: 100 * r["dev_acc"] for r in rows if r["mode"] == m} for m in MODES}
-        cells = []
-        for mode in MODES:
-            accs = list(by_mode[mode].values())
-            cells.append(_spread(accs))
+        cells = [_spread(list(by_mode[mode].values())) for mode in MODES]
         both = sorted(set(by_mode["default"]) & set(by_mode["cls"]))
         diffs = [by_mode["cls"][s] - by_mode["default"][s] for s in both]
-        probe, auto_gain = auto_decision(rows, both)
-        lines.append(f"| {task} | {full} | {' | '.join(cells)} | {_spread(diffs, '+.2f')} | {probe} | {auto_gain} |")
+        probe, auto_gains = auto_decision(rows)
+        for key, gains in (("on", diffs), ("auto", auto_gains)):
+            if gains:
+                task_gains[key].append(statistics.fmean(gains))
+        gain_cells = f"{_spread(diffs, '+.2f')} | {probe} | {_spread(auto_gains, '+.2f')}"
+        lines.append(f"| {task} | {full} | {' | '.join(cells)} | {gain_cells} |")
+    means = {k: f"{statistics.fmean(v):+.2f} ({len(v)} task{'s' * (len(v) != 1)})" if v else "–"
+             for k, v in task_gains.items()}  # fmt: skip
+    lines.append(f"| mean |{' |' * (len(MODES) + 1)} {means['on']} | | {means['auto']} |")
     return "\n".join(lines)
 
 
-def auto_decision(rows: list[dict[str, Any]], seeds: list[int]) -> tuple[str, str]:
-    """``--cls-init auto``'s probe and decision (from its runs: the probe does not depend on the seed) and its gain
-    over ``off`` on ``seeds``: ``on − off`` where it decides on, 0 where it decides off (it then trains exactly as
-    ``off``, ``tests/test_recipe.py``). Its own runs must match the mode it picked; a mismatch is an error."""
+def auto_decision(rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
+    """``--cls-init auto``'s probe and decision (from its runs: the probe does not depend on the seed) and its dev
+    gains over ``off``: ``on − off`` over the seeds both ran where it decides on, 0 on every ``off`` seed where it
+    decides off (it then trains exactly as ``off``, ``tests/test_recipe.py``). Its own runs must match the mode it
+    picked; a mismatch is an error. No ``cls_auto`` runs: ``("–", [])``."""
     runs = [r for r in rows if r["mode"] == "cls_auto"]
     if not runs:
-        return "–", "–"
+        return "–", []
     if len({r["cls_init_enabled"] for r in runs}) != 1:
         raise ValueError(f"{rows[0]['task']}: --cls-init auto decided differently across seeds")
     on, p = runs[0]["cls_init_enabled"], runs[0]["cls_probe"]
@@ -175,8 +182,9 @@ def auto_decision(rows: list[dict[str, Any]], seeds: list[int]) -> tuple[str, st
     if any(r["seed"] in twin and r["dev_acc"] != twin[r["seed"]] for r in runs):
         raise ValueError(f"{rows[0]['task']}: a --cls-init auto run differs from the {'on' if on else 'off'} run")
     dev = {m: {r["seed"]: 100 * r["dev_acc"] for r in rows if r["mode"] == m} for m in ("default", "cls")}
+    seeds = sorted(s for s in dev["default"] if not on or s in dev["cls"])
     gains = [dev["cls"][s] - dev["default"][s] if on else 0.0 for s in seeds]
-    return f"{p['first_token']:.1f} / {p['mean_pooled']:.1f}, {'on' if on else 'off'}", _spread(gains, "+.2f")
+    return f"{p['first_token']:.1f} / {p['mean_pooled']:.1f}, {'on' if on else 'off'}", gains
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,12 +22,12 @@ METHOD_LABELS = {
     "full": "Full FT",
     "bitfit": "BitFit (all biases)",
     "bitfit_qi": "BitFit (q + intermediate)",
-    "bitfit_cls": "BitFit, uniform [CLS] init",
+    CLS_METHOD: "BitFit, uniform [CLS] init",
     "lora_r8": "LoRA r=8 (q,v)",
     "beft": "BEFT (PEFT, value bias)",
 }
 METHOD_COLORS = {
-    "full": "#1f77b4", "bitfit": "#ff7f0e", "bitfit_qi": "#2ca02c", "bitfit_cls": "#8c564b", "lora_r8": "#d62728",
+    "full": "#1f77b4", "bitfit": "#ff7f0e", "bitfit_qi": "#2ca02c", CLS_METHOD: "#8c564b", "lora_r8": "#d62728",
     "beft": "#9467bd",
 }  # fmt: skip
 
@@ -82,19 +82,19 @@ GRID_FULL = {
     "full": (2e-5, 5e-5, 1e-4),
     "bitfit": (1e-3, 3e-3, 1e-2),
     "bitfit_qi": (1e-3, 3e-3, 1e-2),
-    "bitfit_cls": (1e-3, 3e-3, 1e-2),
+    CLS_METHOD: (1e-3, 3e-3, 1e-2),
     "lora_r8": (3e-4, 1e-3, 3e-3),
     "beft": (1e-3, 1e-2, 3e-2),
 }
 #: one higher LR per method, for ``--extend`` (the first full run picked the top of GRID_FULL for most cells)
 GRID_EXTEND = {
-    "full": (2e-4,), "bitfit": (3e-2,), "bitfit_qi": (3e-2,), "bitfit_cls": (3e-2,), "lora_r8": (1e-2,), "beft": (1e-1,)
+    "full": (2e-4,), "bitfit": (3e-2,), "bitfit_qi": (3e-2,), CLS_METHOD: (3e-2,), "lora_r8": (1e-2,), "beft": (1e-1,)
 }  # fmt: skip
 GRID_REDUCED = {
     "full": (5e-5, 1.5e-4),
     "bitfit": (RECIPE.learning_rate,),  # the default recipe, untuned
     "bitfit_qi": (3e-3, 1e-2),
-    "bitfit_cls": (RECIPE.learning_rate,),
+    CLS_METHOD: (RECIPE.learning_rate,),
     "lora_r8": (1e-3, 3e-3),
     "beft": (1e-2, 3e-2),
 }

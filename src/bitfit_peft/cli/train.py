@@ -406,9 +406,22 @@ def train_command(
     if search:
         tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in search["dev_loss"].items())
         table.add_row("learning rate (auto)", f"{search['learning_rate']:g} (dev loss {tried})")
+    probe = result.extra.get("cls_probe")
+    if probe:
+        table.add_row("[CLS] init (auto)", _describe_probe(probe))
     table.add_row("epochs run", f"{result.epochs_run:g}")
     table.add_row("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)")
     table.add_row("adapter saved to", result.output_dir)
     if result.hub_url:
         table.add_row("pushed to", result.hub_url)
     console.print(table)
+
+
+def _describe_probe(probe: dict) -> str:
+    """One line on what ``--cls-init auto`` decided and why."""
+    decision = "on" if probe["enable"] else "off"
+    if "reason" in probe:
+        return f"{decision}: {probe['reason']}"
+    return (f"{decision}: linear probe of the first token {probe['first_token']:.1f} %, mean-pooled "
+            f"{probe['mean_pooled']:.1f} % on {probe['num_dev']} dev examples (on above a {probe['min_gap']:g}-point "
+            f"gap, from {probe['min_dev']} dev examples)")  # fmt: skip

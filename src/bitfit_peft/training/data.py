@@ -293,7 +293,8 @@ def load_task_data(
     """Load, validate and split a dataset (``source=None``: the packaged SMS Spam demo).
 
     The dev set is ``dev_source`` (a file or Hub id), else ``dev_split`` of the same Hub dataset, else a
-    seeded ``dev_fraction`` hold-out of the training rows. ``max_*_samples`` cap each side after the split.
+    seeded ``dev_fraction`` hold-out of the training rows. Both sides are shuffled with ``seed``, and
+    ``max_*_samples`` cap each side after that.
     """
     task = normalize_task(task)
     raw = load_raw(source if source is not None else demo_data_path(), split=split, config_name=config_name,
@@ -312,8 +313,9 @@ def load_task_data(
             raise DataError(
                 f"dev set labels {dev_names} differ from the training labels {names} in column {label_column!r}"
             )
-        train = list(examples)
+        train, dev = list(examples), list(dev)
         random.Random(seed).shuffle(train)
+        random.Random(seed + 1).shuffle(dev)  # a cap (or a probe reading the first rows) must not see one class only
     else:
         train, dev = split_train_dev(examples, dev_fraction, seed, stratify=task == "seq-cls")
     if max_train_samples is not None:

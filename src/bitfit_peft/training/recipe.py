@@ -43,6 +43,7 @@ RECIPE = Recipe(
     warmup_ratio=0.1,
     num_epochs=16.0,
     early_stopping_patience=0,
+    cls_attention_init="auto",
 )
 #: Used instead of the recipe's length when ``train`` gets no data (the packaged SMS Spam demo): sample caps, a short
 #: length and 4 planned epochs, so that the demo (MiniLM-L6, 2 CPU cores) finishes well under 2 minutes.

@@ -210,7 +210,7 @@ def train(
             mean-pooling checkpoints on tasks their ``[CLS]`` state serves badly. ``"auto"``: only where linear
             probes of the frozen model say the first token serves the task badly (seq-cls on a supported
             encoder; the probe's figures go to ``extra["cls_probe"]``); off everywhere else. Default: the
-            recipe's (:data:`~.recipe.RECIPE`).
+            recipe's, ``"auto"`` (:data:`~.recipe.RECIPE`); ``False`` trains as before the probe existed.
         auto_lr_grid: candidate learning rates of ``learning_rate="auto"``.
         seed: seed of the split, the head initialisation and the data order.
         adapter_name: PEFT adapter name (a non-default name is saved in a sub-folder).
