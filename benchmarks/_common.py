@@ -332,3 +332,29 @@ def make_adamw(params: list[torch.nn.Parameter], lr: float = 1e-4) -> torch.opti
         return torch.optim.AdamW(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, lr=lr, foreach=True)
+
+
+#: a callback that rewrites a benchmark's JSON with what it has so far
+Flush = Callable[[], None]
+
+
+def summarize(
+    times: dict[str, list[float]], unit_scale: float, label: str, ref2: str | None = None, quiet: bool = False
+) -> dict[str, Any]:
+    """Median per pattern, ratio to ``base`` and (with ``ref2``) ``ratio_compiled`` to pattern ``ref2``."""
+    ref = median(times["base"]) if times.get("base") else float("nan")
+    ref2_t = median(times[ref2]) if ref2 and times.get(ref2) else float("nan")
+    res = {}
+    rows = []
+    for name, ts in times.items():
+        med = median(ts)
+        entry: dict[str, Any] = {label: med * unit_scale, "rounds": [t * unit_scale for t in ts], "ratio": med / ref}
+        row: list[Any] = [name, med * unit_scale, med / ref]
+        if ref2:
+            entry["ratio_compiled"] = med / ref2_t
+            row.append(med / ref2_t)
+        res[name] = entry
+        rows.append(row)
+    if not quiet:
+        log(format_table(["pattern", label, "x base"] + ([f"x {ref2}"] if ref2 else []), rows))
+    return res
