@@ -220,3 +220,28 @@ def test_search_knobs_ema_and_cls_init(tmp_path: Path, monkeypatch: pytest.Monke
     assert query.delta_of("default").abs().max() > 0
     with pytest.raises(ValueError, match="bitfit_cls needs a schedule with cls_init=True"):
         train(CLS_METHOD, 1e-2, 0, _toy_split(), 2, s, cpu, replace(sched, cls_init=False))
+
+
+def test_suite_defaults_row_takes_the_method_the_probe_picks() -> None:
+    """The "defaults" row is ``bitfit_cls`` where the recorded probe turns the init on (trec) and ``bitfit`` where
+    it keeps it off (sms), with the same rule as ``train(cls_attention_init="auto")``."""
+    from benchmarks.accuracy.run import SETTINGS
+    from benchmarks.accuracy.settings import AUTO_METHOD, CLS_METHOD
+
+    s = SETTINGS["reduced"]
+    assert report.auto_decisions(s) == {"trec": True, "sms": False, "movie": True, "bbc": False}
+
+    def rec(task: str, method: str, test: float, phase: str = "selected") -> dict[str, Any]:
+        return dict(task=task, method=method, lr=1e-2, size=400, phase=phase, test_acc=test, dev_acc=0.9,
+                    schedule={"steps": 400}, trainable=10, total=100)  # fmt: skip
+
+    results = [rec(t, m, acc) for t, m, acc in [("trec", "full", 0.9), ("trec", "bitfit", 0.8),
+               ("trec", CLS_METHOD, 0.85), ("sms", "full", 0.99), ("sms", "bitfit", 0.98), ("sms", CLS_METHOD, 0.5)]]
+    cells = report.main_table(results, s)
+    assert cells[("trec", AUTO_METHOD)] == cells[("trec", CLS_METHOD)]
+    assert cells[("sms", AUTO_METHOD)] == cells[("sms", "bitfit")]
+    table = report.markdown_main(results, s)
+    assert "| BitFit, defaults (--cls-init auto) − Full FT | -5.0 | -1.0 | -3.0 |" in table
+    rows = report.markdown_before_after(results, results, s).splitlines()
+    assert rows[0].endswith("| BitFit defaults after | gap |") and rows[1].count("---") == 9
+    assert rows[2] == "| trec | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 | 85.0 ± 0.0 | -5.0 |"

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy.settings import CLS_METHOD, METHOD_COLORS, METHOD_LABELS, Setting  # noqa: E402
+from benchmarks.accuracy.settings import AUTO_METHOD, CLS_METHOD, METHOD_COLORS, METHOD_LABELS, Setting  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -64,14 +64,41 @@ def _planned(r: dict[str, Any]) -> int | None:
 
 
 def main_table(results: list[dict[str, Any]], s: Setting) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """{(task, method): [runs with a test score]} for the main table (dev-selected LR, all seeds)."""
-    return {(t, m): runs for (t, m, _), runs in _seeded(results, "").items()}
+    """{(task, method): [runs with a test score]} for the main table (dev-selected LR, all seeds), plus the
+    :data:`AUTO_METHOD` cells: a task's ``CLS_METHOD`` or ``bitfit`` runs, as the probe decides."""
+    cells = {(t, m): runs for (t, m, _), runs in _seeded(results, "").items()}
+    for t, on in auto_decisions(s).items():
+        if (t, "bitfit") in cells and (t, CLS_METHOD) in cells:
+            cells[(t, AUTO_METHOD)] = cells[(t, CLS_METHOD if on else "bitfit")]
+    return cells
+
+
+def auto_decisions(s: Setting) -> dict[str, bool]:
+    """``--cls-init auto``'s decision per task, from the feature probe's results for ``s`` (none: ``{}``)."""
+    from bitfit_peft.training.cls_init import FirstTokenProbe
+
+    path = REPO / "benchmarks" / "accuracy" / "results" / f"cpu_{s.name}_feature_probe.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    best = {t: (max(r["cls"] for r in rows if r["task"] == t), max(r["mean"] for r in rows if r["task"] == t))
+            for t in dict.fromkeys(r["task"] for r in rows)}  # fmt: skip
+    n_dev = s.dev_cap or 10**9
+    return {t: FirstTokenProbe(first, mean, s.train_cap or 0, n_dev).enable for t, (first, mean) in best.items()}
+
+
+def _with_auto(methods: tuple[str, ...], cells: dict[tuple[str, str], Any]) -> list[str]:
+    """``methods`` that have cells, with :data:`AUTO_METHOD` right after ``CLS_METHOD`` where it has cells."""
+    out = [m for m in methods if any(k[1] == m for k in cells)]
+    if any(k[1] == AUTO_METHOD for k in cells) and CLS_METHOD in out:
+        out.insert(out.index(CLS_METHOD) + 1, AUTO_METHOD)
+    return out
 
 
 def markdown_main(results: list[dict[str, Any]], s: Setting) -> str:
     cells = main_table(results, s)
     tasks = [t for t in s.tasks if any(k[0] == t for k in cells)]
-    methods = [m for m in s.methods if any(k[1] == m for k in cells)]
+    methods = _with_auto(s.methods, cells)
     head = "| method | trainable params | " + " | ".join(tasks) + " | avg |"
     lines = [head, "|---" * (len(tasks) + 3) + "|"]
     means: dict[tuple[str, str], float] = {}
@@ -95,8 +122,8 @@ def markdown_main(results: list[dict[str, Any]], s: Setting) -> str:
     lines.append("")
     lines.append("| gap | " + " | ".join(tasks) + " | avg |")
     lines.append("|---" * (len(tasks) + 2) + "|")
-    pairs = (("bitfit", "full"), (CLS_METHOD, "full"), ("bitfit", "lora_r8"), ("bitfit", "beft"),
-             ("bitfit_qi", "full"))  # fmt: skip
+    pairs = (("bitfit", "full"), (CLS_METHOD, "full"), (AUTO_METHOD, "full"), ("bitfit", "lora_r8"),
+             ("bitfit", "beft"), ("bitfit_qi", "full"))  # fmt: skip
     for a, b in pairs:
         if a not in methods or b not in methods:
             continue
@@ -117,22 +144,29 @@ def _cell_stats(results: list[dict[str, Any]], s: Setting) -> dict[tuple[str, st
 
 
 def markdown_before_after(before: list[dict[str, Any]], after: list[dict[str, Any]], s: Setting) -> str:
-    """Full FT vs BitFit per task, before (old protocol) and after (default recipe): test %, mean ± std, gap."""
+    """Full FT vs BitFit per task, before (old protocol) and after (the recipe with ``--cls-init off``, and the
+    defaults, ``--cls-init auto``, where the suite has them): test %, mean ± std, gap to full FT."""
     b, a = _cell_stats(before, s), _cell_stats(after, s)
-    lines = ["| task | Full FT before | BitFit before | gap before | Full FT after | BitFit after | gap after |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    gaps: dict[str, list[float]] = {"b": [], "a": []}
+    cols = [("b", b, "bitfit"), ("a", a, "bitfit")] + ([("d", a, AUTO_METHOD)] if any(k[1] == AUTO_METHOD for k in a)
+                                                      else [])  # fmt: skip
+    head = "| task | Full FT before | BitFit before | gap before | Full FT after | BitFit after | gap after |"
+    n_cols = 7 + 2 * (len(cols) == 3)
+    lines = [head + (" BitFit defaults after | gap |" if len(cols) == 3 else ""), "|---" * n_cols + "|"]
+    gaps: dict[str, list[float]] = {tag: [] for tag, _, _ in cols}
     for t in s.tasks:
         row = [t]
-        for tag, st in (("b", b), ("a", a)):
-            f, bf = st.get((t, "full")), st.get((t, "bitfit"))
-            row += [f"{f[0]:.1f} ± {f[1]:.1f}" if f else "–", f"{bf[0]:.1f} ± {bf[1]:.1f}" if bf else "–"]
+        for tag, st, method in cols:
+            f, bf = st.get((t, "full")), st.get((t, method))
+            if tag != "d":
+                row.append(f"{f[0]:.1f} ± {f[1]:.1f}" if f else "–")
+            row.append(f"{bf[0]:.1f} ± {bf[1]:.1f}" if bf else "–")
             if f and bf:
                 gaps[tag].append(bf[0] - f[0])
             row.append(f"{bf[0] - f[0]:+.1f}" if f and bf else "–")
         lines.append("| " + " | ".join(row) + " |")
     mean = {k: f"{statistics.fmean(v):+.1f}" if len(v) == len(s.tasks) else "–" for k, v in gaps.items()}
-    lines.append(f"| mean gap | | | {mean['b']} | | | {mean['a']} |")
+    lines.append("| mean gap | | | " + " | | | ".join(mean[tag] for tag, _, _ in cols[:2])
+                 + (f" | | {mean['d']}" if len(cols) == 3 else "") + " |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -18,11 +18,15 @@ from bitfit_peft.training.recipe import RECIPE, Recipe  # noqa: E402
 METHODS: tuple[str, ...] = ("full", "bitfit", "bitfit_qi", "lora_r8", "beft")  #: the full / smoke settings' methods
 #: a further method of the reduced / gpu_recipe settings: BitFit with the uniform [CLS] init (``cls_init`` schedule)
 CLS_METHOD = "bitfit_cls"
+#: not trained: the default recipe's ``--cls-init auto`` read off the suite, per task ``CLS_METHOD``'s runs where the
+#: frozen-model probe (``feature_probe.py``'s results, the product's rule) turns the init on, else ``bitfit``'s
+AUTO_METHOD = "bitfit_auto"
 METHOD_LABELS = {
     "full": "Full FT",
     "bitfit": "BitFit (all biases)",
     "bitfit_qi": "BitFit (q + intermediate)",
     CLS_METHOD: "BitFit, uniform [CLS] init",
+    AUTO_METHOD: "BitFit, defaults (--cls-init auto)",
     "lora_r8": "LoRA r=8 (q,v)",
     "beft": "BEFT (PEFT, value bias)",
 }
