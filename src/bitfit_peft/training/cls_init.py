@@ -13,7 +13,7 @@ It helps where the first token serves the task badly and costs a little where it
 (:func:`probe_first_token`) and turns the init on only where the mean-pooled state beats the first token's by more
 than :data:`AUTO_MIN_GAP` dev points. Measured through :func:`~bitfit_peft.training.train` on the accuracy suite
 (``docs/accuracy.md``; 8 seeds, paired, dev): the init gains +0.62 on movie and -0.56 on trec, where the probe
-turns it on, and would cost sms -0.88 and bbc -0.50 (4 seeds), where it stays off: ``auto`` is +0.02 over ``off``
+turns it on, and would cost sms -0.81 and bbc -0.38, where it stays off: ``auto`` is +0.02 over ``off``
 on the four-task mean, which met the rule set before the runs for making it the default.
 
 Example:
