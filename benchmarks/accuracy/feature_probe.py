@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,26 +27,16 @@ if str(REPO) not in sys.path:
 
 from benchmarks.accuracy.loop import Encoded, build_model  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner  # noqa: E402
+from benchmarks.accuracy.settings import feature_probe_path  # noqa: E402
 
-from bitfit_peft.training.cls_init import PROBE_L2_GRID, probe_accuracy  # noqa: E402
+from bitfit_peft.training.cls_init import PROBE_L2_GRID, frozen_features, probe_accuracy  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_feature_probe.json"
+RESULTS = feature_probe_path("reduced")
 
 
-@torch.no_grad()
-def frozen_features(model: torch.nn.Module, data: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """([CLS] vectors, mean-pooled vectors, labels) of the frozen encoder's last layer."""
-    model.eval()
-    encoder = getattr(model, model.base_model_prefix)
-    cls, mean = [], []
-    for i in range(0, len(data), 128):
-        batch = data.batch(list(range(i, min(len(data), i + 128))), torch.device("cpu"))
-        batch.pop("labels")
-        hidden = encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        cls.append(hidden[:, 0])
-        mean.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(cls), torch.cat(mean), torch.tensor(data.labels)
+def _batches(data: Encoded) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
+    """``frozen_features``' arguments for a whole split: its batches on the CPU and their count of examples."""
+    return data.batches(128, torch.device("cpu")), len(data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for task in args.tasks:
         model = build_model("full", runner.task(task).num_labels, 0)
-        cls, mean, y = frozen_features(model, runner.encoded(task, "train", s.train_cap))
-        cls_dev, mean_dev, y_dev = frozen_features(model, runner.encoded(task, "dev", None))
+        cls, mean, y = frozen_features(model, *_batches(runner.encoded(task, "train", s.train_cap)))
+        cls_dev, mean_dev, y_dev = frozen_features(model, *_batches(runner.encoded(task, "dev", None)))
         for l2 in PROBE_L2_GRID:
             rows.append(dict(task=task, l2=l2, cls=probe_accuracy(cls, y, cls_dev, y_dev, l2),
                              mean=probe_accuracy(mean, y, mean_dev, y_dev, l2)))  # fmt: skip

@@ -17,7 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy.settings import AUTO_METHOD, CLS_METHOD, METHOD_COLORS, METHOD_LABELS, Setting  # noqa: E402
+from benchmarks.accuracy.settings import (  # noqa: E402
+    AUTO_METHOD,
+    CLS_METHOD,
+    METHOD_COLORS,
+    METHOD_LABELS,
+    Setting,
+    feature_probe_path,
+)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -77,7 +84,7 @@ def auto_decisions(s: Setting) -> dict[str, bool]:
     """``--cls-init auto``'s decision per task, from the feature probe's results for ``s`` (none: ``{}``)."""
     from bitfit_peft.training.cls_init import FirstTokenProbe
 
-    path = REPO / "benchmarks" / "accuracy" / "results" / f"cpu_{s.name}_feature_probe.json"
+    path = feature_probe_path(s.name)
     if not path.exists():
         return {}
     rows = json.loads(path.read_text())["rows"]
@@ -147,26 +154,29 @@ def markdown_before_after(before: list[dict[str, Any]], after: list[dict[str, An
     """Full FT vs BitFit per task, before (old protocol) and after (the recipe with ``--cls-init off``, and the
     defaults, ``--cls-init auto``, where the suite has them): test %, mean ± std, gap to full FT."""
     b, a = _cell_stats(before, s), _cell_stats(after, s)
-    cols = [("b", b, "bitfit"), ("a", a, "bitfit")] + ([("d", a, AUTO_METHOD)] if any(k[1] == AUTO_METHOD for k in a)
-                                                      else [])  # fmt: skip
-    head = "| task | Full FT before | BitFit before | gap before | Full FT after | BitFit after | gap after |"
-    n_cols = 7 + 2 * (len(cols) == 3)
-    lines = [head + (" BitFit defaults after | gap |" if len(cols) == 3 else ""), "|---" * n_cols + "|"]
-    gaps: dict[str, list[float]] = {tag: [] for tag, _, _ in cols}
+    # (stats, BitFit method, column label, with a full-FT column): the defaults share the "after" full FT
+    groups = [(b, "bitfit", "before", True), (a, "bitfit", "after", True)]
+    if any(k[1] == AUTO_METHOD for k in a):
+        groups.append((a, AUTO_METHOD, "defaults after", False))
+    head = ["task"]
+    for *_, label, with_full in groups:
+        head += ([f"Full FT {label}"] if with_full else []) + [f"BitFit {label}", "gap" + (f" {label}" * with_full)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    gaps: list[list[float]] = [[] for _ in groups]
     for t in s.tasks:
         row = [t]
-        for tag, st, method in cols:
+        for (st, method, _, with_full), task_gaps in zip(groups, gaps, strict=True):
             f, bf = st.get((t, "full")), st.get((t, method))
-            if tag != "d":
+            if with_full:
                 row.append(f"{f[0]:.1f} ± {f[1]:.1f}" if f else "–")
             row.append(f"{bf[0]:.1f} ± {bf[1]:.1f}" if bf else "–")
             if f and bf:
-                gaps[tag].append(bf[0] - f[0])
+                task_gaps.append(bf[0] - f[0])
             row.append(f"{bf[0] - f[0]:+.1f}" if f and bf else "–")
         lines.append("| " + " | ".join(row) + " |")
-    mean = {k: f"{statistics.fmean(v):+.1f}" if len(v) == len(s.tasks) else "–" for k, v in gaps.items()}
-    lines.append("| mean gap | | | " + " | | | ".join(mean[tag] for tag, _, _ in cols[:2])
-                 + (f" | | {mean['d']}" if len(cols) == 3 else "") + " |")  # fmt: skip
+    means = [f"{statistics.fmean(v):+.1f}" if len(v) == len(s.tasks) else "–" for v in gaps]
+    lines.append("| mean gap |" + "".join(" |" * (1 + with_full) + f" {m} |"
+                                          for (*_, with_full), m in zip(groups, means, strict=True)))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -18,6 +18,13 @@ from bitfit_peft.training.recipe import RECIPE, Recipe  # noqa: E402
 METHODS: tuple[str, ...] = ("full", "bitfit", "bitfit_qi", "lora_r8", "beft")  #: the full / smoke settings' methods
 #: a further method of the reduced / gpu_recipe settings: BitFit with the uniform [CLS] init (``cls_init`` schedule)
 CLS_METHOD = "bitfit_cls"
+
+
+def feature_probe_path(setting: str) -> Path:
+    """Where ``feature_probe.py`` records its probes for a setting (read by the report's defaults row)."""
+    return REPO / "benchmarks" / "accuracy" / "results" / f"cpu_{setting}_feature_probe.json"
+
+
 #: not trained: the default recipe's ``--cls-init auto`` read off the suite, per task ``CLS_METHOD``'s runs where the
 #: frozen-model probe (``feature_probe.py``'s results, the product's rule) turns the init on, else ``bitfit``'s
 AUTO_METHOD = "bitfit_auto"
