@@ -124,9 +124,10 @@ def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
         dict(task="trec", mode="cls", seed=0, lr=1e-2, test_acc=0.89, train_seconds=105.0, search_seconds=0.0),
     ]
     row = markdown(records).splitlines()[-1]
-    want = "| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | – | 0.003 | 1.20x, 1.50x, 1.05x, – |"
+    want = ("| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | – | – | 0.003 "
+            "| 1.20x, 1.50x, 1.05x, –, – |")
     assert row == want
-    assert markdown(records[:-1]).splitlines()[-1].endswith("| – | – | 0.003 | 1.20x, 1.50x, –, – |")  # not run
+    assert markdown(records[:-1]).splitlines()[-1].endswith("| – | – | – | 0.003 | 1.20x, 1.50x, –, –, – |")  # not run
 
 
 def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
@@ -138,8 +139,8 @@ def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
     records = [rec("full", 0, 0.815), rec("default", 0, 0.80), rec("default", 1, 0.70), rec("default", 2, 0.90),
                rec("cls", 0, 0.83), rec("cls", 1, 0.80)]  # fmt: skip
     *_, row, mean = dev_table(records).splitlines()  # the gain uses seeds 0 and 1 only (seed 2 has no cls-init run)
-    assert row == "| movie | 81.5 | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | – | +6.50 ± 4.95 (2) | – | – |"
-    assert mean == "| mean | | | | | | +6.50 (1 task) | | – |"
+    assert row == "| movie | 81.5 | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | – | – | +6.50 ± 4.95 (2) | – | – |"
+    assert mean == "| mean | | | | | | | +6.50 (1 task) | | – |"
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -241,7 +242,31 @@ def test_suite_defaults_row_takes_the_method_the_probe_picks() -> None:
     assert cells[("trec", AUTO_METHOD)] == cells[("trec", CLS_METHOD)]
     assert cells[("sms", AUTO_METHOD)] == cells[("sms", "bitfit")]
     table = report.markdown_main(results, s)
-    assert "| BitFit, defaults (--cls-init auto) − Full FT | -5.0 | -1.0 | -3.0 |" in table
+    assert "| BitFit, --cls-init auto (best epoch) − Full FT | -5.0 | -1.0 | -3.0 |" in table
     rows = report.markdown_before_after(results, results, s).splitlines()
-    assert rows[0].endswith("| BitFit defaults after | gap |") and rows[1].count("---") == 9
+    assert rows[0].endswith("| BitFit --cls-init auto, after | gap |") and rows[1].count("---") == 9
     assert rows[2] == "| trec | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 | 85.0 ± 0.0 | -5.0 |"
+
+
+def test_epoch_selection_rules_and_cross_selection() -> None:
+    """Each rule picks the epoch it names; cross-selection scores a pick on the dev half it did not see."""
+    from benchmarks.accuracy import epoch_selection as es
+
+    def epoch(correct: list[int], loss: float) -> dict[str, list[float]]:
+        return {"correct": correct, "loss": [loss] * len(correct)}
+
+    # 4 dev examples (even rows 0, 2; odd rows 1, 3), 4 epochs
+    dev = [epoch([1, 0, 0, 0], 0.5), epoch([1, 1, 1, 0], 0.9), epoch([1, 0, 1, 1], 0.4), epoch([0, 1, 1, 1], 0.7)]
+    every = range(4)
+    picks = {name: rule(dev, every) for name, rule in es.RULES.items()}
+    assert picks == {"first best": 1, "last best": 3, "best, loss ties": 2, "last epoch": 3, "lowest loss": 2}
+    # first best: on even rows epochs 1 and 2 tie (2/2) -> 1, scored on odd rows 50 %; on odd rows epoch 3 (2/2)
+    # -> scored on even rows 50 %
+    assert es.cross_selected(es.first_best, dev) == 50.0
+    assert es.cross_selected(es.last_epoch, dev) == 75.0  # epoch 3: odd rows 100 %, even rows 50 %
+    records = [dict(task="trec", seed=s, per_epoch={"dev": dev, "test": [[1, 0], [1, 1], [0, 0], [1, 0]]})
+               for s in (0, 1)]  # fmt: skip
+    res = es.analyse(records)
+    assert res["trec"]["last epoch"]["test"] == [50.0, 50.0] and res["trec"]["first best"]["epoch"] == [2, 2]
+    table = es.markdown(records)
+    assert "| trec | 2 | 50.00 | " in table and "| mean | | | " in table

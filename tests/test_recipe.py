@@ -54,6 +54,7 @@ def test_api_defaults_are_the_recipe() -> None:
     assert DEFAULTS["warmup_ratio"] == RECIPE.warmup_ratio
     assert DEFAULTS["lr_scheduler_type"] == RECIPE.lr_scheduler_type
     assert sig["cls_attention_init"].default is None and DEFAULTS["cls_attention_init"] == RECIPE.cls_attention_init
+    assert sig["restore_best_epoch"].default is None and DEFAULTS["restore_best_epoch"] == RECIPE.restore_best_epoch
     assert RECIPE.learning_rate in AUTO_LR_GRID  # the auto grid brackets the default ...
     assert min(AUTO_LR_GRID) < RECIPE.learning_rate < max(AUTO_LR_GRID)  # ... from both sides
 
@@ -72,6 +73,11 @@ def test_cli_runs_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path
     assert RECIPE.cls_attention_init == "auto"  # the probe ran and kept the init off on this tiny dev set
     probe = json.loads((out / SUMMARY_FILE).read_text())["result"]["extra"]["cls_probe"]
     assert probe["enable"] is False and probe["num_dev"] < probe["min_dev"] and opt["cls_attention_init"] is False
+    assert opt["restore_best_epoch"] is RECIPE.restore_best_epoch is False  # the last epoch is kept
+    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out), "--best-epoch",
+                              "--epochs", "1", "--batch-size", "8", "--max-length", "24", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert _optimisation(out)["restore_best_epoch"] is True
 
 
 def test_cli_says_what_cls_init_auto_decided(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
@@ -182,6 +188,7 @@ def test_range_test_restores_the_initial_adapter(tiny_bert_dir: Path, spam_csv: 
         (["--lr-scheduler", "zigzag"], "'--lr-scheduler': unknown lr_scheduler_type 'zigzag'; choose one of"),
         (["--warmup-ratio", "1.5"], "'--warmup-ratio': warmup_ratio must be in [0, 1)"),
         (["--epochs", "0"], "'--epochs': num_epochs must be > 0"),
+        (["--last-epoch", "--early-stopping-patience", "2"], "'--last-epoch': early stopping keeps the best epoch"),
     ],
 )
 def test_cli_refuses_bad_optimisation_values(tmp_path: Path, argv: list[str], match: str) -> None:
@@ -221,6 +228,33 @@ def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert_
     if last != Path(result.best_checkpoint):  # a later, worse epoch exists: the saved adapter is not it
         later = load_file(str(last / "adapter_model.safetensors"))
         assert any(not torch.equal(final[k], later[k]) for k in final)
+
+
+def test_best_epoch_or_last_epoch(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
+    """``restore_best_epoch=True`` saves the best dev epoch's adapter, the default the last epoch's (both recorded)."""
+    saved, best_epochs = {}, {}
+    for restore in (True, None):
+        out = tmp_path / str(restore)
+        result = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=6, learning_rate=1e-1,
+                       restore_best_epoch=restore, keep_checkpoints=True, save_total_limit=20, **FAST)  # fmt: skip
+        ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        evals = [h["eval_accuracy"] for h in state["log_history"] if "eval_accuracy" in h]
+        best_epochs[restore] = evals.index(max(evals))  # the first epoch with the best accuracy
+        summary = json.loads((out / "bitfit_training.json").read_text())
+        assert summary["optimisation"]["restore_best_epoch"] is (restore is True)
+        expected = ckpts[best_epochs[restore]] if restore else ckpts[-1]
+        assert (result.best_checkpoint is not None) is (restore is True)
+        assert result.accuracy_after == evals[best_epochs[restore] if restore else -1]
+        final = load_file(str(out / "adapter_model.safetensors"))
+        ref = load_file(str(expected / "adapter_model.safetensors"))
+        assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
+        saved[restore] = final
+    if best_epochs[True] != 5:  # the best epoch is not the last one: the two runs saved different adapters
+        assert any(not torch.equal(saved[True][k], saved[None][k]) for k in saved[True])
+    with pytest.raises(ValueError, match="early stopping keeps the best epoch"):
+        train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "x", restore_best_epoch=False,
+              early_stopping_patience=2, **FAST)  # fmt: skip
 
 
 def test_cls_init_flag_sets_the_query_delta(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:

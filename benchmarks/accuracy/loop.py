@@ -221,7 +221,10 @@ def legacy_schedule(n_train: int, s: Setting) -> Schedule:
 
 
 def recipe_schedule(n_train: int, s: Setting, recipe: Any = None, **over: Any) -> Schedule:
-    """A :class:`bitfit_peft.training.recipe.Recipe` in suite terms: epochs -> steps, eval + patience per epoch."""
+    """A :class:`bitfit_peft.training.recipe.Recipe` in suite terms: epochs -> steps, eval + patience per epoch.
+
+    The suite keeps every method's best dev evaluation (its protocol, full FT's too), whatever the recipe's
+    ``restore_best_epoch``; ``product_train.py`` measures the product's own choice."""
     from bitfit_peft.training.recipe import RECIPE
 
     r = recipe or RECIPE

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -39,11 +40,46 @@ from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # no
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
 #: default: the recipe with ``cls_attention_init=False``; auto: ``learning_rate="auto"``; cls / cls_auto: the recipe
-#: with ``cls_attention_init=True`` / ``"auto"``
-MODES = ("default", "auto", "cls", "cls_auto")
+#: with ``cls_attention_init=True`` / ``"auto"``; these four keep the best dev epoch (``restore_best_epoch=True``, the
+#: recipe before round 5). defaults: ``train()`` with nothing overridden (today: ``"auto"``, the last epoch).
+MODES = ("default", "auto", "cls", "cls_auto", "defaults")
 CLS_INIT = {"cls": True, "cls_auto": "auto"}
 LABELS = {"default": "`--cls-init off`", "auto": "`--lr auto`", "cls": "`--cls-init on`",
-          "cls_auto": "`--cls-init auto`"}  # fmt: skip
+          "cls_auto": "`--cls-init auto`", "defaults": "defaults (`auto`, last epoch)"}  # fmt: skip
+
+
+class PerEpoch(TrainerCallback):
+    """At every dev evaluation: per-example dev correctness and loss (length-sorted, as ``train`` orders dev) and
+    test correctness, so that best-epoch selection rules can be compared afterwards (``epoch_selection.py``)."""
+
+    def __init__(self, runner: Runner, task: str) -> None:
+        self.sets = {part: runner.encoded(task, part, None) for part in ("dev", "test")}
+        self.device, self.steps = runner.device, set()
+        self.log: dict[str, Any] = {"epoch": [], "dev": [], "test": [], "seconds": 0.0}  # seconds: its own cost
+
+    @torch.no_grad()
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if state.global_step in self.steps:  # train()'s closing evaluation: no new epoch
+            return
+        self.steps.add(state.global_step)
+        t0, was, out = time.perf_counter(), model.training, {}
+        model.eval()
+        for part, data in self.sets.items():
+            order = sorted(range(len(data)), key=lambda r: len(data.ids[r]))
+            correct, loss = [], []
+            for i in range(0, len(order), 64):
+                batch = data.batch(order[i : i + 64], self.device)
+                labels = batch.pop("labels")
+                logits = model(**batch).logits.float()
+                correct += (logits.argmax(-1) == labels).int().tolist()
+                per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                loss += [round(x, 5) for x in per_example.tolist()]
+            out[part] = (correct, loss)
+        model.train(was)
+        self.log["epoch"].append(state.epoch)
+        self.log["dev"].append({"correct": out["dev"][0], "loss": out["dev"][1]})
+        self.log["test"].append(out["test"][0])
+        self.log["seconds"] += time.perf_counter() - t0
 
 
 def write_split(split: Split, path: Path) -> Path:
@@ -64,8 +100,11 @@ def test_accuracy(adapter_dir: Path, num_labels: int, runner: Runner, task: str)
     return accuracy(model, runner.encoded(task, "test", None), runner.device, runner.setting.eval_batch_size)
 
 
-def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: float | None = None) -> dict[str, Any]:
-    """Train with ``bitfit_peft.training.train`` in ``mode`` and evaluate the saved adapter on test."""
+def run_one(
+    runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: float | None = None, per_epoch: bool = False
+) -> dict[str, Any]:
+    """Train with ``bitfit_peft.training.train`` in ``mode`` and evaluate the saved adapter on test (``per_epoch``:
+    also record :class:`PerEpoch`'s figures)."""
     from bitfit_peft.training import train
 
     s = runner.setting
@@ -75,11 +114,13 @@ def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: 
         if not path.exists():
             write_split(subsample(getattr(d, part), getattr(s, f"{part}_cap"), seed=0), path)
     out = tmp / f"{task}_{mode}_{seed}"
+    fixed = {} if mode == "defaults" else {"cls_attention_init": CLS_INIT.get(mode, False), "restore_best_epoch": True}
+    watch = PerEpoch(runner, task) if per_epoch else None
     res = train(
         model=model_path(), data=str(files["train"]), dev_data=str(files["dev"]), output_dir=out,
         batch_size=s.batch_size, max_length=s.max_length, seed=seed, eval_before=False, quiet=True,
-        learning_rate="auto" if mode == "auto" else None, num_epochs=epochs,
-        cls_attention_init=CLS_INIT.get(mode, False),
+        learning_rate="auto" if mode == "auto" else None, num_epochs=epochs, callbacks=[watch] if watch else (),
+        **fixed,
     )  # fmt: skip
     summary = json.loads((out / "bitfit_training.json").read_text())
     search = res.extra.get("lr_search") or {}
@@ -89,6 +130,7 @@ def run_one(runner: Runner, task: str, mode: str, seed: int, tmp: Path, epochs: 
         epochs_run=res.epochs_run, train_seconds=res.train_time_s, wall_seconds=res.wall_time_s,
         search_seconds=search.get("seconds", 0.0), search_dev_loss=search.get("dev_loss"),
         cls_init_enabled="cls_attention_init" in res.extra, cls_probe=res.extra.get("cls_probe"),
+        restore_best_epoch=summary["optimisation"]["restore_best_epoch"], **({"per_epoch": watch.log} if watch else {}),
     )  # fmt: skip
 
 
@@ -117,7 +159,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
     lines = [
         f"| task | full FT (seed 0) | {' | '.join(LABELS[m] for m in MODES)} | `--lr auto` picked "
         f"| wall / full FT: {', '.join(LABELS[m] for m in MODES)} |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---" * (len(MODES) + 4) + "|",
     ]
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
@@ -127,8 +169,11 @@ def markdown(records: list[dict[str, Any]]) -> str:
             runs = [r for r in rows if r["mode"] == mode]
             accs = [100 * r["test_acc"] for r in runs]
             cells.append(_spread(accs))
-            if runs and full:
-                secs = statistics.fmean(r["train_seconds"] + r["search_seconds"] for r in runs)
+            # PerEpoch's own evaluations do not count; runs recorded before it timed itself are left out
+            timed = [r for r in runs if "seconds" in r.get("per_epoch", {"seconds": 0.0})]
+            if timed and full:
+                secs = statistics.fmean(r["train_seconds"] + r["search_seconds"] - r.get("per_epoch", {}).get(
+                    "seconds", 0.0) for r in timed)  # fmt: skip
                 walls.append(f"{secs / full['train_seconds']:.2f}x")
             else:
                 walls.append("–")
@@ -145,7 +190,7 @@ def dev_table(records: list[dict[str, Any]]) -> str:
     lines = [
         f"| task | full FT dev (seed 0) | {' | '.join(LABELS[m] for m in MODES)} | on − off (seeds) "
         "| auto: probe [CLS] / mean, decision | auto − off (seeds) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---" * (len(MODES) + 5) + "|",
     ]
     task_gains: dict[str, list[float]] = {"on": [], "auto": []}
     for task in dict.fromkeys(r["task"] for r in records):
@@ -199,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         help="report against the suite's dev-selected full FT (seed 0) in this file instead of own reference runs",
     )  # fmt: skip
     p.add_argument("--epochs", type=float, default=None, help="planned epochs (default: the recipe's)")
+    p.add_argument("--per-epoch", action="store_true", help="record per-epoch dev / test figures (PerEpoch)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--doc", type=Path, default=None, help="also write the table into this page (docs/accuracy.md)")
@@ -213,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(rec)
             with args.out.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            print(json.dumps(rec), flush=True)
+            print(json.dumps({k: v for k, v in rec.items() if k != "per_epoch"}), flush=True)
 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bitfit-acc-product-") as tmp:
@@ -223,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in args.modes:
                     for seed in args.seeds:
                         if (task, mode, seed) not in done:
-                            keep(run_one(runner, task, mode, seed, Path(tmp), args.epochs))
+                            keep(run_one(runner, task, mode, seed, Path(tmp), args.epochs, args.per_epoch))
         print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     if args.reference:  # the suite's dev-selected full FT (seed 0) as the reference of each task
         tasks = {r["task"] for r in records}

@@ -25,15 +25,16 @@ def feature_probe_path(setting: str) -> Path:
     return REPO / "benchmarks" / "accuracy" / "results" / f"cpu_{setting}_feature_probe.json"
 
 
-#: not trained: the default recipe's ``--cls-init auto`` read off the suite, per task ``CLS_METHOD``'s runs where the
-#: frozen-model probe (``feature_probe.py``'s results, the product's rule) turns the init on, else ``bitfit``'s
+#: not trained: ``--cls-init auto`` (with the suite's best-epoch protocol) read off the suite, per task
+#: ``CLS_METHOD``'s runs where the frozen-model probe (``feature_probe.py``'s results, the product's rule) turns the
+#: init on, else ``bitfit``'s
 AUTO_METHOD = "bitfit_auto"
 METHOD_LABELS = {
     "full": "Full FT",
     "bitfit": "BitFit (all biases)",
     "bitfit_qi": "BitFit (q + intermediate)",
     CLS_METHOD: "BitFit, uniform [CLS] init",
-    AUTO_METHOD: "BitFit, defaults (--cls-init auto)",
+    AUTO_METHOD: "BitFit, --cls-init auto (best epoch)",
     "lora_r8": "LoRA r=8 (q,v)",
     "beft": "BEFT (PEFT, value bias)",
 }

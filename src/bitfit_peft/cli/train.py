@@ -261,11 +261,19 @@ def train_command(
     early_stopping_patience: Annotated[
         int,
         typer.Option(
-            help="Stop after this many epochs without dev improvement (0: never). The best epoch "
-            "is restored at the end either way.",
+            help="Stop after this many epochs without dev improvement (0: never); the best epoch is then kept.",
             rich_help_panel=_OPT,
         ),
     ] = RECIPE.early_stopping_patience,
+    best_epoch: Annotated[
+        bool | None,
+        typer.Option(
+            "--best-epoch/--last-epoch",
+            help="Keep the epoch with the best dev metric, or the last one. Default: "
+            f"{'best' if RECIPE.restore_best_epoch else 'last'} (best with --early-stopping-patience).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
     cls_init: Annotated[
         ClsInit,
         typer.Option(
@@ -332,6 +340,8 @@ def train_command(
 
     _check_bias_terms(bias_terms)
     lr, grid = _check_optimisation(learning_rate, auto_lr_grid, warmup_ratio, lr_scheduler, epochs)
+    if best_epoch is False and early_stopping_patience:
+        fail("Invalid value for '--last-epoch': early stopping keeps the best epoch; drop one of the two flags")
     if model is not None:
         check_source(model, MODEL)
     resume: str | bool | None = True if resume_from_checkpoint == "latest" else resume_from_checkpoint
@@ -370,6 +380,7 @@ def train_command(
             max_length=max_length,
             early_stopping_patience=early_stopping_patience or None,
             cls_attention_init=CLS_INIT_VALUES[cls_init],
+            restore_best_epoch=best_epoch,
             seed=seed,
             resume_from_checkpoint=resume,
             keep_checkpoints=keep_checkpoints,

@@ -23,7 +23,7 @@ import torch
 from peft import get_peft_model
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from torch.utils.data import DataLoader
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .. import hub as bitfit_hub
 from ..atomic_save import save_pretrained
@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_scheduler_type": RECIPE.lr_scheduler_type,
     "early_stopping_patience": RECIPE.early_stopping_patience,
     "cls_attention_init": RECIPE.cls_attention_init,
+    "restore_best_epoch": RECIPE.restore_best_epoch,
     "max_length": 128,
 }
 #: The head's learning rate defaults to this multiple of the bias learning rate (a new head is far from
@@ -155,6 +156,8 @@ def train(
     group_by_length: bool = False,
     early_stopping_patience: int | None = RECIPE.early_stopping_patience,
     cls_attention_init: bool | str | None = None,
+    restore_best_epoch: bool | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
     auto_lr_grid: Sequence[float] = AUTO_LR_GRID,
     seed: int = 42,
     adapter_name: str = "default",
@@ -203,14 +206,16 @@ def train(
         group_by_length: batch training examples of similar length (less padding, so faster), at the cost of
             less mixed batches: avoid it when length correlates with the label (as in the SMS Spam demo).
         early_stopping_patience: epochs without dev improvement before stopping (default 0: off, as in
-            :data:`~.recipe.RECIPE`); None or 0 disables it. The best epoch's checkpoint is restored at the end
-            either way.
+            :data:`~.recipe.RECIPE`); None or 0 disables it. Early stopping restores the best epoch.
         cls_attention_init: before training, set the last layer's query-bias delta so that the first token
             attends uniformly (seq-cls / regression on BERT-style encoders; see :mod:`.cls_init`): helps
             mean-pooling checkpoints on tasks their ``[CLS]`` state serves badly. ``"auto"``: only where linear
             probes of the frozen model say the first token serves the task badly (seq-cls on a supported
             encoder; the probe's figures go to ``extra["cls_probe"]``); off everywhere else. Default: the
             recipe's, ``"auto"`` (:data:`~.recipe.RECIPE`); ``False`` trains as before the probe existed.
+        restore_best_epoch: keep the epoch with the best dev metric (``True``) instead of the last one. Default:
+            the recipe's, ``False`` (the last epoch; dev is still evaluated each epoch), ``True`` with early stopping.
+        callbacks: extra ``transformers`` callbacks of the training run (logging, per-epoch probes, ...).
         auto_lr_grid: candidate learning rates of ``learning_rate="auto"``.
         seed: seed of the split, the head initialisation and the data order.
         adapter_name: PEFT adapter name (a non-default name is saved in a sub-folder).
@@ -252,6 +257,10 @@ def train(
         raise ValueError(f"cls_attention_init must be True, False or 'auto', got {cls_attention_init!r}")
     if cls_attention_init is True and task not in SEQUENCE_TASKS:
         raise BitFitError(f"cls_attention_init applies to seq-cls and regression tasks, not {task!r}; drop it")
+    if restore_best_epoch is False and early_stopping_patience:
+        raise ValueError("early stopping keeps the best epoch: drop early_stopping_patience or restore_best_epoch")
+    if restore_best_epoch is None:
+        restore_best_epoch = bool(early_stopping_patience) or defaults["restore_best_epoch"]
     model_path = model or default_model_path()
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / CHECKPOINT_DIR
@@ -310,7 +319,7 @@ def train(
         save_strategy="epoch",
         logging_strategy="epoch",
         save_total_limit=save_total_limit,
-        load_best_model_at_end=True,
+        load_best_model_at_end=restore_best_epoch,
         metric_for_best_model=metric,
         greater_is_better=metric != "loss",
         seed=seed,
@@ -332,6 +341,7 @@ def train(
         compute_metrics=make_compute_metrics(task),
         preprocess_logits_for_metrics=argmax_logits if per_token else None,
         head_learning_rate=HEAD_LR_FACTOR * learning_rate if head_learning_rate is None else head_learning_rate,
+        callbacks=list(callbacks) or None,
     )
     if quiet:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -372,7 +382,7 @@ def train(
         tokenizer.save_pretrained(str(output_dir))
     trainer.accelerator.wait_for_everyone()
     adapter_file = output_dir / (adapter_name if adapter_name != "default" else "") / ADAPTER_FILE
-    best = trainer.state.best_model_checkpoint
+    best = trainer.state.best_model_checkpoint if restore_best_epoch else None  # None: the last epoch was kept
     if main and not keep_checkpoints and ckpt_dir.is_dir():
         shutil.rmtree(ckpt_dir)
         best = None
@@ -418,6 +428,7 @@ def train(
             "num_epochs": num_epochs,
             "early_stopping_patience": early_stopping_patience or None,
             "cls_attention_init": cls_attention_init,
+            "restore_best_epoch": restore_best_epoch,
             "batch_size": batch_size,
         },
         "result": result.to_dict(),
