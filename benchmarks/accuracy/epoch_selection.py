@@ -5,7 +5,7 @@
 does not depend on which epoch is kept, so every rule below can be read off the same runs:
 
 - ``first best``: the first epoch with the highest dev accuracy (``load_best_model_at_end``, the recipe before
-  round 5 of the dev search);
+  round 6 of the dev search);
 - ``last best``: the last epoch with the highest dev accuracy;
 - ``best, loss ties``: the highest dev accuracy, ties broken by the lowest dev loss;
 - ``last epoch``: no selection (today's default, ``restore_best_epoch=False``);
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy.product_train import RESULTS  # noqa: E402
+from benchmarks.accuracy.product_train import PER_EPOCH_RESULTS  # noqa: E402
 from benchmarks.accuracy.report import publish  # noqa: E402
 
 Curve = list[dict[str, list[float]]]  #: per epoch: {"correct": [0/1 per dev example], "loss": [...]}
@@ -49,24 +49,23 @@ def _loss(loss: Sequence[float], rows: Sequence[int]) -> float:
     return statistics.fmean(loss[i] for i in rows)
 
 
-def _best(dev: Curve, rows: Sequence[int]) -> tuple[list[float], list[float], float]:
-    accs = [_acc(e["correct"], rows) for e in dev]
-    return accs, [_loss(e["loss"], rows) for e in dev], max(accs)
+def _accs(dev: Curve, rows: Sequence[int]) -> list[float]:
+    return [_acc(e["correct"], rows) for e in dev]
 
 
 def first_best(dev: Curve, rows: Sequence[int]) -> int:
-    accs, _, top = _best(dev, rows)
-    return accs.index(top)
+    accs = _accs(dev, rows)
+    return accs.index(max(accs))
 
 
 def last_best(dev: Curve, rows: Sequence[int]) -> int:
-    accs, _, top = _best(dev, rows)
-    return max(e for e, a in enumerate(accs) if a == top)
+    accs = _accs(dev, rows)
+    return max(e for e, a in enumerate(accs) if a == max(accs))
 
 
 def best_loss_ties(dev: Curve, rows: Sequence[int]) -> int:
-    accs, losses, top = _best(dev, rows)
-    return min((e for e, a in enumerate(accs) if a == top), key=lambda e: losses[e])
+    accs = _accs(dev, rows)
+    return min((e for e, a in enumerate(accs) if a == max(accs)), key=lambda e: _loss(dev[e]["loss"], rows))
 
 
 def last_epoch(dev: Curve, rows: Sequence[int]) -> int:
@@ -137,7 +136,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=RESULTS, help="product_train records (those with per_epoch)")
+    p.add_argument("--results", type=Path, default=PER_EPOCH_RESULTS, help="product_train records with per_epoch")
     p.add_argument("--seeds", nargs="*", type=int, default=None, help="only these seeds (default: all)")
     p.add_argument("--doc", type=Path, default=None, help="also write the tables into this page (docs/accuracy.md)")
     args = p.parse_args(argv)

@@ -166,15 +166,24 @@ def n_steps(n_train: int, s: Setting) -> int:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Encoded, device: torch.device, batch_size: int) -> float:
+def per_example(
+    model: nn.Module, data: Encoded, device: torch.device, batch_size: int
+) -> tuple[list[int], list[float]]:
+    """Each example's correctness (0/1) and cross-entropy loss, in length-sorted order (little padding)."""
     model.eval()
-    order = sorted(range(len(data)), key=lambda r: len(data.ids[r]))  # length-sorted: little padding
-    correct = 0
+    order = sorted(range(len(data)), key=lambda r: len(data.ids[r]))
+    correct: list[int] = []
+    loss: list[float] = []
     for batch in data.batches(batch_size, device, order):
         labels = batch.pop("labels")
-        logits = model(**batch).logits
-        correct += int((logits.argmax(-1) == labels).sum())
-    return correct / max(1, len(data))
+        logits = model(**batch).logits.float()
+        correct += (logits.argmax(-1) == labels).int().tolist()
+        loss += torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist()
+    return correct, loss
+
+
+def accuracy(model: nn.Module, data: Encoded, device: torch.device, batch_size: int) -> float:
+    return sum(per_example(model, data, device, batch_size)[0]) / max(1, len(data))
 
 
 @dataclass

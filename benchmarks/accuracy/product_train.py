@@ -35,13 +35,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy.data import Split, subsample  # noqa: E402
+from benchmarks.accuracy.loop import per_example  # noqa: E402
 from benchmarks.accuracy.report import mean_std, publish, selected_runs  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
+#: the ``defaults --per-epoch`` runs that ``epoch_selection.py`` reads; the report includes them
+PER_EPOCH_RESULTS = RESULTS.with_name("cpu_reduced_epoch_selection.jsonl")
 #: default: the recipe with ``cls_attention_init=False``; auto: ``learning_rate="auto"``; cls / cls_auto: the recipe
 #: with ``cls_attention_init=True`` / ``"auto"``; these four keep the best dev epoch (``restore_best_epoch=True``, the
-#: recipe before round 5). defaults: ``train()`` with nothing overridden (today: ``"auto"``, the last epoch).
+#: recipe before round 6). defaults: ``train()`` with nothing overridden (today: ``"auto"``, the last epoch).
 MODES = ("default", "auto", "cls", "cls_auto", "defaults")
 CLS_INIT = {"cls": True, "cls_auto": "auto"}
 LABELS = {"default": "`--cls-init off`", "auto": "`--lr auto`", "cls": "`--cls-init on`",
@@ -57,24 +60,14 @@ class PerEpoch(TrainerCallback):
         self.device, self.steps = runner.device, set()
         self.log: dict[str, Any] = {"epoch": [], "dev": [], "test": [], "seconds": 0.0}  # seconds: its own cost
 
-    @torch.no_grad()
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         if state.global_step in self.steps:  # train()'s closing evaluation: no new epoch
             return
         self.steps.add(state.global_step)
         t0, was, out = time.perf_counter(), model.training, {}
-        model.eval()
         for part, data in self.sets.items():
-            order = sorted(range(len(data)), key=lambda r: len(data.ids[r]))
-            correct, loss = [], []
-            for i in range(0, len(order), 64):
-                batch = data.batch(order[i : i + 64], self.device)
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                correct += (logits.argmax(-1) == labels).int().tolist()
-                per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-                loss += [round(x, 5) for x in per_example.tolist()]
-            out[part] = (correct, loss)
+            correct, loss = per_example(model, data, self.device, 64)
+            out[part] = (correct, [round(x, 5) for x in loss])
         model.train(was)
         self.log["epoch"].append(state.epoch)
         self.log["dev"].append({"correct": out["dev"][0], "loss": out["dev"][1]})
@@ -246,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=None, help="planned epochs (default: the recipe's)")
     p.add_argument("--per-epoch", action="store_true", help="record per-epoch dev / test figures (PerEpoch)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--also", nargs="*", type=Path, default=[PER_EPOCH_RESULTS], help="more records for the report")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--doc", type=Path, default=None, help="also write the table into this page (docs/accuracy.md)")
     args = p.parse_args(argv)
-    records = [json.loads(x) for x in args.out.read_text().splitlines()] if args.out.exists() else []
+    files = [f for f in dict.fromkeys((args.out, *args.also)) if f.exists()]
+    records = [json.loads(x) for f in files for x in f.read_text().splitlines()]
     if not args.report_only:
         torch.set_num_threads(args.threads)
         runner = Runner(SETTINGS["reduced"], torch.device("cpu"), Path("/dev/null"))
@@ -276,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [r for r in records if r["mode"] != "full"] + [
             as_reference(r) for r in selected_runs(args.reference, "full") if r["task"] in tasks
         ]
-    dev = "Dev accuracy (%), the same runs (each mode's best epoch on dev is the one saved):"
+    dev = "Dev accuracy (%) of the saved adapters, the same runs (defaults: the last epoch; the others: the best):"
     publish(f"{markdown(records)}\n\n{dev}\n\n{dev_table(records)}", args.doc, "product_train")
     return 0
 

@@ -4,7 +4,7 @@ Bias-only training needs larger learning rates and more steps than full fine-tun
 larger learning rate still. The values of :data:`RECIPE` were selected on **dev** data of the accuracy suite
 (``benchmarks/accuracy``, MiniLM-L6, four tasks; evidence in ``docs/accuracy.md``, "The default recipe").
 Dev is evaluated every epoch, but the model of the *last* epoch is kept: with the linear decay to zero it is the
-converged one, and on 200-example dev sets the best epoch's extra dev points were selection noise (round 5).
+converged one, and on 200-example dev sets the best epoch's extra dev points were selection noise (round 6).
 
 Example:
     >>> from bitfit_peft.training.recipe import RECIPE
