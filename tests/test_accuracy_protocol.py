@@ -3,6 +3,7 @@ method, and seeds matched to the selected schedule (no training: ``Runner.one`` 
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -83,6 +84,7 @@ def test_full_ft_trains_with_its_protocol_and_bitfit_with_the_recipe(setting: st
     assert full.head_lr_factor == 1.0 and full.steps == 8 * per_epoch and full.patience == 3
     assert bitfit.head_lr_factor == RECIPE.head_lr_factor and bitfit.steps == RECIPE.num_epochs * per_epoch
     assert full.eval_every == bitfit.eval_every == per_epoch  # both evaluate on dev each epoch
+    assert full.restore_best and bitfit.restore_best == RECIPE.restore_best_epoch  # each keeps what its recipe keeps
     cls = runner.schedule("bitfit_cls", 400, "trec")  # the recipe plus the uniform [CLS] init, nothing else
     assert cls.cls_init and not bitfit.cls_init and asdict(cls) == {**asdict(bitfit), "cls_init": True}
 
@@ -124,10 +126,32 @@ def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
         dict(task="trec", mode="cls", seed=0, lr=1e-2, test_acc=0.89, train_seconds=105.0, search_seconds=0.0),
     ]
     row = markdown(records).splitlines()[-1]
-    want = ("| trec | 90.0 | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | – | – | 0.003 "
+    want = ("| trec | 90.0 ± 0.0 (1) | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | – | – | 0.003 "
             "| 1.20x, 1.50x, 1.05x, –, – |")
     assert row == want
     assert markdown(records[:-1]).splitlines()[-1].endswith("| – | – | – | 0.003 | 1.20x, 1.50x, –, –, – |")  # not run
+
+
+def test_product_train_reference_is_every_full_ft_seed_at_the_selected_lr(tmp_path: Path) -> None:
+    """``--reference``: the suite's selected full FT run, its seeds and ``more_seeds.py``'s at that LR (once per
+    seed, other LRs and the sweep left out); the wall ratio still divides by seed 0's training time."""
+    from benchmarks.accuracy.more_seeds import PHASE
+    from benchmarks.accuracy.product_train import markdown, suite_references
+
+    def run(phase: str, seed: int, lr: float, test: float | None, secs: float = 100.0) -> dict[str, Any]:
+        return dict(task="trec", method="full", phase=phase, seed=seed, lr=lr, dev_acc=0.9, test_acc=test,
+                    train_seconds=secs, seconds=secs + 5)  # fmt: skip
+
+    suite, extra = tmp_path / "runs_reduced_f.jsonl", tmp_path / "extra.jsonl"
+    suite.write_text("\n".join(json.dumps(r) for r in [
+        run("grid", 0, 5e-5, None), run("grid", 0, 1.5e-4, None), run("selected", 0, 1.5e-4, 0.90),
+        run("seed", 1, 1.5e-4, 0.80, 300.0), run("sweep_seed", 1, 1.5e-4, 0.10)]))  # fmt: skip
+    extra.write_text("\n".join(json.dumps(r) for r in [run(PHASE, 2, 1.5e-4, 0.70, 200.0), run(PHASE, 3, 5e-5, 0.0)]))
+    refs = suite_references([suite, extra, extra], {"trec"})
+    assert sorted((r["seed"], r["test_acc"]) for r in refs) == [(0, 0.9), (1, 0.8), (2, 0.7)]
+    bitfit = dict(task="trec", mode="default", seed=0, lr=1e-2, test_acc=0.88, train_seconds=120.0, search_seconds=0)
+    row = markdown([*reversed(refs), bitfit]).splitlines()[-1]  # seed 0 not first
+    assert row.startswith("| trec | 80.0 ± 10.0 (3) | 88.0 ± 0.0 (1) |") and row.endswith("| 1.20x, –, –, –, – |")
 
 
 def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
@@ -139,7 +163,7 @@ def test_product_train_dev_table_pairs_seeds_for_the_cls_init_gain() -> None:
     records = [rec("full", 0, 0.815), rec("default", 0, 0.80), rec("default", 1, 0.70), rec("default", 2, 0.90),
                rec("cls", 0, 0.83), rec("cls", 1, 0.80)]  # fmt: skip
     *_, row, mean = dev_table(records).splitlines()  # the gain uses seeds 0 and 1 only (seed 2 has no cls-init run)
-    assert row == "| movie | 81.5 | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | – | – | +6.50 ± 4.95 (2) | – | – |"
+    assert row == "| movie | 81.5 ± 0.0 (1) | 80.0 ± 10.0 (3) | – | 81.5 ± 2.1 (2) | – | – | +6.50 ± 4.95 (2) | – | – |"
     assert mean == "| mean | | | | | | | +6.50 (1 task) | | – |"
 
 
@@ -206,6 +230,32 @@ def test_search_knobs_dropout_and_pooler_weight(tmp_path: Path, monkeypatch: pyt
                    for k, v in plain.state_dict().items())  # fmt: skip
 
 
+def test_suite_loop_keeps_the_last_step_unless_the_schedule_restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``restore_best=False`` ends with the last step's weights (as if dev were never evaluated); True, or early
+    stopping, restores the best evaluation."""
+    import torch
+    from benchmarks.accuracy.loop import Schedule, accuracy, train
+
+    _tiny_suite_model(tmp_path, monkeypatch)
+    s, cpu, data = SETTINGS["smoke"], torch.device("cpu"), _toy_split()
+    data.ids = [[2, 5 + 4 * label + i % 3, 3] for i, label in enumerate(data.labels)]  # the label is in the text
+    base = Schedule(steps=12, scheduler="linear", eval_every=1)  # full FT: the tiny model learns this in a few steps
+
+    def trained(sched: Schedule) -> tuple[dict[str, torch.Tensor], list[float], float]:
+        model, _, _, curve = train("full", 3e-3, 0, data, 2, s, cpu, sched, data)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return weights, curve, accuracy(model, data, cpu, 8)
+
+    unseen, _, _ = trained(replace(base, eval_every=None))
+    last, curve, _ = trained(replace(base, restore_best=False))
+    best, _, best_acc = trained(base)
+    assert all(torch.equal(last[n], unseen[n]) for n in unseen)
+    assert best_acc == max(curve) and len(set(curve)) > 1
+    assert any(not torch.equal(best[n], last[n]) for n in last) == (curve.index(max(curve)) != len(curve) - 1)
+
+
 def test_search_knobs_ema_and_cls_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``Schedule.ema`` evaluates the average each epoch; ``cls_init`` runs the product's init; ``bitfit_cls``
     refuses a schedule without it."""
@@ -242,9 +292,9 @@ def test_suite_defaults_row_takes_the_method_the_probe_picks() -> None:
     assert cells[("trec", AUTO_METHOD)] == cells[("trec", CLS_METHOD)]
     assert cells[("sms", AUTO_METHOD)] == cells[("sms", "bitfit")]
     table = report.markdown_main(results, s)
-    assert "| BitFit, --cls-init auto (best epoch) − Full FT | -5.0 | -1.0 | -3.0 |" in table
+    assert "| BitFit, defaults (--cls-init auto) − Full FT | -5.0 | -1.0 | -3.0 |" in table
     rows = report.markdown_before_after(results, results, s).splitlines()
-    assert rows[0].endswith("| BitFit --cls-init auto, after | gap |") and rows[1].count("---") == 9
+    assert rows[0].endswith("| BitFit defaults after | gap |") and rows[1].count("---") == 9
     assert rows[2] == "| trec | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 | 90.0 ± 0.0 | 80.0 ± 0.0 | -10.0 | 85.0 ± 0.0 | -5.0 |"
 
 

@@ -108,20 +108,8 @@ def test_fsdp1_flat_params_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "adapter").exists()
 
 
-def _layers_call_hooked_bases() -> bool:
-    """Whether BitFit layers call a base module with forward pre-hooks (ZeRO-3's): issue 15's layer.py patch."""
-    import inspect
-
-    from bitfit_peft import layer
-
-    return "base._forward_pre_hooks" in inspect.getsource(layer)
-
-
-ZERO3 = pytest.mark.skipif(not _layers_call_hooked_bases(), reason="needs the layer.py patch of issue 15")
-
-
 @slow
-@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=ZERO3)])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_accelerate_deepspeed_matches_single_process(
     stage: int, single: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
@@ -133,25 +121,14 @@ def test_accelerate_deepspeed_matches_single_process(
     _check(tmp_path, single)
 
 
-def _train_runs_data_parallel() -> bool:
-    """Whether ``train()`` asks for gloo DDP on CPU ranks and saves from rank 0 only (issue 15's train.py patch)."""
-    import inspect
-
-    from bitfit_peft.training import train as train_module
-
-    source = inspect.getsource(sys.modules[train_module.__module__])
-    return "use_cpu=" in source and "is_world_process_zero" in source
-
-
 @slow
-@pytest.mark.skipif(not _train_runs_data_parallel(), reason="needs the train.py/cli patch of issue 15 (rank-0 save)")
 def test_cli_train_under_accelerate_launch(tmp_path: Path) -> None:
     from conftest import save_tiny_model
     from test_cli_train import _spam_rows, _write_csv
 
     model = save_tiny_model(tmp_path / "bert", "bert", task="base")
     data = _write_csv(tmp_path / "spam.csv", _spam_rows())
-    config = tmp_path / "ddp.yaml"  # the torchrun launcher; the patched train() runs gloo DDP on CPU ranks
+    config = tmp_path / "ddp.yaml"  # the torchrun launcher; train() runs gloo DDP on CPU ranks
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\nnum_machines: 1\n"
         f"machine_rank: 0\nmain_process_ip: 127.0.0.1\nmain_process_port: {_free_port()}\nrdzv_backend: static\n"

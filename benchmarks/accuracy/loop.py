@@ -222,6 +222,8 @@ class Schedule:
     pooler_lr: float | None = None  #: also train the pooler's weight at this LR (None: frozen; its bias is BitFit's)
     ema: float | None = None  #: evaluate (and keep) an exponential moving average of the trainable weights
     cls_init: bool = False  #: ``bitfit_peft.training.cls_init.initialize_cls_attention`` before training
+    #: at the end, restore the best dev evaluation (False: keep the last step's weights; early stopping restores)
+    restore_best: bool = True
 
 
 def legacy_schedule(n_train: int, s: Setting) -> Schedule:
@@ -230,10 +232,8 @@ def legacy_schedule(n_train: int, s: Setting) -> Schedule:
 
 
 def recipe_schedule(n_train: int, s: Setting, recipe: Any = None, **over: Any) -> Schedule:
-    """A :class:`bitfit_peft.training.recipe.Recipe` in suite terms: epochs -> steps, eval + patience per epoch.
-
-    The suite keeps every method's best dev evaluation (its protocol, full FT's too), whatever the recipe's
-    ``restore_best_epoch``; ``product_train.py`` measures the product's own choice."""
+    """A :class:`bitfit_peft.training.recipe.Recipe` in suite terms: epochs -> steps, eval + patience per epoch,
+    the best evaluation restored at the end if the recipe restores it (``restore_best_epoch`` or early stopping)."""
     from bitfit_peft.training.recipe import RECIPE
 
     r = recipe or RECIPE
@@ -241,6 +241,7 @@ def recipe_schedule(n_train: int, s: Setting, recipe: Any = None, **over: Any) -
     kw: dict[str, Any] = dict(
         steps=max(1, round(r.num_epochs * per_epoch)), head_lr_factor=r.head_lr_factor, warmup_frac=r.warmup_ratio,
         scheduler=r.lr_scheduler_type, eval_every=per_epoch, patience=r.early_stopping_patience or None,
+        restore_best=r.restore_best_epoch or bool(r.early_stopping_patience),
     )  # fmt: skip
     kw.update(over)
     return Schedule(**kw)
@@ -274,8 +275,8 @@ def train(
     """Train one model; returns (model, steps run, mean loss of the last 10 steps, dev accuracy per evaluation).
 
     With ``sched.eval_every`` and ``dev``, dev accuracy is measured every ``eval_every`` steps; the best
-    evaluation's trainable weights are restored at the end, and ``sched.patience`` evaluations without
-    improvement stop training early.
+    evaluation's trainable weights are restored at the end (with ``sched.restore_best``), and ``sched.patience``
+    evaluations without improvement stop training early.
     """
     from transformers import get_scheduler
 
@@ -340,7 +341,7 @@ def train(
                     torch._foreach_copy_(params, live)
             if sched.patience and len(curve) - 1 - curve.index(best[0]) >= sched.patience:
                 break
-    if best is not None:  # restore the best evaluation (load_best_model_at_end)
+    if best is not None and (sched.restore_best or sched.patience):  # the best evaluation (load_best_model_at_end)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in best[1]:

@@ -7,7 +7,8 @@ The suite's BitFit row trains in the benchmark's own loop (``loop.py``). This sc
 on the same examples, writes each split as a JSONL file, and measures test accuracy on the *saved* adapter loaded
 back with ``PeftModel.from_pretrained``. Full fine-tuning (the suite's protocol, seed 0, at the LR given by
 ``--full-lr``) is trained once per task in the same process as the wall-time reference (``--full-lr 0``: none).
-Each run keeps its best epoch on dev, and nothing else is selected: every mode is a fixed procedure, so their test
+Each run keeps the epoch its mode's recipe keeps (``defaults``: the last; the others: the best on dev), and
+nothing else is selected: every mode is a fixed procedure, so their test
 results can be reported side by side; the dev table (``dev_table``) is the evidence for which should be the default.
 
 Example:
@@ -36,7 +37,8 @@ if str(REPO) not in sys.path:
 
 from benchmarks.accuracy.data import Split, subsample  # noqa: E402
 from benchmarks.accuracy.loop import per_example  # noqa: E402
-from benchmarks.accuracy.report import mean_std, publish, selected_runs  # noqa: E402
+from benchmarks.accuracy.more_seeds import PHASE as EXTRA_PHASE  # noqa: E402
+from benchmarks.accuracy.report import load_results, mean_std, publish, selected_runs  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner, accuracy, model_path  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results" / "cpu_reduced_product_train.jsonl"
@@ -134,9 +136,22 @@ def full_reference(runner: Runner, task: str, lr: float) -> dict[str, Any]:
 
 
 def as_reference(run: dict[str, Any]) -> dict[str, Any]:
-    """A suite run record (full FT, seed 0) as this script's ``mode="full"`` reference record."""
-    return dict(task=run["task"], mode="full", seed=0, lr=run["lr"], dev_acc=run["dev_acc"], test_acc=run["test_acc"],
-                train_seconds=run["train_seconds"], wall_seconds=run["seconds"])  # fmt: skip
+    """A suite run record (full FT) as this script's ``mode="full"`` reference record."""
+    return dict(task=run["task"], mode="full", seed=run["seed"], lr=run["lr"], dev_acc=run["dev_acc"],
+                test_acc=run["test_acc"], train_seconds=run["train_seconds"], wall_seconds=run["seconds"])  # fmt: skip
+
+
+def suite_references(paths: list[Path], tasks: set[str]) -> list[dict[str, Any]]:
+    """Full FT reference records of ``tasks``: the suite's dev-selected run (seed 0) and every further seed at that
+    LR (the suite's ``seed`` phase, ``more_seeds.py``'s ``extra_seed``), once per (task, seed)."""
+    lrs = {r["task"]: r["lr"] for path in paths for r in selected_runs(path, "full")}
+    runs = {
+        (r["task"], r["seed"]): as_reference(r)
+        for path in paths for r in load_results(path)
+        if r["method"] == "full" and r["task"] in tasks and r["phase"] in ("selected", "seed", EXTRA_PHASE)
+        and r["lr"] == lrs.get(r["task"])
+    }  # fmt: skip
+    return list(runs.values())
 
 
 def _spread(values: list[float], fmt: str = ".1f") -> str:
@@ -150,13 +165,14 @@ def _spread(values: list[float], fmt: str = ".1f") -> str:
 def markdown(records: list[dict[str, Any]]) -> str:
     """Per task: test accuracy (mean ± std over seeds), LRs picked by ``auto`` and wall time against full FT."""
     lines = [
-        f"| task | full FT (seed 0) | {' | '.join(LABELS[m] for m in MODES)} | `--lr auto` picked "
+        f"| task | full FT | {' | '.join(LABELS[m] for m in MODES)} | `--lr auto` picked "
         f"| wall / full FT: {', '.join(LABELS[m] for m in MODES)} |",
         "|---" * (len(MODES) + 4) + "|",
     ]
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
-        full = next((r for r in rows if r["mode"] == "full"), None)
+        fulls = [r for r in rows if r["mode"] == "full"]
+        full = next((r for r in fulls if r["seed"] == 0), None)  # the wall-time reference
         cells, walls = [], []
         for mode in MODES:
             runs = [r for r in rows if r["mode"] == mode]
@@ -171,7 +187,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             else:
                 walls.append("–")
         picks = ", ".join(f"{r['lr']:g}" for r in rows if r["mode"] == "auto") or "–"
-        ref = f"{100 * full['test_acc']:.1f}" if full else "–"
+        ref = _spread([100 * r["test_acc"] for r in fulls])
         lines.append(f"| {task} | {ref} | {' | '.join(cells)} | {picks} | {', '.join(walls)} |")
     return "\n".join(lines)
 
@@ -181,14 +197,14 @@ def dev_table(records: list[dict[str, Any]]) -> str:
     both ran, and what ``auto`` makes of it (the evidence a default is decided on; test decides nothing). The last
     row averages the per-task gains over the tasks (the figure the adoption rule reads)."""
     lines = [
-        f"| task | full FT dev (seed 0) | {' | '.join(LABELS[m] for m in MODES)} | on − off (seeds) "
+        f"| task | full FT dev | {' | '.join(LABELS[m] for m in MODES)} | on − off (seeds) "
         "| auto: probe [CLS] / mean, decision | auto − off (seeds) |",
         "|---" * (len(MODES) + 5) + "|",
     ]
     task_gains: dict[str, list[float]] = {"on": [], "auto": []}
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
-        full = next((f"{100 * r['dev_acc']:.1f}" for r in rows if r["mode"] == "full"), "–")
+        full = _spread([100 * r["dev_acc"] for r in rows if r["mode"] == "full"])
         by_mode = {m: {r["seed"]: 100 * r["dev_acc"] for r in rows if r["mode"] == m} for m in MODES}
         cells = [_spread(list(by_mode[mode].values())) for mode in MODES]
         both = sorted(set(by_mode["default"]) & set(by_mode["cls"]))
@@ -233,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-lr", type=float, default=1.5e-4, help="full FT reference LR (0: no reference run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--reference", type=Path, default=None, metavar="RUNS_JSONL",
-        help="report against the suite's dev-selected full FT (seed 0) in this file instead of own reference runs",
+        "--reference", type=Path, nargs="*", default=None, metavar="RUNS_JSONL",
+        help="report against the suite's dev-selected full FT (every seed at its LR) in these files instead of own "
+        "reference runs",
     )  # fmt: skip
     p.add_argument("--epochs", type=float, default=None, help="planned epochs (default: the recipe's)")
     p.add_argument("--per-epoch", action="store_true", help="record per-epoch dev / test figures (PerEpoch)")
@@ -266,11 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                         if (task, mode, seed) not in done:
                             keep(run_one(runner, task, mode, seed, Path(tmp), args.epochs, args.per_epoch))
         print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-    if args.reference:  # the suite's dev-selected full FT (seed 0) as the reference of each task
+    if args.reference:  # the suite's dev-selected full FT as the reference of each task
         tasks = {r["task"] for r in records}
-        records = [r for r in records if r["mode"] != "full"] + [
-            as_reference(r) for r in selected_runs(args.reference, "full") if r["task"] in tasks
-        ]
+        records = [r for r in records if r["mode"] != "full"] + suite_references(args.reference, tasks)
     dev = "Dev accuracy (%) of the saved adapters, the same runs (defaults: the last epoch; the others: the best):"
     publish(f"{markdown(records)}\n\n{dev}\n\n{dev_table(records)}", args.doc, "product_train")
     return 0

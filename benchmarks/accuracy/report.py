@@ -157,7 +157,7 @@ def markdown_before_after(before: list[dict[str, Any]], after: list[dict[str, An
     # (stats, BitFit method, column label, with a full-FT column): the defaults share the "after" full FT
     groups = [(b, "bitfit", "before", True), (a, "bitfit", "after", True)]
     if any(k[1] == AUTO_METHOD for k in a):
-        groups.append((a, AUTO_METHOD, "--cls-init auto, after", False))
+        groups.append((a, AUTO_METHOD, "defaults after", False))
     head = ["task"]
     for *_, label, with_full in groups:
         head += ([f"Full FT {label}"] if with_full else []) + [f"BitFit {label}", "gap" + (f" {label}" * with_full)]

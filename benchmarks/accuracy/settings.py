@@ -25,16 +25,15 @@ def feature_probe_path(setting: str) -> Path:
     return REPO / "benchmarks" / "accuracy" / "results" / f"cpu_{setting}_feature_probe.json"
 
 
-#: not trained: ``--cls-init auto`` (with the suite's best-epoch protocol) read off the suite, per task
-#: ``CLS_METHOD``'s runs where the frozen-model probe (``feature_probe.py``'s results, the product's rule) turns the
-#: init on, else ``bitfit``'s
+#: not trained: the default recipe's ``--cls-init auto`` read off the suite, per task ``CLS_METHOD``'s runs where the
+#: frozen-model probe (``feature_probe.py``'s results, the product's rule) turns the init on, else ``bitfit``'s
 AUTO_METHOD = "bitfit_auto"
 METHOD_LABELS = {
     "full": "Full FT",
     "bitfit": "BitFit (all biases)",
     "bitfit_qi": "BitFit (q + intermediate)",
     CLS_METHOD: "BitFit, uniform [CLS] init",
-    AUTO_METHOD: "BitFit, --cls-init auto (best epoch)",
+    AUTO_METHOD: "BitFit, defaults (--cls-init auto)",
     "lora_r8": "LoRA r=8 (q,v)",
     "beft": "BEFT (PEFT, value bias)",
 }
@@ -89,6 +88,8 @@ FULL_FT_PROTOCOL = Recipe(
     learning_rate=1.5e-4, head_lr_factor=1.0, lr_scheduler_type="linear", warmup_ratio=0.1, num_epochs=8.0,
     early_stopping_patience=3,
 )  # fmt: skip
+
+KEPT_EPOCH = "best" if RECIPE.restore_best_epoch else "last"  #: which epoch the recipe's runs end with
 
 GRID_FULL = {
     "full": (2e-5, 5e-5, 1e-4),
@@ -166,8 +167,8 @@ SETTINGS: dict[str, Setting] = {
             "÷3, up to twice) while dev picks an end. "
             f"BitFit: the default recipe, untuned (lr {RECIPE.learning_rate:g}, head x{RECIPE.head_lr_factor:g}, "
             f"{RECIPE.lr_scheduler_type}, warm-up {RECIPE.warmup_ratio:g}, {RECIPE.num_epochs:g} epochs, dev "
-            f"evaluation each epoch, early stopping {RECIPE.early_stopping_patience or 'off'}, best epoch "
-            "restored); BitFit, uniform [CLS] init: the same with `--cls-init`. LoRA r8 and "
+            f"evaluation each epoch, early stopping {RECIPE.early_stopping_patience or 'off'}, {KEPT_EPOCH} epoch "
+            "kept); BitFit, uniform [CLS] init: the same with `--cls-init`. LoRA r8 and "
             "BEFT: the same recipe with BitFit's wall time per run (steps scaled by measured step times), at the "
             "LR dev-selected in the run before (3e-3, 3e-2), 1 seed. Sweep: BitFit and full FT at 100/200/400, 2 "
             "seeds, at the main table's LR"
@@ -213,7 +214,7 @@ SETTINGS["gpu_recipe"] = replace(
         "all data, batch 32. Full FT: the reduced setting's protocol (8 planned epochs, dev each epoch, patience 3, "
         "best epoch restored), LR dev-selected from {5e-5, 1e-4, 2e-4} widened while dev picks an end, 3 seeds. "
         f"BitFit: the default recipe, untuned (lr {RECIPE.learning_rate:g}, head x{RECIPE.head_lr_factor:g}, "
-        f"{RECIPE.num_epochs:g} epochs, best epoch restored), 3 seeds. LoRA r8 / BEFT: the recipe at BitFit's wall "
+        f"{RECIPE.num_epochs:g} epochs, {KEPT_EPOCH} epoch kept), 3 seeds. LoRA r8 / BEFT: the recipe at BitFit's wall "
         "time per run, 1 seed. Sweep: BitFit and full FT at 100 / 300 / 1000 / 3000 / all, 2 seeds, at the main "
         "table's LR"
     ),
