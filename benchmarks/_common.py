@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from plot_tables import fmt  # one number format for console and markdown tables
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -297,7 +298,7 @@ def _json_default(o: Any) -> Any:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Plain fixed-width table."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = [
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
@@ -305,18 +306,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _fmt(c: Any) -> str:
-    if isinstance(c, float):
-        if c != c:  # nan
-            return "-"
-        if abs(c) >= 100:
-            return f"{c:.0f}"
-        if abs(c) >= 10:
-            return f"{c:.1f}"
-        return f"{c:.2f}" if abs(c) >= 0.1 else f"{c:.3g}"
-    return "-" if c is None else str(c)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

@@ -280,7 +280,9 @@ def test_suite_defaults_row_takes_the_method_the_probe_picks() -> None:
     from benchmarks.accuracy.settings import AUTO_METHOD, CLS_METHOD
 
     s = SETTINGS["reduced"]
-    assert report.auto_decisions(s) == {"trec": True, "sms": False, "movie": True, "bbc": False}
+    main = {(t, 400): on for t, on in [("trec", True), ("sms", False), ("movie", True), ("bbc", False)]}
+    sweep = {(t, n): True for t in ("trec", "movie") for n in (100, 200)}  # the sweep's sizes: on for both tasks
+    assert report.auto_decisions(s) == main | sweep
 
     def rec(task: str, method: str, test: float, phase: str = "selected") -> dict[str, Any]:
         return dict(task=task, method=method, lr=1e-2, size=400, phase=phase, test_acc=test, dev_acc=0.9,
@@ -320,3 +322,24 @@ def test_epoch_selection_rules_and_cross_selection() -> None:
     assert res["trec"]["last epoch"]["test"] == [50.0, 50.0] and res["trec"]["first best"]["epoch"] == [2, 2]
     table = es.markdown(records)
     assert "| trec | 2 | 50.00 | " in table and "| mean | | | " in table
+
+
+def test_suite_sweep_has_a_defaults_row_picked_by_the_probe_at_each_size() -> None:
+    """The sweep's "defaults" rows take ``bitfit_cls`` or ``bitfit`` at each training-set size as the probe
+    recorded at that size decides (on for trec at 100 / 200 / 400), and get their own gap row to full FT."""
+    from benchmarks.accuracy.run import SETTINGS
+    from benchmarks.accuracy.settings import CLS_METHOD
+
+    s = SETTINGS["reduced"]
+
+    def rec(method: str, n: int, seed: int, test: float) -> dict[str, Any]:
+        phase = ("selected" if seed == 0 else "seed") if n == 400 else "sweep_seed"
+        return dict(task="trec", method=method, lr=1e-2, size=n, n_train=n, seed=seed, phase=phase, test_acc=test,
+                    dev_acc=0.9, schedule={"steps": n}, trainable=10, total=100)  # fmt: skip
+
+    accs = {"full": 0.80, "bitfit": 0.70, CLS_METHOD: 0.78}
+    results = [rec(m, n, seed, acc + n / 10_000) for m, acc in accs.items() for n in (100, 200, 400) for seed in (0, 1)]
+    rows = {line.split(" | ")[1]: line for line in report.markdown_sweep(results, s).splitlines() if "trec" in line}
+    assert rows["BitFit, defaults (--cls-init auto)"].endswith("| 79.0 ± 0.0 | 80.0 ± 0.0 | 82.0 ± 0.0 |")
+    assert rows["BitFit, defaults (--cls-init auto) − Full FT"].endswith("| -2.0 | -2.0 | -2.0 |")
+    assert rows["BitFit (all biases) − Full FT"].endswith("| -10.0 | -10.0 | -10.0 |")

@@ -74,24 +74,29 @@ def main_table(results: list[dict[str, Any]], s: Setting) -> dict[tuple[str, str
     """{(task, method): [runs with a test score]} for the main table (dev-selected LR, all seeds), plus the
     :data:`AUTO_METHOD` cells: a task's ``CLS_METHOD`` or ``bitfit`` runs, as the probe decides."""
     cells = {(t, m): runs for (t, m, _), runs in _seeded(results, "").items()}
-    for t, on in auto_decisions(s).items():
-        if (t, "bitfit") in cells and (t, CLS_METHOD) in cells:
+    for (t, n), on in auto_decisions(s).items():
+        if n == s.train_cap and (t, "bitfit") in cells and (t, CLS_METHOD) in cells:
             cells[(t, AUTO_METHOD)] = cells[(t, CLS_METHOD if on else "bitfit")]
     return cells
 
 
-def auto_decisions(s: Setting) -> dict[str, bool]:
-    """``--cls-init auto``'s decision per task, from the feature probe's results for ``s`` (none: ``{}``)."""
+def auto_decisions(s: Setting) -> dict[tuple[str, int | None], bool]:
+    """``--cls-init auto``'s decision per (task, training examples), from the feature probe's results for ``s``
+    (none: ``{}``; records without a size are at the main table's ``train_cap``)."""
     from bitfit_peft.training.cls_init import FirstTokenProbe
 
     path = feature_probe_path(s.name)
     if not path.exists():
         return {}
     rows = json.loads(path.read_text())["rows"]
-    best = {t: (max(r["cls"] for r in rows if r["task"] == t), max(r["mean"] for r in rows if r["task"] == t))
-            for t in dict.fromkeys(r["task"] for r in rows)}  # fmt: skip
+    by_key: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault((r["task"], r.get("n_train", s.train_cap)), []).append(r)
     n_dev = s.dev_cap or 10**9
-    return {t: FirstTokenProbe(first, mean, s.train_cap or 0, n_dev).enable for t, (first, mean) in best.items()}
+    return {
+        key: FirstTokenProbe(max(r["cls"] for r in rs), max(r["mean"] for r in rs), key[1] or 0, n_dev).enable
+        for key, rs in by_key.items()
+    }
 
 
 def _with_auto(methods: tuple[str, ...], cells: dict[tuple[str, str], Any]) -> list[str]:
@@ -223,6 +228,10 @@ def sweep_points(results: list[dict[str, Any]], s: Setting) -> dict[tuple[str, s
             if r["task"] in s.sweep_tasks and r["method"] in s.sweep_methods:
                 by_n = pts.setdefault((r["task"], r["method"]), {})
                 by_n.setdefault(r["n_train"], []).append(100 * r["test_acc"])
+    for (t, n), on in auto_decisions(s).items():  # the defaults: the probe's pick at each training-set size
+        picked = pts.get((t, CLS_METHOD if on else "bitfit"), {}).get(n)
+        if t in s.sweep_tasks and CLS_METHOD in s.sweep_methods and picked:
+            pts.setdefault((t, AUTO_METHOD), {})[n] = picked
     return pts
 
 
@@ -231,20 +240,21 @@ def markdown_sweep(results: list[dict[str, Any]], s: Setting) -> str:
     sizes = sorted({n for d in pts.values() for n in d})
     lines = ["| task | method | " + " | ".join(f"n={n}" for n in sizes) + " |"]
     lines.append("|---" * (len(sizes) + 2) + "|")
+    methods = _with_auto(s.sweep_methods, {k: None for k in pts})
     for t in s.sweep_tasks:
-        for m in s.sweep_methods:
+        for m in methods:
             d = pts.get((t, m), {})
             cells = []
             for n in sizes:
                 mu, sd = mean_std(d.get(n, []))
                 cells.append(f"{mu:.1f} ± {sd:.1f}" if d.get(n) else "–")
             lines.append(f"| {t} | {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
-        if all(m in s.sweep_methods for m in ("bitfit", "full")):
+        for m in (m for m in ("bitfit", AUTO_METHOD) if m in methods and "full" in methods):
             gaps = []
             for n in sizes:
-                a, b = pts.get((t, "bitfit"), {}).get(n), pts.get((t, "full"), {}).get(n)
+                a, b = pts.get((t, m), {}).get(n), pts.get((t, "full"), {}).get(n)
                 gaps.append(f"{statistics.fmean(a) - statistics.fmean(b):+.1f}" if a and b else "–")
-            lines.append(f"| {t} | BitFit − Full FT | " + " | ".join(gaps) + " |")
+            lines.append(f"| {t} | {METHOD_LABELS[m]} − Full FT | " + " | ".join(gaps) + " |")
     return "\n".join(lines)
 
 
