@@ -170,8 +170,9 @@ SETTINGS: dict[str, Setting] = {
             f"evaluation each epoch, early stopping {RECIPE.early_stopping_patience or 'off'}, {KEPT_EPOCH} epoch "
             "kept); BitFit, uniform [CLS] init: the same with `--cls-init`. LoRA r8 and "
             "BEFT: the same recipe with BitFit's wall time per run (steps scaled by measured step times), at the "
-            "LR dev-selected in the run before (3e-3, 3e-2), 1 seed. Sweep: BitFit and full FT at 100/200/400, 2 "
-            "seeds, at the main table's LR"
+            "LR dev-selected in the run before (3e-3, 3e-2), 1 seed. Sweep: BitFit (plain and with the [CLS] init; "
+            "the defaults row takes the probe's pick at each size) and full FT at 100/200/400, 2 seeds, at the main "
+            "table's LR"
         ),
     ),
     "smoke": Setting(
