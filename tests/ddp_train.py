@@ -36,9 +36,10 @@ def batches(steps: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def build() -> torch.nn.Module:
+def build(dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The tiny BERT with BitFit; ``dtype`` casts the base first (the deltas stay fp32, as PEFT's autocast does)."""
     base = make_tiny_model("bert", task="seq_cls", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"))
+    return get_peft_model(base.to(dtype) if dtype else base, BitFitConfig(task_type="SEQ_CLS"))
 
 
 def main() -> None:

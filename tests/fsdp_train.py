@@ -7,7 +7,7 @@ and ``use_orig_params=True``), ``fsdp1-flat`` (FSDP1, ``use_orig_params=False``,
 must be refused), or under ``accelerate launch --config_file <fsdp yaml>`` (``accelerate``). Every run sees the
 same global batches (rank ``r`` trains on the ``r``-th contiguous shard); rank 0 saves the gathered adapter to
 ``<out>/adapter``, and with ``--memory`` writes the per-rank parameter/gradient element counts to
-``<out>/memory<r>.json``.
+``<out>/memory<r>.json``. ``--bf16-base`` casts the base to bf16 first (fp32 deltas beside it).
 """
 
 from __future__ import annotations
@@ -84,11 +84,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=["single", "fsdp2", "fsdp2-plain", "fsdp1", "fsdp1-flat", "accelerate"])
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--bf16-base", action="store_true", help="a bf16 base beside the fp32 deltas")
+    parser.add_argument("--accumulate", type=int, default=1, help="single: the global batch in this many slices")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 
-    model = build()
+    model = build(torch.bfloat16 if args.bf16_base else None)
     model.train()
     rank, world, accelerator = 0, 1, None
     if args.mode == "accelerate":
@@ -117,12 +119,15 @@ def main() -> None:
         ids, labels = ids[rank * shard : (rank + 1) * shard], labels[rank * shard : (rank + 1) * shard]
         if accelerator is not None:
             ids, labels = ids.to(accelerator.device), labels.to(accelerator.device)
-        loss = wrapped(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         optimizer.zero_grad()
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
+        # --accumulate N (one process): the ranks' slices one after the other, so every forward has a rank's shape
+        for part_ids, part_labels in zip(ids.chunk(args.accumulate), labels.chunk(args.accumulate), strict=True):
+            ones = torch.ones_like(part_ids)
+            loss = wrapped(input_ids=part_ids, attention_mask=ones, labels=part_labels).loss / args.accumulate
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
         optimizer.step()
         if args.memory and step == 0:
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Sharded training: 2 CPU ranks (gloo) with FSDP2, FSDP1 and DeepSpeed ZeRO-2 vs one process, same global batch.
+"""Sharded training: 2 CPU ranks (gloo) with FSDP2 (fp32 and bf16 bases), FSDP1 and DeepSpeed ZeRO-2/3 vs one
+process, same global batch.
 
 The multi-process tests are slow (one interpreter start-up per rank per test); run them with ``--runslow``. The
 training script is ``tests/fsdp_train.py``; rank 0 saves through :func:`bitfit_peft.training.save_sharded_adapter`,
@@ -89,6 +90,30 @@ def test_fsdp2_matches_single_process(mode: str, single: dict[str, torch.Tensor]
     _check(tmp_path, single)
     for counts in _memory(tmp_path):  # per-parameter sharding: gradients for the trainable shards only
         assert counts["grad_numel"] == counts["trainable_numel"] < counts["param_numel"] // 10
+
+
+@slow
+def test_fsdp2_bf16_base_beside_fp32_deltas(tmp_path: Path) -> None:
+    """The mixed-dtype case: a bf16 base, fp32 deltas. torch's per-block recipe puts both in one unit, which FSDP2
+    refuses; ``shard_bitfit_model`` keeps them apart, and its result equals, bit for bit, one process that runs the
+    two ranks' slices of each batch in turn (same shapes, so the same bf16 arithmetic). The deltas stay fp32 and
+    the adapter loads onto a bf16 base."""
+    bf16 = ["--bf16-base", "--out"]
+    _ok([sys.executable, str(SCRIPT), "--mode", "single", "--accumulate", "2", *bf16, str(tmp_path / "one")], tmp_path)
+    _ok([*TORCHRUN, str(SCRIPT), "--mode", "fsdp2", *bf16, str(tmp_path / "fsdp2")], tmp_path)
+    plain = _run([*TORCHRUN, str(SCRIPT), "--mode", "fsdp2-plain", *bf16, str(tmp_path / "plain")], tmp_path)
+    assert plain.returncode != 0 and "FSDP expects uniform original parameter dtype" in plain.stderr + plain.stdout
+    one, sharded = _saved(tmp_path / "one"), _saved(tmp_path / "fsdp2")
+    deltas = [k for k in one if k.endswith(".bitfit_delta")]
+    assert deltas and {one[k].dtype for k in deltas} == {sharded[k].dtype for k in deltas} == {torch.float32}
+    assert max(one[k].abs().max().item() for k in deltas) > 1e-3  # trained
+    assert set(sharded) == set(one) and all(torch.equal(sharded[k], one[k]) for k in one)
+    from conftest import make_tiny_model
+
+    base = make_tiny_model("bert", task="seq_cls", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    loaded = PeftModel.from_pretrained(base.to(torch.bfloat16), tmp_path / "fsdp2" / "adapter")  # strict checks
+    state = get_peft_model_state_dict(loaded)
+    assert all(torch.equal(state[k], one[k]) for k in deltas)
 
 
 @slow
