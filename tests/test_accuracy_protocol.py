@@ -126,10 +126,23 @@ def test_product_train_table_reports_auto_picks_and_wall_ratio() -> None:
         dict(task="trec", mode="cls", seed=0, lr=1e-2, test_acc=0.89, train_seconds=105.0, search_seconds=0.0),
     ]
     row = markdown(records).splitlines()[-1]
-    want = ("| trec | 90.0 ± 0.0 (1) | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | – | – | 0.003 "
+    want = ("| trec | 90.0 ± 0.0 (1) | 87.0 ± 1.4 (2) | 80.0 ± 0.0 (1) | 89.0 ± 0.0 (1) | – | – | – | 0.003 "
             "| 1.20x, 1.50x, 1.05x, –, – |")
     assert row == want
-    assert markdown(records[:-1]).splitlines()[-1].endswith("| – | – | – | 0.003 | 1.20x, 1.50x, –, –, – |")  # not run
+    assert markdown(records[:-1]).splitlines()[-1].endswith("| – | – | – | – | 0.003 | 1.20x, 1.50x, –, –, – |")
+
+
+def test_product_train_gap_to_full_ft_pairs_seeds() -> None:
+    """The defaults − full FT column: per seed both ran (unpaired seeds left out), mean ± standard error."""
+    from benchmarks.accuracy.product_train import markdown
+
+    def rec(mode: str, seed: int, test: float) -> dict[str, Any]:
+        return dict(task="sms", mode=mode, seed=seed, lr=1e-2, test_acc=test, train_seconds=100.0, search_seconds=0)
+
+    full = [rec("full", 0, 0.90), rec("full", 1, 0.80), rec("full", 2, 0.85)]
+    defaults = [rec("defaults", 0, 0.91), rec("defaults", 1, 0.83), rec("defaults", 5, 0.10)]
+    cells = markdown(full + defaults).splitlines()[-1].split(" | ")
+    assert cells[7] == "+2.0 ± 1.0 (2)"  # (+1, +3): mean 2, sd 1.41, s.e. 1.0; seed 5 has no full FT twin
 
 
 def test_product_train_reference_is_every_full_ft_seed_at_the_selected_lr(tmp_path: Path) -> None:

@@ -162,12 +162,22 @@ def _spread(values: list[float], fmt: str = ".1f") -> str:
     return f"{mu:{fmt}} ± {sd:{fmt.lstrip('+')}} ({len(values)})"
 
 
+def _paired_gap(rows: list[dict[str, Any]], mode: str, reference: str) -> str:
+    """Test accuracy of ``mode`` minus ``reference`` over the seeds both ran: ``mean ± standard error (n)``."""
+    ref = {r["seed"]: 100 * r["test_acc"] for r in rows if r["mode"] == reference}
+    diffs = [100 * r["test_acc"] - ref[r["seed"]] for r in rows if r["mode"] == mode and r["seed"] in ref]
+    if len(diffs) < 2:
+        return "–"
+    mu, sd = mean_std(diffs)
+    return f"{mu:+.1f} ± {sd / len(diffs) ** 0.5:.1f} ({len(diffs)})"
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     """Per task: test accuracy (mean ± std over seeds), LRs picked by ``auto`` and wall time against full FT."""
     lines = [
-        f"| task | full FT | {' | '.join(LABELS[m] for m in MODES)} | `--lr auto` picked "
-        f"| wall / full FT: {', '.join(LABELS[m] for m in MODES)} |",
-        "|---" * (len(MODES) + 4) + "|",
+        f"| task | full FT | {' | '.join(LABELS[m] for m in MODES)} | defaults − full FT, paired: mean ± s.e. "
+        f"(seeds) | `--lr auto` picked | wall / full FT: {', '.join(LABELS[m] for m in MODES)} |",
+        "|---" * (len(MODES) + 5) + "|",
     ]
     for task in dict.fromkeys(r["task"] for r in records):
         rows = [r for r in records if r["task"] == task]
@@ -188,7 +198,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 walls.append("–")
         picks = ", ".join(f"{r['lr']:g}" for r in rows if r["mode"] == "auto") or "–"
         ref = _spread([100 * r["test_acc"] for r in fulls])
-        lines.append(f"| {task} | {ref} | {' | '.join(cells)} | {picks} | {', '.join(walls)} |")
+        gap = _paired_gap(rows, "defaults", "full")
+        lines.append(f"| {task} | {ref} | {' | '.join(cells)} | {gap} | {picks} | {', '.join(walls)} |")
     return "\n".join(lines)
 
 
