@@ -36,10 +36,15 @@ def batches(steps: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def build(dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The tiny BERT with BitFit; ``dtype`` casts the base first (the deltas stay fp32, as PEFT's autocast does)."""
+def tiny_base(dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The tiny BERT these runs train (no dropout, fixed seed), cast to ``dtype`` if given."""
     base = make_tiny_model("bert", task="seq_cls", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return get_peft_model(base.to(dtype) if dtype else base, BitFitConfig(task_type="SEQ_CLS"))
+    return base.to(dtype) if dtype else base
+
+
+def build(dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """:func:`tiny_base` with BitFit; the deltas stay fp32 on a cast base, as PEFT's autocast does."""
+    return get_peft_model(tiny_base(dtype), BitFitConfig(task_type="SEQ_CLS"))
 
 
 def main() -> None:

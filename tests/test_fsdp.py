@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_train import tiny_base
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from test_ddp import _env as ddp_env
@@ -69,10 +70,7 @@ def _check(out: Path, single: dict[str, torch.Tensor]) -> None:
     assert set(saved) == set(single)
     for key in single:
         torch.testing.assert_close(saved[key], single[key], rtol=0, atol=1e-5)
-    from conftest import make_tiny_model
-
-    base = make_tiny_model("bert", task="seq_cls", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    loaded = PeftModel.from_pretrained(base, out / "adapter")  # strict checks: keys, shapes, base fingerprint
+    loaded = PeftModel.from_pretrained(tiny_base(), out / "adapter")  # strict checks: keys, shapes, base fingerprint
     reloaded = get_peft_model_state_dict(loaded)
     assert set(reloaded) == set(single)
     for key, value in single.items():
@@ -108,10 +106,7 @@ def test_fsdp2_bf16_base_beside_fp32_deltas(tmp_path: Path) -> None:
     assert deltas and {one[k].dtype for k in deltas} == {sharded[k].dtype for k in deltas} == {torch.float32}
     assert max(one[k].abs().max().item() for k in deltas) > 1e-3  # trained
     assert set(sharded) == set(one) and all(torch.equal(sharded[k], one[k]) for k in one)
-    from conftest import make_tiny_model
-
-    base = make_tiny_model("bert", task="seq_cls", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    loaded = PeftModel.from_pretrained(base.to(torch.bfloat16), tmp_path / "fsdp2" / "adapter")  # strict checks
+    loaded = PeftModel.from_pretrained(tiny_base(torch.bfloat16), tmp_path / "fsdp2" / "adapter")  # strict checks
     state = get_peft_model_state_dict(loaded)
     assert all(torch.equal(state[k], one[k]) for k in deltas)
 

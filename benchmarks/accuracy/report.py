@@ -240,7 +240,7 @@ def markdown_sweep(results: list[dict[str, Any]], s: Setting) -> str:
     sizes = sorted({n for d in pts.values() for n in d})
     lines = ["| task | method | " + " | ".join(f"n={n}" for n in sizes) + " |"]
     lines.append("|---" * (len(sizes) + 2) + "|")
-    methods = _with_auto(s.sweep_methods, {k: None for k in pts})
+    methods = _with_auto(s.sweep_methods, pts)
     for t in s.sweep_tasks:
         for m in methods:
             d = pts.get((t, m), {})
