@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddp_train import GLOBAL_BATCH, batches, build  # noqa: E402  (tests dir on sys.path)
 
-from bitfit_peft.layer import BiasDeltas  # noqa: E402
 from bitfit_peft.training import fsdp_auto_wrap_policy, save_sharded_adapter, shard_bitfit_model  # noqa: E402
+from bitfit_peft.tuner.layer import BiasDeltas  # noqa: E402
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ def test_product_train_reference_is_every_full_ft_seed_at_the_selected_lr(tmp_pa
         return dict(task="trec", method="full", phase=phase, seed=seed, lr=lr, dev_acc=0.9, test_acc=test,
                     train_seconds=secs, seconds=secs + 5)  # fmt: skip
 
-    suite, extra = tmp_path / "runs_reduced_f.jsonl", tmp_path / "extra.jsonl"
+    suite, extra = tmp_path / "runs_reduced_full_ft.jsonl", tmp_path / "extra.jsonl"
     suite.write_text("\n".join(json.dumps(r) for r in [
         run("grid", 0, 5e-5, None), run("grid", 0, 1.5e-4, None), run("selected", 0, 1.5e-4, 0.90),
         run("seed", 1, 1.5e-4, 0.80, 300.0), run("sweep_seed", 1, 1.5e-4, 0.10)]))  # fmt: skip

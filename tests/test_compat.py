@@ -1,5 +1,5 @@
-"""The declared patches (``bitfit_peft._compat``): their targets still exist as we wrap them, and other tuners see
-no difference with or without ``import bitfit_peft``."""
+"""The declared patches (``bitfit_peft.compat.patches``): their targets still exist as we wrap them, and other
+tuners see no difference with or without ``import bitfit_peft``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from peft.utils import save_and_load
 from transformers.integrations.peft import PeftAdapterMixin
 
 import bitfit_peft
-from bitfit_peft import _compat
+from bitfit_peft.compat import patches as _compat
 
 #: (owner, attribute, parameters our wrapper relies on, in order)
 TARGETS = [

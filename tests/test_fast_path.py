@@ -17,7 +17,7 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitfit_peft import BitFitConfig, BitFitLayer
-from bitfit_peft.lowmem import cast_frozen_base
+from bitfit_peft.tuner.lowmem import cast_frozen_base
 
 FOREACH = "aten._foreach_add.List"
 

@@ -22,7 +22,7 @@ from hub_server import HubServer, point_hub_client_at
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
 
 import bitfit_peft
-import bitfit_peft.hub as bhub
+import bitfit_peft.files.hub as bhub
 from bitfit_peft import BitFitConfig
 
 IDS = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 20, 21, 3, 0, 0]])

@@ -1,4 +1,4 @@
-"""``bitfit_peft.inspect`` and ``bitfit-peft inspect`` on a tiny random BERT with hand-set deltas."""
+"""``bitfit_peft.bias_report`` and ``bitfit-peft inspect`` on a tiny random BERT with hand-set deltas."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from typer.testing import CliRunner
 
 import bitfit_peft
-from bitfit_peft.cli.inspect import register
-from bitfit_peft.inspect import BiasChangeReport, bias_change_report, plot_bias_heatmap
+from bitfit_peft.bias_report import BiasChangeReport, bias_change_report, plot_bias_heatmap
+from bitfit_peft.cli.report import register
 
 H, FF = 8, 16  # hidden and intermediate (feed-forward) size
 P = "bert.encoder.layer"

@@ -1,4 +1,4 @@
-"""``bitfit_peft.atomic_save``: all-or-nothing saves that loading never has to repair.
+"""``bitfit_peft.files.atomic_save``: all-or-nothing saves that loading never has to repair.
 
 Killed saves (SIGKILL at random points) and two processes saving to one folder at once must leave the complete old
 or new adapter (root and sub-folder adapters from the same save); other files in the folder survive byte for byte;
@@ -27,8 +27,9 @@ from peft.utils.save_and_load import load_peft_weights
 from torch import nn
 
 import bitfit_peft
-from bitfit_peft import BitFitConfig, atomic_save
-from bitfit_peft.atomic_save import STAGING_PREFIX, save_pretrained, transactional_save
+from bitfit_peft import BitFitConfig
+from bitfit_peft.files import atomic_save
+from bitfit_peft.files.atomic_save import STAGING_PREFIX, save_pretrained, transactional_save
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FORK = multiprocessing.get_context("fork")

@@ -1,5 +1,5 @@
-"""Target selection (``bitfit_peft.targets``): bounded config regexes, ``layers_pattern``, ``exclude_modules``, and
-the same selection as the 0.1.0 implementation (kept below as ``_old_resolve``) on the tiny models."""
+"""Target selection (``bitfit_peft.tuner.targets``): bounded config regexes, ``layers_pattern``, ``exclude_modules``,
+and the same selection as the 0.1.0 implementation (kept below as ``_old_resolve``) on the tiny models."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists,
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from bitfit_peft import BitFitConfig, BitFitError, BitFitLayer, targets
-from bitfit_peft.base_modules import FUSED_TYPES, can_merge_into
-from bitfit_peft.groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index
+from bitfit_peft import BitFitConfig, BitFitError, BitFitLayer
+from bitfit_peft.tuner import targets
+from bitfit_peft.tuner.base_modules import FUSED_TYPES, can_merge_into
+from bitfit_peft.tuner.groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index
 
 FIX = "use a list of module names or a simpler regex"
 

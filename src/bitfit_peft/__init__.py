@@ -14,24 +14,17 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import _compat, _registration
-from .atomic_save import save_pretrained
-from .config import BitFitConfig
-from .errors import BitFitError
-from .hotswap import hotswap_adapter
-from .layer import BiasDeltas, BitFitLayer
-from .lowmem import cast_frozen_base
-from .model import BitFitModel
-from .routing import BASE_ADAPTER_NAME
-
-
-def allow_base_mismatch(config: BitFitConfig) -> BitFitConfig:
-    """Mark ``config`` so loading skips the base-model fingerprint check (intentional transfer)."""
-    config._skip_fingerprint = True
-    return config
-
+from bitfit_peft.compat import patches as _compat
+from bitfit_peft.compat import registration as _registration
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files.atomic_save import save_pretrained
+from bitfit_peft.names import __version__
+from bitfit_peft.tuner.config import BitFitConfig, allow_base_mismatch
+from bitfit_peft.tuner.hotswap import hotswap_adapter
+from bitfit_peft.tuner.layer import BiasDeltas, BitFitLayer
+from bitfit_peft.tuner.lowmem import cast_frozen_base
+from bitfit_peft.tuner.model import BitFitModel
+from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
 PEFT_TYPE = _registration.register()
 _compat.install()

@@ -55,7 +55,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from bitfit_peft import __version__
+        from bitfit_peft.names import __version__
 
         typer.echo(f"bitfit-peft {__version__}")
         raise typer.Exit()
@@ -71,6 +71,6 @@ def main(
 
 
 # Subcommand modules (each registers itself on `app`): add one import line per module.
-from bitfit_peft.cli import inspect as _inspect_cmd  # noqa: E402, F401
+from bitfit_peft.cli import report as _inspect_cmd  # noqa: E402, F401
 from bitfit_peft.cli import serve as _serve_cmd  # noqa: E402, F401
 from bitfit_peft.cli import train as _train_cmd  # noqa: E402, F401

@@ -6,7 +6,7 @@ fix the arguments or the files they point at". A crash (a bug) still exits with 
 
 The checks here run before anything slow (loading data or a model), so a typo fails at once:
 
-* a model or adapter argument that is meant as a local path (see :func:`bitfit_peft.paths.looks_local`) but does
+* a model or adapter argument that is meant as a local path (see :func:`bitfit_peft.files.paths.looks_local`) but does
   not exist: ``no such directory: ./missing``;
 * a directory without the file that makes it a model / adapter: ``some_dir: no config.json (not a transformers
   model directory)``;
@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bitfit_peft.paths import describe_missing
+from bitfit_peft.files.paths import describe_missing
 
 __all__ = [
     "ADAPTER",

@@ -71,7 +71,7 @@ _HELP = (
 
 def _check_bias_terms(bias_terms: str) -> None:
     """Validate ``--bias-terms`` the way ``BitFitConfig`` will, before any data or model is loaded."""
-    from bitfit_peft import BitFitConfig
+    from bitfit_peft.tuner.config import BitFitConfig
 
     terms = [t.strip() for t in bias_terms.split(",") if t.strip()]
     try:
@@ -335,7 +335,7 @@ def train_command(
     if not verbose:
         _quiet_libraries()
 
-    from bitfit_peft import BitFitError
+    from bitfit_peft.errors import BitFitError
     from bitfit_peft.training import DataError, train
 
     _check_bias_terms(bias_terms)

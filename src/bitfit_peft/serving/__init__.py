@@ -10,9 +10,7 @@ See ``docs/serving.md``.
 
 from __future__ import annotations
 
-from ..heads import enable_head_routing
-from .collator import MultiTaskCollator
-from .engine import (
+from bitfit_peft.serving.engine import (
     AdapterInfo,
     AdapterPathError,
     DuplicateAdapterError,
@@ -22,6 +20,8 @@ from .engine import (
     Prediction,
     UnknownTaskError,
 )
+from bitfit_peft.training.collator import MultiTaskCollator
+from bitfit_peft.tuner.heads import enable_head_routing
 
 __all__ = [
     "AdapterInfo",
@@ -40,7 +40,7 @@ __all__ = [
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: FastAPI is only imported when the server is used
     if name == "create_app":
-        from .server import create_app
+        from bitfit_peft.serving.server import create_app
 
         return create_app
     raise AttributeError(name)

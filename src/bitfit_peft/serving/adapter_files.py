@@ -24,15 +24,15 @@ from typing import Any
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
-from ..delta_format import DELTA_KEY, PEFT_PREFIX
-from ..errors import BitFitError
-from ..paths import HUB_ID, check_confined, is_hub_id
-from .errors import AdapterPathError, EngineError
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files.paths import HUB_ID, check_confined, is_hub_id
+from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX, SUMMARY_FILE
+from bitfit_peft.serving.errors import AdapterPathError, EngineError
 
 __all__ = ["ADAPTER_FILES", "check_files", "fetch", "head_shapes", "read_json", "read_task_metadata"]
 
 #: every file of an adapter folder the engine (or PEFT, for it) reads
-ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, "bitfit_training.json", "config.json")
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SUMMARY_FILE, "config.json")
 MAX_JSON_BYTES = 8 << 20  #: a larger config / metadata file is refused, not parsed
 _SHOWN = 120  #: characters of a hostile path quoted in a message
 
@@ -154,7 +154,7 @@ def read_task_metadata(adapter_dir: Path) -> dict[str, Any]:
     ``id2label`` keys in ``adapter_config.json``.
     """
     meta: dict[str, Any] = {}
-    summary = read_json(adapter_dir / "bitfit_training.json")
+    summary = read_json(adapter_dir / SUMMARY_FILE)
     if isinstance(summary.get("label_names"), list) and summary["label_names"]:
         meta["labels"] = [str(x) for x in summary["label_names"]]
     if summary.get("task") == "regression":

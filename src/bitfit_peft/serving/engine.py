@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
-from ..tasks import auto_model_class, peft_task_type
-from ..utils import DTYPES
-from .errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
-from .inference import Generation, Inference, Prediction
-from .lifecycle import AdapterInfo, AdapterLifecycle, Layout, Task, validate_adapter_name
-from .residency import Residency
+from bitfit_peft.serving.errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
+from bitfit_peft.serving.inference import Generation, Inference, Prediction
+from bitfit_peft.serving.lifecycle import AdapterInfo, AdapterLifecycle, Layout, Task, validate_adapter_name
+from bitfit_peft.serving.residency import Residency
+from bitfit_peft.tasks import auto_model_class, peft_task_type
+from bitfit_peft.utils import DTYPES
 
 __all__ = [
     "AdapterInfo",

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 import torch
 
-from .. import BASE_ADAPTER_NAME
-from .adapter_files import labels_from_id2label
-from .errors import EngineError, UnknownTaskError
-from .heads_shape import last_linear
+from bitfit_peft.serving.adapter_files import labels_from_id2label
+from bitfit_peft.serving.errors import EngineError, UnknownTaskError
+from bitfit_peft.serving.heads_shape import last_linear
+from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
 __all__ = ["Generation", "Inference", "Prediction"]
 

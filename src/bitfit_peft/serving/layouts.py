@@ -19,11 +19,12 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..delta_format import DELTA_KEY, MAX_LISTED, is_legacy
-from ..errors import BitFitError
-from ..layer import BitFitLayer
-from .errors import EngineError
-from .heads_shape import last_linear, sync_linear_sizes
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files.delta_format import MAX_LISTED, is_legacy
+from bitfit_peft.names import DELTA_KEY
+from bitfit_peft.serving.errors import EngineError
+from bitfit_peft.serving.heads_shape import last_linear, sync_linear_sizes
+from bitfit_peft.tuner.layer import BitFitLayer
 
 __all__ = ["Layout", "capture_layout", "read_for_layout"]
 

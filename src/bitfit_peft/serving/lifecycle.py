@@ -32,12 +32,16 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
-from .. import BitFitLayer, fingerprint
-from .._registration import is_bitfit
-from . import adapter_files as files
-from .errors import DuplicateAdapterError, EngineError, UnknownTaskError
-from .heads_shape import head_shapes_as, sync_linear_sizes
-from .layouts import Layout, capture_layout, read_for_layout
+from bitfit_peft.names import is_bitfit
+from bitfit_peft.serving import adapter_files as files
+from bitfit_peft.serving.errors import DuplicateAdapterError, EngineError, UnknownTaskError
+from bitfit_peft.serving.heads_shape import head_shapes_as, sync_linear_sizes
+from bitfit_peft.serving.layouts import Layout, capture_layout, read_for_layout
+from bitfit_peft.tuner.base_check import base_matches, other_base_error
+from bitfit_peft.tuner.config import allow_base_mismatch as _allow_mismatch
+from bitfit_peft.tuner.heads import route_heads, routing_of
+from bitfit_peft.tuner.layer import BitFitLayer
+from bitfit_peft.tuner.model import BitFitModel, unwrap_new, wrapper_ids
 
 __all__ = ["AdapterInfo", "AdapterLifecycle", "Layout", "validate_adapter_name"]
 
@@ -233,7 +237,6 @@ class AdapterLifecycle:
             for old in sorted(self._retired):
                 self._detach(old, None)
             self._retired.clear()
-            self._invalidate_caches()
             return self._info(task)
 
     def _prepare(
@@ -242,8 +245,6 @@ class AdapterLifecycle:
     ) -> Prepared:
         """Everything that reads files, before the lock (see the module docstring)."""
         from peft import PeftConfig
-
-        from .. import allow_base_mismatch as _allow_mismatch
 
         adapter_dir = files.fetch(source, revision=revision, allow_hub=allow_hub, hub=hub,
                                   within=roots if hub is not True else None)
@@ -280,7 +281,6 @@ class AdapterLifecycle:
                 return prepared
         # PEFT's load: it matches the config's patterns under the lock, so try them here first (a slow or hostile
         # pattern is refused, bounded, before the lock), and read the head shapes it needs
-        from ..model import BitFitModel
 
         BitFitModel.resolve_targets(self._base, config)
         heads = [str(h) for h in (config.modules_to_save or []) if isinstance(h, str)]
@@ -294,27 +294,21 @@ class AdapterLifecycle:
                          default=str)
         same = self._base_checks.get(key)
         if same is None:
-            same = fingerprint.base_matches(config, self._model.base_model.model, sorted(layout.targets))
+            same = base_matches(config, self._model.base_model.model, sorted(layout.targets))
             self._base_checks[key] = same
         if not same:
-            raise fingerprint.other_base_error(name, config.base_fingerprint)
+            raise other_base_error(name, config.base_fingerprint)
 
     def _commit(self, internal: str, prepared: Prepared) -> None:
         """Put a prepared adapter of a known layout into the model: O(layers), whatever is resident."""
         assert prepared.deltas is not None and prepared.heads is not None and prepared.layout is not None
-        for layer, delta in prepared.deltas.items():
-            layer.bitfit_delta[internal] = delta
-        for wrapper, head in prepared.heads.items():
-            wrapper.modules_to_save[internal] = head
-            wrapper._adapters.add(internal)
-        self._model.peft_config[internal] = prepared.config
-        self._model.base_model.note_adapter(internal, list(prepared.deltas.values()), prepared.layout.targets)
+        self._model.base_model.attach_adapter(
+            internal, prepared.config, prepared.deltas, prepared.heads, prepared.layout.targets
+        )
 
     def _load_with_peft(self, internal: str, prepared: Prepared) -> Layout:
         """PEFT's own load (first adapter of a layout); the model is left as before if it fails."""
         from peft import PeftModel
-
-        from ..model import unwrap_new, wrapper_ids
 
         root = self._base
         before = wrapper_ids(root)
@@ -338,7 +332,6 @@ class AdapterLifecycle:
         layout = capture_layout(self._model, internal)
         for wrapper in layout.wrappers:
             sync_linear_sizes(wrapper.modules_to_save[internal])
-        from ..heads import route_heads, routing_of
 
         route_heads(layout.wrappers, routing_of(self._model))
         if not getattr(root, "hf_device_map", None):  # dispatched bases always load through PEFT (hooked heads)
@@ -358,7 +351,6 @@ class AdapterLifecycle:
         """Take task ``name`` out of memory (under the lock); an eviction keeps it known."""
         task = self._tasks.pop(name)
         self._detach(task.internal, task.layout)
-        self._invalidate_caches()
 
     def _detach(self, internal: str, layout: Layout | None) -> None:
         """Take one PEFT adapter out of the model: O(layers); PEFT's active adapter moves to another first."""
@@ -374,21 +366,7 @@ class AdapterLifecycle:
         if layout is None:
             model.delete_adapter(internal)
             return
-        for layer in layout.deltas.values():
-            if internal in layer._deltas:
-                del layer.bitfit_delta[internal]
-        for wrapper in layout.wrappers:
-            if internal in wrapper.modules_to_save:
-                del wrapper.modules_to_save[internal]
-                wrapper._adapters.discard(internal)
-        model.peft_config.pop(internal, None)
-        model.base_model.forget_adapter(internal)
-
-    def _invalidate_caches(self) -> None:
-        # Each layer caches its last mixed-batch table, which holds references to the deltas it was built from:
-        # drop it on every change, so a removed adapter's tensors are freed.
-        for layer in {layer for layout in self._layouts.values() for layer in layout.deltas.values()}:
-            layer.drop_cached_tables()
+        model.base_model.detach_adapter(internal)
 
 
 def _rename_in_message(err: BaseException, internal: str, name: str) -> None:

@@ -42,7 +42,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from .server import AdapterSpec, ApiError, add_to_engine, make_app, run_engine_batch, unknown_tasks
+from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app, run_engine_batch, unknown_tasks
 
 __all__ = ["AdapterRegistry", "AdapterReplica", "BitFitIngress", "build_app"]
 
@@ -94,7 +94,7 @@ class AdapterReplica:
                        torch_threads: int | None) -> None:
         import torch
 
-        from .engine import MultiTaskEngine
+        from bitfit_peft.serving.engine import MultiTaskEngine
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -179,7 +179,7 @@ class AdapterReplica:
         results = await asyncio.gather(*(self._run_items((kind, settings, tuple(p))) for p in payloads))
         for r in results:
             if isinstance(r, Exception):
-                from .errors import EngineError, UnknownTaskError
+                from bitfit_peft.serving.errors import EngineError, UnknownTaskError
 
                 if isinstance(r, UnknownTaskError):
                     return ("error", 404, str(r), "unknown_task")
@@ -375,7 +375,7 @@ def build_app(
     roots = [str(Path(r).expanduser().resolve()) for r in adapter_roots]
     engine = {"base": base_name, "task_type": task_type, "device": device, "dtype": dtype, "max_length": max_length,
               "normalize_embeddings": normalize_embeddings}
-    from .engine import normalize_task_type
+    from bitfit_peft.serving.engine import normalize_task_type
 
     settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "roots": roots,
                 "allow_hub": allow_hub, "admin": admin, "admin_token": admin_token,

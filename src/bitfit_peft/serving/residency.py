@@ -21,8 +21,8 @@ from typing import Any
 
 from peft.utils.constants import CONFIG_NAME
 
-from .. import BASE_ADAPTER_NAME
-from .errors import EngineError
+from bitfit_peft.serving.errors import EngineError
+from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
 __all__ = ["Residency"]
 

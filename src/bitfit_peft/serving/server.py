@@ -35,11 +35,19 @@ from peft.utils.constants import CONFIG_NAME
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import BASE_ADAPTER_NAME, BitFitError, __version__
-from .batching import DynamicBatcher, QueueFullError
-from .engine import MultiTaskEngine, validate_adapter_name
-from .errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
-from .schemas import GenerateRequest, LoadAdapterRequest, PredictRequest, json_safe, validation_detail
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.names import __version__
+from bitfit_peft.serving.batching import DynamicBatcher, QueueFullError
+from bitfit_peft.serving.engine import MultiTaskEngine, validate_adapter_name
+from bitfit_peft.serving.errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
+from bitfit_peft.serving.schemas import (
+    GenerateRequest,
+    LoadAdapterRequest,
+    PredictRequest,
+    json_safe,
+    validation_detail,
+)
+from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
 __all__ = ["AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app", "resolve_in_roots"]
 

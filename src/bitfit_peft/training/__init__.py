@@ -4,12 +4,25 @@ the default recipe (:mod:`.recipe`), ``learning_rate="auto"`` (:mod:`.lr_finder`
 
 from __future__ import annotations
 
-from .data import TaskData, demo_data_path, load_task_data
-from .distributed import block_classes, fsdp_auto_wrap_policy, save_sharded_adapter, shard_bitfit_model
-from .lr_finder import AUTO_LR_GRID, LRSearchResult, find_learning_rate
-from .recipe import RECIPE, Recipe
-from .sources import DataError
-from .train import DEFAULTS, DEMO_DEFAULTS, BitFitTrainer, TrainResult, bitfit_param_groups, load_trained, train
+from bitfit_peft.training.data import TaskData, demo_data_path, load_task_data
+from bitfit_peft.training.distributed import (
+    block_classes,
+    fsdp_auto_wrap_policy,
+    save_sharded_adapter,
+    shard_bitfit_model,
+)
+from bitfit_peft.training.lr_finder import AUTO_LR_GRID, LRSearchResult, find_learning_rate
+from bitfit_peft.training.recipe import RECIPE, Recipe
+from bitfit_peft.training.sources import DataError
+from bitfit_peft.training.train import (
+    DEFAULTS,
+    DEMO_DEFAULTS,
+    BitFitTrainer,
+    TrainResult,
+    bitfit_param_groups,
+    load_trained,
+    train,
+)
 
 __all__ = [
     "AUTO_LR_GRID",

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BitFitError
-from ..layer import BitFitLayer, layers_holding
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.tuner.layer import BitFitLayer, layers_holding
 
 #: Model types whose sequence-classification head reads the first token and whose attention scores are plain
 #: ``q . k`` (a zero query gives uniform attention). DeBERTa's relative-position terms and decoder-only models

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .sources import DataError, RawData, load_raw
+from bitfit_peft.training.sources import DataError, RawData, load_raw
 
 TASKS: tuple[str, ...] = ("seq-cls", "regression", "token-cls", "causal-lm")
 #: tasks with one label per sequence (a sequence head; text pairs allowed)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layer import BiasDeltas, BitFitLayer
+from bitfit_peft.tuner.layer import BiasDeltas, BitFitLayer
 
 __all__ = ["block_classes", "fsdp_auto_wrap_policy", "save_sharded_adapter", "shard_bitfit_model"]
 

@@ -24,9 +24,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .data import normalize_task
-
-SUMMARY_FILE = "bitfit_training.json"
+from bitfit_peft.names import SUMMARY_FILE
+from bitfit_peft.training.data import normalize_task
 
 
 def load_base_model(model_name_or_path: str, task: str, label_names: list[str] | None) -> PreTrainedModel:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from .data import IGNORE_INDEX
+from bitfit_peft.training.data import IGNORE_INDEX
 
 #: The metric that selects the best checkpoint, per task.
 MAIN_METRIC = {"seq-cls": "accuracy", "regression": "pearson", "token-cls": "accuracy", "causal-lm": "loss"}

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bitfit_peft.training.lr_finder import check_grid
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -79,6 +81,5 @@ def check_schedule(
     if lr_scheduler_type not in names:
         raise ValueError(f"unknown lr_scheduler_type {lr_scheduler_type!r}; choose one of {', '.join(names)}")
     if auto_grid is not None:
-        from .lr_finder import check_grid
 
         check_grid(auto_grid)

@@ -25,16 +25,14 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from torch.utils.data import DataLoader
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .. import hub as bitfit_hub
-from ..atomic_save import save_pretrained
-from ..config import BitFitConfig
-from ..errors import BitFitError
-from ..tasks import peft_task_type
-from ..utils import preserved_random_state
-from .cls_init import auto_cls_init, initialize_cls_attention
-from .data import SEQUENCE_TASKS, EncodedDataset, TaskData, encode, load_task_data, normalize_task
-from .loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
-    SUMMARY_FILE,
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files import hub as bitfit_hub
+from bitfit_peft.files.atomic_save import save_pretrained
+from bitfit_peft.names import SUMMARY_FILE
+from bitfit_peft.tasks import peft_task_type
+from bitfit_peft.training.cls_init import auto_cls_init, initialize_cls_attention
+from bitfit_peft.training.data import SEQUENCE_TASKS, EncodedDataset, TaskData, encode, load_task_data, normalize_task
+from bitfit_peft.training.loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
     collator,
     default_model_path,
     load_base_model,
@@ -42,10 +40,12 @@ from .loading import (  # noqa: F401 - default_model_path and load_trained are p
     load_trained,
     split_terms,
 )
-from .lr_finder import AUTO_LR_GRID, find_learning_rate, probe_steps_for
-from .metrics import MAIN_METRIC, argmax_logits, clean_metrics, make_compute_metrics
-from .recipe import DEMO_DEFAULTS, RECIPE, check_schedule
-from .result import TrainResult, count_params
+from bitfit_peft.training.lr_finder import AUTO_LR_GRID, find_learning_rate, probe_steps_for
+from bitfit_peft.training.metrics import MAIN_METRIC, argmax_logits, clean_metrics, make_compute_metrics
+from bitfit_peft.training.recipe import DEMO_DEFAULTS, RECIPE, check_schedule
+from bitfit_peft.training.result import TrainResult, count_params
+from bitfit_peft.tuner.config import BitFitConfig
+from bitfit_peft.utils import preserved_random_state
 
 ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
 CHECKPOINT_DIR = "checkpoints"

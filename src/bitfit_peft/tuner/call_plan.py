@@ -1,6 +1,6 @@
 """How one model call runs: precomputed biases for single-adapter calls, per-sample routing for mixed batches.
 
-:class:`CallPlanMixin` is the part of :class:`~bitfit_peft.model.BitFitModel` that runs around every forward /
+:class:`CallPlanMixin` is the part of :class:`~bitfit_peft.tuner.model.BitFitModel` that runs around every forward /
 ``generate``: PEFT enters ``_enable_peft_forward_hooks`` once per call, and this mixin either computes every layer's
 ``b0 + delta`` in one ``torch._foreach_add`` (so each layer runs only its base op) or, for a mixed batch, gathers
 every layer's per-sample delta rows with one ``index_select`` (so each layer adds a ready tensor, and no Python
@@ -18,9 +18,9 @@ import torch
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .heads import route_heads
-from .layer import BitFitLayer, MixedCall
-from .routing import BASE_ADAPTER_NAME, Routing
+from bitfit_peft.tuner.heads import route_heads
+from bitfit_peft.tuner.layer import BitFitLayer, MixedCall
+from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME, Routing
 
 try:
     from torch.distributed.tensor import DTensor
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - torch built without torch.distributed
 
 
 class CallPlanMixin:
-    """Per-call setup of :class:`~bitfit_peft.model.BitFitModel` (see the module docstring)."""
+    """Per-call setup of :class:`~bitfit_peft.tuner.model.BitFitModel` (see the module docstring)."""
 
     # provided by BitFitModel
     model: nn.Module

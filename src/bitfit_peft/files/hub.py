@@ -11,12 +11,12 @@
   :func:`bitfit_peft.save_pretrained` writes this card too.
 
 Example:
-    >>> import torch, bitfit_peft, bitfit_peft.hub, tempfile, os
+    >>> import torch, bitfit_peft, bitfit_peft.files.hub, tempfile, os
     >>> from peft import get_peft_model
     >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 2)), bitfit_peft.BitFitConfig())
     >>> with tempfile.TemporaryDirectory() as d:
     ...     bitfit_peft.save_pretrained(model, d)
-    ...     card = bitfit_peft.hub.write_model_card(d)
+    ...     card = bitfit_peft.files.hub.write_model_card(d)
     ...     "library_name: peft" in card.read_text()
     True
 """
@@ -34,9 +34,10 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from bitfit_peft import fingerprint as _fingerprint
-from bitfit_peft.delta_format import DELTA_KEY, LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX, PEFT_PREFIX
-from bitfit_peft.paths import is_hub_id
+from bitfit_peft.files import fingerprint as _fingerprint
+from bitfit_peft.files.delta_format import LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX
+from bitfit_peft.files.paths import is_hub_id
+from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX, __version__
 from bitfit_peft.tasks import task_of
 from bitfit_peft.utils import human_bytes
 
@@ -349,8 +350,6 @@ def push_to_hub(
         import httpx as http
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
-
-    from . import __version__
 
     api = HfApi(library_name="bitfit-peft", library_version=__version__)
     try:

@@ -8,22 +8,13 @@ PEFT's mappings. :func:`is_bitfit` is the one test for "is this BitFit?".
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 from peft.utils.peft_types import PeftType, register_peft_method
 
-PEFT_TYPE_NAME = "BITFIT"
-PREFIX = "bitfit_"
-
-
-def is_bitfit(obj: Any) -> bool:
-    """Whether ``obj`` is a BitFit config (object or ``adapter_config.json`` dict) or a model holding one."""
-    if isinstance(obj, dict):
-        return obj.get("peft_type") == PEFT_TYPE_NAME
-    configs = getattr(obj, "peft_config", None)
-    if isinstance(configs, dict):
-        return any(is_bitfit(c) for c in configs.values())
-    return getattr(obj, "peft_type", None) == PEFT_TYPE_NAME
+from bitfit_peft.compat.patches import extend_peft_type
+from bitfit_peft.names import PEFT_TYPE_NAME, PREFIX, is_bitfit  # noqa: F401 (re-exported for callers of 0.1)
+from bitfit_peft.tuner.config import BitFitConfig
+from bitfit_peft.tuner.model import BitFitModel
 
 
 def register() -> PeftType:
@@ -38,10 +29,6 @@ def register() -> PeftType:
         PEFT_TYPE_TO_PREFIX_MAPPING,
         PEFT_TYPE_TO_TUNER_MAPPING,
     )
-
-    from ._compat import extend_peft_type
-    from .config import BitFitConfig
-    from .model import BitFitModel
 
     peft_type = extend_peft_type()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is BitFitModel:

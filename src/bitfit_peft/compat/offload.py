@@ -13,7 +13,7 @@ dispatch for BitFit loads (see ``_compat``, entry 2); with explicit dispatch arg
 
 Example:
     >>> import torch
-    >>> execution_device(torch.nn.Linear(2, 2)) is None  # not dispatched
+    >>> is_offload_dispatched(torch.nn.Linear(2, 2))  # not dispatched
     True
 """
 
@@ -23,22 +23,14 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
+
+from bitfit_peft.names import is_bitfit
 
 #: arguments that ask PEFT to re-dispatch the model after loading (its own path, left as it is)
 DISPATCH_KWARGS = ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index")
 _DEVICE_MAP = "hf_device_map"
 
-
-def execution_device(module: nn.Module) -> torch.device | None:
-    """The device an Accelerate hook on ``module`` runs it on (None when no hook says so)."""
-    hook = module.__dict__.get("_hf_hook")
-    for part in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
-        device = getattr(part, "execution_device", None)
-        if device is not None:
-            return device if isinstance(device, torch.device) else torch.device(device)
-    return None
 
 
 def _owner(model: nn.Module) -> nn.Module:
@@ -72,8 +64,6 @@ def source_is_bitfit(model_id: Any, kwargs: dict) -> bool:
     """Whether ``PeftModel.from_pretrained(model, model_id, **kwargs)`` loads a BitFit adapter (config read as PEFT
     reads it; anything unreadable is not ours, and PEFT reports it as it would)."""
     from peft import PeftConfig
-
-    from ._registration import is_bitfit
 
     config = kwargs.get("config")
     if config is not None:

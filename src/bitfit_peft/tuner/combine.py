@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING
 
 import torch
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import ModulesToSaveWrapper
 
-from .errors import BitFitError
-
-if TYPE_CHECKING:
-    from .model import BitFitModel
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.tuner.layer import layers_holding
 
 
-def _heads(tuner: BitFitModel, adapter: str) -> dict[str, torch.nn.Module]:
+def _heads(tuner: BaseTuner, adapter: str) -> dict[str, torch.nn.Module]:
     return {
         name: module.modules_to_save[adapter]
         for name, module in tuner.model.named_modules()
@@ -28,7 +26,7 @@ def _heads(tuner: BitFitModel, adapter: str) -> dict[str, torch.nn.Module]:
     }
 
 
-def _check(tuner: BitFitModel, adapters: list[str], weights: list[float], adapter_name: str) -> list[dict]:
+def _check(tuner: BaseTuner, adapters: list[str], weights: list[float], adapter_name: str) -> list[dict]:
     if adapter_name in tuner.peft_config:
         raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it first.")
     if not adapters or len(adapters) != len(weights):
@@ -50,9 +48,8 @@ def _check(tuner: BitFitModel, adapters: list[str], weights: list[float], adapte
     return heads
 
 
-def add_weighted_adapter(tuner: BitFitModel, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+def add_weighted_adapter(tuner: BaseTuner, adapters: list[str], weights: list[float], adapter_name: str) -> None:
     """Create ``adapter_name`` = ``sum(w_i * adapter_i)`` over deltas and heads (see the module docstring)."""
-    from .layer import layers_holding
 
     heads = _check(tuner, adapters, weights, adapter_name)
     configs = [tuner.peft_config[a] for a in adapters]

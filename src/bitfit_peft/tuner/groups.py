@@ -17,7 +17,7 @@ backbone instead, whatever its group.
 (*) bias-free norms whose forward has no bias (RMSNorm) are only adapted when named in ``target_modules``.
 
 Example:
-    >>> from bitfit_peft.groups import group_of
+    >>> from bitfit_peft.tuner.groups import group_of
     >>> group_of("bert.encoder.layer.0.attention.self.query")
     ('query',)
     >>> group_of("transformer.h.3.attn.c_attn")

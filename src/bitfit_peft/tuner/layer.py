@@ -13,12 +13,20 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .base_modules import CONV_TYPES, FUSED_TYPES, bias_shape, can_merge_into, in_out_features
-from .offload import execution_device
-from .routing import Routing
+from bitfit_peft.names import DELTA_KEY
+from bitfit_peft.tuner.base_modules import (
+    CONV_TYPES,
+    FUSED_TYPES,
+    bias_shape,
+    can_merge_into,
+    execution_device,
+    in_out_features,
+)
+from bitfit_peft.tuner.routing import Routing
 
 
 class MixedCall(NamedTuple):
@@ -145,6 +153,17 @@ class BitFitLayer(BaseTunerLayer):
     def set_call(self, state: torch.Tensor | MixedCall | None = None) -> None:
         """Set (or clear) this call's state (see ``_call``); a plain ``__dict__`` write, cheap on the hot path."""
         self.__dict__["_call"] = state
+
+    def attach(self, adapter_name: str, delta: nn.Parameter) -> None:
+        """Hold ``delta`` (used as is, not copied) as the delta of ``adapter_name``; drops this layer's caches."""
+        self.bitfit_delta[adapter_name] = delta
+        self.drop_cached_tables()
+
+    def detach(self, adapter_name: str) -> None:
+        """Forget the delta of ``adapter_name`` (nothing if this layer has none); drops this layer's caches."""
+        if adapter_name in self._deltas:
+            del self.bitfit_delta[adapter_name]
+        self.drop_cached_tables()
 
     def drop_cached_tables(self) -> None:
         """Forget the cached mixed-batch table (it holds references to the deltas it was built from)."""
@@ -418,3 +437,23 @@ def layers_holding(model: nn.Module, adapter_name: str | None = None) -> dict[st
         for name, module in model.named_modules()
         if isinstance(module, BitFitLayer) and (adapter_name is None or adapter_name in module.bitfit_delta)
     }
+
+
+def expected_tensors(
+    model: nn.Module, adapter_name: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """``(delta shapes, head tensors)`` the model holds for ``adapter_name``, keyed like its state dict (one walk).
+
+    Deltas: ``<module>.bitfit_delta.<adapter>`` of every BitFit layer holding the adapter; heads: the tensors of
+    the adapter's ``modules_to_save`` copies (``<module>.modules_to_save.<adapter>.<param>``).
+    """
+    deltas: dict[str, tuple[int, ...]] = {}
+    heads: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BitFitLayer):
+            if adapter_name in module.bitfit_delta:
+                deltas[f"{name}.{DELTA_KEY}.{adapter_name}"] = module._bias_shape
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            prefix = f"{name}.modules_to_save.{adapter_name}."
+            heads.update({prefix + k: v for k, v in module.modules_to_save[adapter_name].state_dict().items()})
+    return deltas, heads

@@ -75,3 +75,13 @@ def can_merge_into(base: nn.Module) -> bool:
     if getattr(base, "bias", None) is not None:
         return True
     return isinstance(base, FUSED_TYPES)
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device an Accelerate hook on ``module`` runs it on (None when no hook says so)."""
+    hook = module.__dict__.get("_hf_hook")
+    for part in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
+        device = getattr(part, "execution_device", None)
+        if device is not None:
+            return device if isinstance(device, torch.device) else torch.device(device)
+    return None

@@ -18,16 +18,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bitfit_peft.cli import SwitchCommand, app
-from bitfit_peft.cli._errors import MODEL, check_source, fail, hub_problem
-from bitfit_peft.inspect import (
+from bitfit_peft.bias_report import (
     ADAPTER_FILE,
     DEFAULT_TOLERANCE,
     BiasChangeReport,
     bias_change_report,
     plot_bias_heatmap,
 )
-from bitfit_peft.paths import describe_missing, is_hub_id
+from bitfit_peft.cli import SwitchCommand, app
+from bitfit_peft.cli._errors import MODEL, check_source, fail, hub_problem
+from bitfit_peft.files.paths import describe_missing, is_hub_id
 from bitfit_peft.utils import human_bytes
 
 __all__ = ["inspect_command", "print_report", "register"]

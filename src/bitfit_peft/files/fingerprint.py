@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+
+from bitfit_peft.names import PEFT_PREFIX
 
 VERSION = 2
 SKETCH_SIZE = 16
@@ -43,47 +43,11 @@ TOLERANCE = 0.005
 Entry = tuple[str, tuple[int, ...], "torch.Tensor | None", "torch.Tensor | None"]
 
 
-class OffloadedValuesUnavailable(RuntimeError):
-    """An offloaded parameter's values cannot be read (PEFT removed Accelerate's hooks before injection)."""
-
-
 def relative_name(name: str) -> str:
     """A module name without PEFT's wrapper prefixes (the fingerprint does not depend on how the model is wrapped)."""
-    from .delta_format import PEFT_PREFIX
-
     for prefix in (PEFT_PREFIX, "_orig_mod."):
         name = name.removeprefix(prefix)
     return name
-
-
-def _materialize(module: nn.Module, tensor: Any, attr: str) -> torch.Tensor | None:
-    """Real values of a parameter, also when Accelerate offloaded it (meta tensor + weights_map)."""
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
-        return tensor if isinstance(tensor, torch.Tensor) else None
-    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-    if weights_map is not None and attr in weights_map:
-        return weights_map[attr]
-    raise OffloadedValuesUnavailable(
-        f"the {attr} of a {type(module).__name__} is offloaded (meta) with no weights map to read it from"
-    )
-
-
-def module_entries(model: nn.Module, names: Iterable[str]) -> list[Entry]:
-    """``(name, bias shape, original bias, weight sample)`` of the modules ``names`` of a (partly) wrapped model."""
-    from .base_modules import bias_shape
-    from .layer import BitFitLayer
-
-    entries = []
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, BitFitLayer):
-            base, shape, bias = module.get_base_layer(), module._bias_shape, module.original_bias()
-        else:
-            base, shape, bias = module, bias_shape(module), getattr(module, "bias", None)
-        weight = _materialize(base, getattr(base, "weight", None), "weight")
-        sample = None if weight is None else weight.detach().reshape(-1)[:WEIGHT_SAMPLE]
-        entries.append((relative_name(name), tuple(shape), _materialize(base, bias, "bias"), sample))
-    return entries
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,30 +126,3 @@ def describe(fingerprint: str | Mapping[str, Any] | None) -> str:
     if isinstance(fingerprint, str):
         return fingerprint[:19] + "..."
     return str(fingerprint.get("structure", "?"))[:19] + "..."
-
-
-def base_matches(config: Any, model: nn.Module, names: Iterable[str]) -> bool:
-    """Whether the modules ``names`` of ``model`` match the base fingerprint stored in ``config``.
-
-    True when there is nothing to check (no fingerprint, or a config marked by ``allow_base_mismatch``) and, with
-    a warning, when offloaded values cannot be read."""
-    stored = getattr(config, "base_fingerprint", None)
-    if stored is None or getattr(config, "_skip_fingerprint", False):
-        return True
-    try:
-        return check(stored, module_entries(model, names))
-    except OffloadedValuesUnavailable as err:
-        warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=3)
-        return True
-
-
-def other_base_error(adapter_name: str, stored: str | Mapping[str, Any] | None) -> Exception:
-    """The load error for an adapter whose fingerprint ``stored`` does not match the model."""
-    from .errors import BitFitError
-
-    return BitFitError(
-        f"Adapter {adapter_name!r} was trained on a different base model: its fingerprint {describe(stored)} does "
-        "not match this model (names, shapes or original values of the targeted modules differ). Load it onto the "
-        "base it was trained on, or pass `bitfit_peft.allow_base_mismatch(config)` to apply it anyway."
-    )
-

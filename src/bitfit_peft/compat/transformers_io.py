@@ -18,9 +18,12 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from . import delta_format
-from .delta_format import DELTA_KEY, PEFT_PREFIX
-from .errors import BitFitError
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files import delta_format
+from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
+from bitfit_peft.tuner.base_modules import bias_shape
+from bitfit_peft.tuner.layer import BitFitLayer
+from bitfit_peft.tuner.model import BitFitModel
 
 
 def _head_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
@@ -39,9 +42,6 @@ def _head_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
 
 def expected_checkpoint(model: nn.Module, config: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
     """``(delta shapes, head tensors)`` keyed as in the file, for ``config`` on ``model`` (before injection)."""
-    from .base_modules import bias_shape
-    from .layer import BitFitLayer
-    from .model import BitFitModel
 
     deltas = {}
     for name in BitFitModel.resolve_targets(model, config):

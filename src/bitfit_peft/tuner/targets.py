@@ -9,7 +9,7 @@ module under ``PATTERN_TIMEOUT_S`` per match and ``PATTERN_BUDGET_S`` in all, an
 Example:
     >>> import torch
     >>> from bitfit_peft import BitFitConfig
-    >>> from bitfit_peft.targets import resolve_targets
+    >>> from bitfit_peft.tuner.targets import resolve_targets
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
     >>> found = resolve_targets(net, BitFitConfig(exclude_modules="1"))
     >>> sorted(found), sorted(found.excluded)
@@ -31,11 +31,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .base_modules import FUSED_TYPES, can_merge_into
-from .errors import BitFitError
-from .groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index
-from .layer import BitFitLayer
-from .tasks import task_of
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.tasks import task_of
+from bitfit_peft.tuner.base_modules import FUSED_TYPES, can_merge_into
+from bitfit_peft.tuner.groups import KNOWN_MODEL_TYPES, group_of, is_norm_module, layer_index
+from bitfit_peft.tuner.layer import BitFitLayer
 
 _sre: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")  # stdlib's parser: private, stable
 

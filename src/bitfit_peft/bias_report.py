@@ -11,7 +11,7 @@ at ``tolerance`` when it is finite and ``mean |delta| < tolerance`` — the rule
 applies when saving, so the report tells what a save with that tolerance would drop.
 
 Example:
-    >>> from bitfit_peft.inspect import bias_change_report, plot_bias_heatmap
+    >>> from bitfit_peft.bias_report import bias_change_report, plot_bias_heatmap
     >>> report = bias_change_report("out/my-adapter")            # doctest: +SKIP
     >>> report.cell(0, "query")                                    # doctest: +SKIP
     0.0123
@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .delta_format import DELTA_KEY, PEFT_PREFIX, from_legacy
-from .groups import BIAS_GROUPS, layer_index, primary_group
-from .paths import check_confined, is_hub_id
+from bitfit_peft.files.delta_format import from_legacy
+from bitfit_peft.files.paths import check_confined, is_hub_id
+from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
+from bitfit_peft.tuner.groups import BIAS_GROUPS, layer_index, primary_group
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,17 +12,18 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
-from . import delta_format, fingerprint
-from .base_modules import bias_shape, can_merge_into
-from .call_plan import CallPlanMixin, layers_and_heads
-from .config import SAVE_DTYPES, BitFitConfig
-from .delta_format import PEFT_PREFIX
-from .errors import BitFitError
-from .groups import primary_group
-from .layer import BitFitLayer, BitFitWrapper, layers_holding
-from .offload import execution_device
-from .routing import Routing
-from .targets import resolve_targets as _resolve_targets
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files import delta_format, fingerprint
+from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
+from bitfit_peft.tuner.base_check import base_matches, module_entries, other_base_error
+from bitfit_peft.tuner.base_modules import bias_shape, can_merge_into, execution_device
+from bitfit_peft.tuner.call_plan import CallPlanMixin, layers_and_heads
+from bitfit_peft.tuner.combine import add_weighted_adapter
+from bitfit_peft.tuner.config import SAVE_DTYPES, BitFitConfig
+from bitfit_peft.tuner.groups import primary_group
+from bitfit_peft.tuner.layer import BitFitLayer, BitFitWrapper, expected_tensors, layers_holding
+from bitfit_peft.tuner.routing import Routing
+from bitfit_peft.tuner.targets import resolve_targets as _resolve_targets
 
 
 class BitFitModel(CallPlanMixin, BaseTuner):
@@ -61,8 +63,8 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         """Resolve the targets up front and check the fingerprint, so nothing changes if anything is wrong."""
         adapter_name = self._injecting or next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
         targets = self.resolve_targets(self.model, peft_config)
-        if not fingerprint.base_matches(peft_config, self.model, sorted(targets)):
-            raise fingerprint.other_base_error(adapter_name, peft_config.base_fingerprint)
+        if not base_matches(peft_config, self.model, sorted(targets)):
+            raise other_base_error(adapter_name, peft_config.base_fingerprint)
         self._resolved_targets[adapter_name] = targets
         return peft_config
 
@@ -70,7 +72,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     def resolve_targets(model: nn.Module, config: BitFitConfig) -> set[str]:
         """Names of the modules that ``config`` selects in ``model`` (raises a clear error if none).
 
-        See :func:`bitfit_peft.targets.resolve_targets`: the result also carries ``.excluded``.
+        See :func:`bitfit_peft.tuner.targets.resolve_targets`: the result also carries ``.excluded``.
         """
         return _resolve_targets(model, config)
 
@@ -87,7 +89,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
 
     def _check_tied_modules(self, model: nn.Module, peft_config: BitFitConfig) -> None:
         """Nothing to tie: BitFit adapts no embedding (not a supported module type). Skipping PEFT's check also keeps
-        a config's regex out of Python's backtracking ``re`` (see ``bitfit_peft.targets``)."""
+        a config's regex out of Python's backtracking ``re`` (see ``bitfit_peft.tuner.targets``)."""
 
     def _check_new_adapter_config(self, config: BitFitConfig) -> None:
         if not isinstance(config, BitFitConfig):
@@ -157,12 +159,12 @@ class BitFitModel(CallPlanMixin, BaseTuner):
 
     # ------------------------------------------------------------------ adapters
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-        """Create ``adapter_name`` whose deltas and heads are ``sum(w_i * adapter_i)`` (see ``bitfit_peft.combine``).
+        """Create ``adapter_name`` whose deltas and heads are ``sum(w_i * adapter_i)`` (see
+        :mod:`~bitfit_peft.tuner.combine`).
 
         Example:
             >>> # model.base_model.add_weighted_adapter(["sst2", "spam"], [0.5, 0.5], "mix")
         """
-        from .combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name)
 
@@ -270,17 +272,49 @@ class BitFitModel(CallPlanMixin, BaseTuner):
             param.requires_grad = requires_grad
         return True
 
-    def note_adapter(self, adapter_name: str, deltas: list[torch.Tensor], targets: set[str]) -> None:
-        """Record an adapter whose deltas were put into existing layers directly (the serving engine's commit)."""
+    def attach_adapter(
+        self,
+        adapter_name: str,
+        config: BitFitConfig,
+        deltas: Mapping[BitFitLayer, nn.Parameter],
+        heads: Mapping[AuxiliaryTrainingWrapper, nn.Module],
+        targets: set[str],
+    ) -> None:
+        """Put a ready adapter into the model in O(its layers): its config, its delta per layer, its head copies.
+
+        For callers that built (and checked) the tensors themselves, such as the serving registry, which reads an
+        adapter file straight into the layout of an adapter PEFT loaded before. ``targets`` are the module names
+        of ``deltas``. The tensors are used as they are (not copied). Clears exactly the caches this changes.
+        """
+        for layer, delta in deltas.items():
+            layer.attach(adapter_name, delta)
+        for wrapper, head in heads.items():
+            wrapper.modules_to_save[adapter_name] = head
+            wrapper._adapters.add(adapter_name)
+        self.peft_config[adapter_name] = config
         self._resolved_targets[adapter_name] = targets
         if self._structure_cache is not None:
-            self._structure_cache[2][adapter_name] = deltas
+            self._structure_cache[2][adapter_name] = list(deltas.values())
+        self._flat_tables = {}
 
-    def forget_adapter(self, adapter_name: str) -> None:
-        """Forget an adapter the serving engine took out of the layers directly."""
+    def detach_adapter(self, adapter_name: str) -> None:
+        """Take one adapter out in O(layers): its deltas, head copies and config; the inverse of
+        :meth:`attach_adapter`. Unlike PEFT's ``delete_adapter`` it does not touch the active adapter (move it to
+        another adapter first) and keeps every other cache."""
+        if adapter_name in self.active_adapters:
+            raise BitFitError(f"Adapter {adapter_name!r} is active; call set_adapter() with another one first.")
+        layers, heads, params = self._structure()
+        for layer in layers:
+            if adapter_name in layer._deltas:
+                layer.detach(adapter_name)
+        for wrapper in heads:
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+                wrapper._adapters.discard(adapter_name)
+        self.peft_config.pop(adapter_name, None)
         self._resolved_targets.pop(adapter_name, None)
-        if self._structure_cache is not None:
-            self._structure_cache[2].pop(adapter_name, None)
+        params.pop(adapter_name, None)
+        self._flat_tables = {}
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._invalidate_structure()
@@ -344,11 +378,11 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         """PEFT's selection, then the BitFit save options: fingerprint, pruning, ``save_dtype`` (overflow refused)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         names = sorted(layers_holding(model, adapter_name))
-        config.base_fingerprint = fingerprint.compute(fingerprint.module_entries(model, names))
+        config.base_fingerprint = fingerprint.compute(module_entries(model, names))
         dtype = SAVE_DTYPES[config.save_dtype]
         out = {}
         for name, tensor in selected.items():
-            if f".{delta_format.DELTA_KEY}." not in name:
+            if f".{DELTA_KEY}." not in name:
                 out[name] = tensor
                 continue
             if not torch.isfinite(tensor).all():
@@ -368,7 +402,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """0.1.0 files converted, keys mapped with PEFT's own rule, then the strict gate (rolled back on refusal)."""
         state_dict = delta_format.from_legacy(state_dict)
-        deltas, heads = delta_format.expected_tensors(model, adapter_name)
+        deltas, heads = expected_tensors(model, adapter_name)
         checkpoint_to_model = {}
         for model_key in deltas:  # PEFT's mapping, built from our layers instead of a full model.state_dict()
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)

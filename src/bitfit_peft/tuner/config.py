@@ -9,8 +9,9 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .groups import BIAS_GROUPS
-from .utils import DTYPES
+from bitfit_peft.tuner.groups import BIAS_GROUPS
+from bitfit_peft.tuner.targets import check_config
+from bitfit_peft.utils import DTYPES
 
 BiasTerms = Literal["all"] | list[str]
 SAVE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
@@ -24,7 +25,7 @@ class BitFitConfig(PeftConfig):
         bias_terms: ``"all"`` (default): every bias of every Linear / Conv1D / ConvNd / LayerNorm-like module of
             the backbone, as in the paper; or a list of named groups, resolved per architecture:
             ``query``, ``key``, ``value``, ``attention_output``, ``intermediate``, ``output``, ``layernorm``
-            (``["query", "intermediate"]`` is the paper's b_q + b_m2 subset). See ``bitfit_peft.groups``.
+            (``["query", "intermediate"]`` is the paper's b_q + b_m2 subset). See ``bitfit_peft.tuner.groups``.
         target_modules: PEFT-style override: module names (exact or name suffix) or one regex (full match).
             Takes precedence over ``bias_terms``.
         exclude_modules: modules never targeted (same syntax).
@@ -40,7 +41,7 @@ class BitFitConfig(PeftConfig):
         prune_tolerance: if set, delta vectors whose mean absolute value is below it are left out of the saved
             file and load as zero (the paper finds changes concentrate in a few vectors). ``None`` keeps all.
         base_fingerprint: filled in on save: identifies the base model the deltas were trained on (any dtype of
-            it); see ``bitfit_peft.fingerprint``.
+            it); see ``bitfit_peft.files.fingerprint``.
 
     Example:
         >>> from bitfit_peft import BitFitConfig
@@ -114,7 +115,6 @@ class BitFitConfig(PeftConfig):
             self.bias_terms = list(dict.fromkeys(terms))
         else:
             fail("bias_terms", f"must be 'all' or a list, got {type(self.bias_terms).__name__}", "")
-        from .targets import check_config  # lazy (targets imports the layer classes)
 
         check_config(self)  # pattern/list sizes, regexes that backtrack badly, layers_pattern a module-name path
         for name in ("target_modules", "exclude_modules"):
@@ -164,3 +164,9 @@ class BitFitConfig(PeftConfig):
                 f"must be a fingerprint object (version 2) or a 0.1.0 'sha256:' string, got {str(fp)[:60]!r}",
                 "Remove it from adapter_config.json to skip the check.",
             )
+
+
+def allow_base_mismatch(config: BitFitConfig) -> BitFitConfig:
+    """Mark ``config`` so loading skips the base-model fingerprint check (intentional transfer)."""
+    config._skip_fingerprint = True
+    return config

@@ -25,12 +25,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
-from .errors import BitFitError
+from bitfit_peft.errors import BitFitError
 
-PEFT_PREFIX = "base_model.model."  #: what PeftModel puts before every module name in a state dict
-DELTA_KEY = "bitfit_delta"  #: the layer's ParameterDict: model key ``<module>.bitfit_delta.<adapter>``
 LEGACY_DELTA_SUFFIX = ".bitfit_delta.delta"
 LEGACY_INDEX_SUFFIX = ".bitfit_delta.layer_index"
 MAX_LISTED = 3  # keys named in one error message
@@ -67,29 +64,6 @@ def from_legacy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             out[plain.replace(".*.", f".{int(idx)}.", 1)] = value[row]
     return out
 
-
-def expected_tensors(
-    model: nn.Module, adapter_name: str
-) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
-    """``(delta shapes, head tensors)`` the model holds for ``adapter_name``, keyed like its state dict (one walk).
-
-    Deltas: ``<module>.bitfit_delta.<adapter>`` of every BitFit layer holding the adapter; heads: the tensors of
-    the adapter's ``modules_to_save`` copies (``<module>.modules_to_save.<adapter>.<param>``).
-    """
-    from peft.utils import ModulesToSaveWrapper
-
-    from .layer import BitFitLayer
-
-    deltas: dict[str, tuple[int, ...]] = {}
-    heads: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BitFitLayer):
-            if adapter_name in module.bitfit_delta:
-                deltas[f"{name}.{DELTA_KEY}.{adapter_name}"] = module._bias_shape
-        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            prefix = f"{name}.modules_to_save.{adapter_name}."
-            heads.update({prefix + k: v for k, v in module.modules_to_save[adapter_name].state_dict().items()})
-    return deltas, heads
 
 
 def check_adapter_state_dict(

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .routing import BASE_ADAPTER_NAME, Routing
+from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME, Routing
 
 __all__ = ["enable_head_routing", "head_modules", "routing_of"]
 
 
 def routing_of(peft_model: nn.Module) -> Routing:
-    """The core's shared per-sample :class:`~bitfit_peft.routing.Routing` of a BitFit ``PeftModel``."""
+    """The core's shared per-sample :class:`~bitfit_peft.tuner.routing.Routing` of a BitFit ``PeftModel``."""
     tuner = getattr(peft_model, "base_model", peft_model)
     routing = getattr(tuner, "_routing", None)
     if not isinstance(routing, Routing):

@@ -40,10 +40,14 @@ import peft.peft_model as _peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.peft_types import PeftType
 
-from . import offload
-from ._registration import PEFT_TYPE_NAME, is_bitfit
-from .errors import BitFitError
-from .paths import check_confined, local_folder
+from bitfit_peft.compat import offload
+from bitfit_peft.compat.transformers_io import read_checked_state_dict
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files.delta_format import from_legacy
+from bitfit_peft.files.paths import check_confined, local_folder
+from bitfit_peft.names import PEFT_TYPE_NAME, is_bitfit
+from bitfit_peft.tuner.layer import BitFitLayer
+from bitfit_peft.tuner.model import _rollback, strip_wrappers, unwrap_new, wrapper_ids
 
 MARK = "_bitfit_compat"
 
@@ -98,7 +102,6 @@ def _restore_training_state(model: Any, state: tuple[list, list]) -> None:
 
 
 def _has_bitfit_layers(model: Any) -> bool:
-    from .layer import BitFitLayer
 
     return any(isinstance(m, BitFitLayer) for m in model.modules())
 
@@ -147,7 +150,6 @@ def _from_pretrained(original: Callable) -> Callable:
         except Exception as err:
             if not (_has_bitfit_layers(model) or isinstance(err, BitFitError)):  # not a BitFit load: PEFT's error
                 raise
-            from .model import strip_wrappers
 
             strip_wrappers(model)
             _restore_training_state(model, state)
@@ -162,7 +164,6 @@ def _load_adapter(original: Callable) -> Callable:
             return original(self, model_id, adapter_name, *args, **kwargs)
         _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(self)
-        from .model import wrapper_ids
 
         wrapped = wrapper_ids(self)
         keep = is_bitfit(self) and offload.keeps_dispatch(self, kwargs)  # one PeftModel holds one tuner type
@@ -173,7 +174,6 @@ def _load_adapter(original: Callable) -> Callable:
             config = self.peft_config.get(adapter_name)
             if not (is_bitfit(config) or (config is None and isinstance(err, BitFitError) and is_bitfit(self))):
                 raise  # not a BitFit load (ours are rolled back already when the strict check refused)
-            from .model import _rollback, unwrap_new
 
             _rollback(self, adapter_name)
             unwrap_new(self, wrapped)  # modules this load wrapped (new targets) are put back as they were
@@ -200,7 +200,6 @@ def _transformers_load_adapter(original: Callable) -> Callable:
                 except Exception:  # transformers reports it, exactly as it would without bitfit_peft
                     config = None
             if is_bitfit(config):
-                from .transformers_io import read_checked_state_dict
 
                 adapter_state_dict = read_checked_state_dict(self, peft_model_id, config, adapter_name, hub_kwargs)
                 peft_config = config
@@ -221,7 +220,6 @@ def _update_offload(original: Callable) -> Callable:
     def update_offload(self, offload_index, adapters_weights):  # noqa: ANN001 - mirrors PEFT's signature
         bitfit = any(is_bitfit(c) for c in self.peft_config.values())
         if bitfit:
-            from .delta_format import from_legacy
 
             adapters_weights = from_legacy(adapters_weights)
         result = original(self, offload_index, adapters_weights)

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import BitFitError
+from bitfit_peft.errors import BitFitError
 
 #: a Hugging Face Hub repo id: ``name`` (canonical models) or ``owner/name``
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")

@@ -36,7 +36,8 @@ from typing import Any
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from ._registration import is_bitfit
+from bitfit_peft.files.hub import write_model_card
+from bitfit_peft.names import is_bitfit
 
 STAGING_PREFIX = ".bitfit-save-"  # a stage is named f".{folder name}{STAGING_PREFIX}{pid}-{hex}"
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
@@ -258,12 +259,12 @@ def save_pretrained(model: Any, save_directory: str | os.PathLike, **kwargs: Any
 
     ``kwargs`` (``selected_adapters``, ``safe_serialization``, ``save_embedding_layers``...) pass through; with
     ``is_main_process=False`` this does exactly what PEFT does. When a saved adapter is BitFit, the BitFit model card
-    (:func:`bitfit_peft.hub.write_model_card`) is written in the same unit.
+    (:func:`bitfit_peft.files.hub.write_model_card`) is written in the same unit.
 
     Example:
         >>> import os, tempfile, torch, bitfit_peft
         >>> from peft import PeftModel, get_peft_model
-        >>> from bitfit_peft.atomic_save import save_pretrained
+        >>> from bitfit_peft.files.atomic_save import save_pretrained
         >>> def base():
         ...     torch.manual_seed(0)
         ...     return torch.nn.Sequential(torch.nn.Linear(4, 2))
@@ -282,7 +283,6 @@ def save_pretrained(model: Any, save_directory: str | os.PathLike, **kwargs: Any
     def write(stage: str) -> None:
         original(model, stage, **kwargs)
         if card:
-            from .hub import write_model_card
 
             write_model_card(stage, model=model)
 

@@ -2,9 +2,10 @@
 
 PEFT's ``peft.utils.hotswap.hotswap_adapter`` supports LoRA only (it refuses a BitFit model with a ``ValueError``).
 :func:`hotswap_adapter` is its BitFit counterpart, with the same signature. It reads the new adapter through the
-strict, read-only load path (``PeftConfig.from_pretrained``, ``load_peft_weights``, :func:`~bitfit_peft.delta_format.
-from_legacy`, :func:`~bitfit_peft.delta_format.check_adapter_state_dict`), checks everything first (type, targets,
-heads, keys, shapes, finite values, base fingerprint), and only then copies the deltas and ``modules_to_save``
+strict, read-only load path (``PeftConfig.from_pretrained``, ``load_peft_weights``,
+:func:`~bitfit_peft.files.delta_format.from_legacy`,
+:func:`~bitfit_peft.files.delta_format.check_adapter_state_dict`), checks everything first (type, targets, heads,
+keys, shapes, finite values, base fingerprint), and only then copies the deltas and ``modules_to_save``
 tensors in place under ``torch.no_grad()``. A refused swap changes nothing.
 
 Example:
@@ -24,11 +25,12 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.save_and_load import load_peft_weights
 from torch import nn
 
-from . import delta_format, fingerprint
-from .config import BitFitConfig
-from .errors import BitFitError
-from .layer import BitFitLayer
-from .model import BitFitModel
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.files import delta_format, fingerprint
+from bitfit_peft.tuner.base_check import base_matches
+from bitfit_peft.tuner.config import BitFitConfig
+from bitfit_peft.tuner.layer import BitFitLayer, expected_tensors
+from bitfit_peft.tuner.model import BitFitModel
 
 #: config fields that describe the loaded adapter's runtime state, not the file: kept on a swap
 _KEPT_FIELDS = ("inference_mode", "modules_to_save")
@@ -95,7 +97,7 @@ def hotswap_adapter(
     _check_base(where, config, tuner.model, sorted(targets))
     state_dict = delta_format.from_legacy(load_peft_weights(model_name_or_path, device=str(torch_device), **kwargs))
     remapped = _to_model_keys(peft_model, adapter_name, state_dict)
-    deltas, heads = delta_format.expected_tensors(peft_model, adapter_name)
+    deltas, heads = expected_tensors(peft_model, adapter_name)
     shapes = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(heads[k].shape)}"
         for k, v in remapped.items()
@@ -142,7 +144,7 @@ def _refused(where: str, what: str) -> BitFitError:
 
 def _check_base(where: str, config: BitFitConfig, model: nn.Module, names: list[str]) -> None:
     """The new adapter's base fingerprint must match the model, unless ``allow_base_mismatch`` marked the config."""
-    if not fingerprint.base_matches(config, model, names):
+    if not base_matches(config, model, names):
         raise BitFitError(
             f"Cannot hot-swap {where}: it was trained on a different base model (fingerprint "
             f"{fingerprint.describe(config.base_fingerprint)}). Nothing was changed; pass "
@@ -152,7 +154,7 @@ def _check_base(where: str, config: BitFitConfig, model: nn.Module, names: list[
 
 def _to_model_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
     """Checkpoint keys -> model keys, as ``BitFitModel._remap_adapter_state_dict_for_load`` (heads: PEFT's map)."""
-    deltas, _ = delta_format.expected_tensors(model, adapter_name)
+    deltas, _ = expected_tensors(model, adapter_name)
     mapping = {BitFitModel._remove_adapter_name_from_key(key, adapter_name): key for key in deltas}
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
