@@ -235,7 +235,7 @@ What is measured (all numbers are ratios against a baseline measured **in the sa
   (`set_adapter` + sub-batch forward per task); PEFT LoRA r8 with 8 adapters for comparison. With `--compile`
   also `torch.compile(base)` vs `peft_model.get_base_model().compile()` (one adapter and mixed; `*_compiled`,
   hatched bars). `--shape bertbase` is the forward at BERT-base dims (on CPU batch 16 x 128) and `--shape qwen05b`
-  adds `generate` at the Qwen2-0.5B shape, batch 16 (one-off data points at the issue's shapes on CPU).
+  adds `generate` at the Qwen2-0.5B shape, batch 16 (single CPU data points at these full-size shapes).
 - **Adapter I/O** (`benchmarks/adapter_io.py`): `PeftModel.load_adapter` / `from_pretrained` of a BERT-base
   adapter from local disk, `set_adapter` switch time, saved file size (fp32 and `save_dtype` bf16/fp16).
 

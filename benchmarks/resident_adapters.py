@@ -134,7 +134,7 @@ def lru_latency(base: Path, root: Path, dirs: list[Path], capacity: int, trials:
         started = time.perf_counter()
         engine.predict([(resident, rng.choice(SENTENCES))])
         hits.append(time.perf_counter() - started)
-        absent = rng.choice([n for n in names if n not in engine._tasks])
+        absent = rng.choice([n for n in names if engine.registry.get(n) is None])
         started = time.perf_counter()
         engine.predict([(absent, rng.choice(SENTENCES))])
         misses.append(time.perf_counter() - started)

@@ -98,7 +98,7 @@ def setup_mode(mode: str, model: torch.nn.Module, spec: ModelSpec) -> torch.nn.M
 
         pm = get_peft_model(model, BitFitConfig(task_type=spec.task_type))
         if mode == "bitfit_lowmem":
-            bitfit_peft.lowmem.cast_frozen_base(pm, torch.bfloat16)
+            bitfit_peft.tuner.lowmem.cast_frozen_base(pm, torch.bfloat16)
         return pm
     raise ValueError(f"unknown mode {mode!r}")
 

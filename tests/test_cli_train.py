@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bitfit_peft.cli import app
-from bitfit_peft.training import DataError, load_task_data, load_trained, train
+from bitfit_peft.cli.train import cli_default, cli_flags, flag_of, options_markdown
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.training import DataError, TrainArgs, load_task_data, load_trained, train
+from bitfit_peft.training.args import option_fields
 from bitfit_peft.training.data import demo_data_path, encode
 from bitfit_peft.training.train import SUMMARY_FILE, bitfit_param_groups
 
@@ -51,7 +54,7 @@ def spam_csv(tmp_path: Path) -> Path:
 
 def test_train_saves_loadable_adapter(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
     out = tmp_path / "adapter"
-    result = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=2, **FAST)
+    result = train(model=str(tiny_bert_dir), data=spam_csv, output_dir=out, num_epochs=2, **FAST)
 
     assert result.task == "seq-cls" and result.label_names == ["ham", "spam"]
     assert result.num_train + result.num_dev == 48 and result.num_dev == 5
@@ -84,8 +87,8 @@ def test_train_saves_loadable_adapter(tmp_path: Path, tiny_bert_dir: Path, spam_
 
 def test_checkpoints_hold_only_adapter_resume_and_best(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
     out = tmp_path / "adapter"
-    first = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=2, keep_checkpoints=True,
-                  early_stopping_patience=None, save_total_limit=5, **FAST)  # fmt: skip
+    first = train(model=str(tiny_bert_dir), data=spam_csv, output_dir=out, num_epochs=2, keep_checkpoints=True,
+                  early_stopping_patience=0, save_total_limit=5, **FAST)  # fmt: skip
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert len(ckpts) == 2
     for ckpt in ckpts:
@@ -101,8 +104,8 @@ def test_checkpoints_hold_only_adapter_resume_and_best(tmp_path: Path, tiny_bert
     assert all(torch.equal(final[k], last[k]) for k in final)
 
     # resume from the latest checkpoint and train one more epoch
-    resumed = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=3, keep_checkpoints=True,
-                    resume_from_checkpoint=True, eval_before=False, early_stopping_patience=None,
+    resumed = train(model=str(tiny_bert_dir), data=spam_csv, output_dir=out, num_epochs=3, keep_checkpoints=True,
+                    resume_from_checkpoint=True, eval_before=False, early_stopping_patience=0,
                     save_total_limit=5, **FAST)  # fmt: skip
     assert resumed.epochs_run == 3
     assert resumed.metrics_before == {}
@@ -110,9 +113,9 @@ def test_checkpoints_hold_only_adapter_resume_and_best(tmp_path: Path, tiny_bert
 
 
 def test_bias_terms_and_separate_head_lr(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
-    full = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "a", num_epochs=1, eval_before=False, **FAST)
-    subset = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "b", num_epochs=1, eval_before=False,
-                   bias_terms="query,intermediate", **FAST)  # fmt: skip
+    kw = dict(model=str(tiny_bert_dir), data=spam_csv, num_epochs=1, eval_before=False, **FAST)
+    full = train(output_dir=tmp_path / "a", **kw)
+    subset = train(output_dir=tmp_path / "b", bias_terms="query,intermediate", **kw)
     # 2 layers x (query 32 + intermediate 64)
     assert subset.bias_params == 2 * (32 + 64)
     assert subset.bias_params < full.bias_params
@@ -147,7 +150,7 @@ def test_regression_with_sentence_pairs(tmp_path: Path, tiny_bert_dir: Path) -> 
     rows = [{"s1": f"a b c {i}", "s2": f"c d {i % 5}", "score": round(rng.uniform(0, 5), 2)} for i in range(30)]
     path = tmp_path / "sts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = train(str(tiny_bert_dir), path, task="regression", text_column="s1", text_pair_column="s2",
+    result = train(model=str(tiny_bert_dir), data=path, task="regression", text_column="s1", text_pair_column="s2",
                    label_column="score", output_dir=tmp_path / "out", num_epochs=1, **FAST)  # fmt: skip
     assert result.metric_name == "pearson"
     assert {"pearson", "spearman", "mse"} <= result.metrics_after.keys()
@@ -159,7 +162,7 @@ def test_token_classification(tmp_path: Path, tiny_bert_dir: Path) -> None:
     rows += [{"tokens": ["anna", "left"], "tags": ["B-PER", "O"]}] * 8
     path = tmp_path / "ner.json"
     path.write_text(json.dumps(rows))
-    result = train(str(tiny_bert_dir), path, task="token-cls", text_column="tokens", label_column="tags",
+    result = train(model=str(tiny_bert_dir), data=path, task="token-cls", text_column="tokens", label_column="tags",
                    output_dir=tmp_path / "out", num_epochs=1, **FAST)  # fmt: skip
     assert result.label_names == ["B-LOC", "B-PER", "O"]
     assert result.head_params == 32 * 3 + 3
@@ -168,7 +171,7 @@ def test_token_classification(tmp_path: Path, tiny_bert_dir: Path) -> None:
 
 def test_causal_lm(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
     path = _write_csv(tmp_path / "lm.csv", [{"text": f"hello world number {i}"} for i in range(20)])
-    result = train(str(tiny_gpt2_dir), path, task="causal-lm", output_dir=tmp_path / "out", num_epochs=1,
+    result = train(model=str(tiny_gpt2_dir), data=path, task="causal-lm", output_dir=tmp_path / "out", num_epochs=1,
                    **FAST)  # fmt: skip
     assert result.head_params == 0 and result.bias_params > 0
     assert {"loss", "accuracy", "perplexity"} <= result.metrics_after.keys()
@@ -179,8 +182,8 @@ def test_add_missing_bias_on_llama(tmp_path: Path) -> None:
 
     model_dir = save_tiny_model(tmp_path / "llama", "llama", task="causal_lm")
     path = _write_csv(tmp_path / "lm.csv", [{"text": f"hello world {i}"} for i in range(12)])
-    result = train(str(model_dir), path, task="causal-lm", add_missing_bias=True, output_dir=tmp_path / "out",
-                   num_epochs=1, eval_before=False, **FAST)  # fmt: skip
+    result = train(model=str(model_dir), data=path, task="causal-lm", add_missing_bias=True,
+                   output_dir=tmp_path / "out", num_epochs=1, eval_before=False, **FAST)  # fmt: skip
     assert result.bias_params > 0  # Llama has no biases: all deltas are added ones
 
 
@@ -305,6 +308,116 @@ def test_cli_help_documents_every_flag() -> None:
     assert root.exit_code == 0 and "train" in root.output
 
 
+def _train_command():  # the click command typer builds
+    import typer.main
+
+    return typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+
+
+def test_cli_has_one_option_per_train_args_field() -> None:
+    """The CLI is generated from TrainArgs: each field is one option with the field's flags, default and help, and
+    its default, as the CLI spells it, parses back to the field's default."""
+    params = {p.name: p for p in _train_command().params}
+    assert set(params) - {f.name for f in option_fields()} == {"as_json", "verbose"}  # the command's own
+    for f in option_fields():
+        p = params[f.name]
+        assert p.help == f.metadata["help"] and p.default == cli_default(f), f.name
+        assert set(p.opts + p.secondary_opts) == {n for decl in cli_flags(f) for n in decl.split("/")}, f.name
+        assert TrainArgs(**{"data": "x.csv", f.name: p.default}) == TrainArgs(data="x.csv") or f.name == "data"
+    names = [n for p in params.values() for n in p.opts + p.secondary_opts]
+    assert len(names) == len(set(names))
+    for f in option_fields():  # an OptionError's field names a flag the command has (a switch: either side)
+        assert {flag_of(f.name), flag_of(f.name, False)} <= set(names), f.name
+
+
+def test_cli_help_lists_every_train_args_option() -> None:
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    for f in option_fields():
+        assert cli_flags(f)[0].split("/")[0] in res.output, f.name
+
+
+def test_cli_builds_the_train_args_the_api_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command hands ``train()`` exactly ``TrainArgs.create(**what was given)``: no defaults of its own (without
+    --data the demo's defaults apply to what was not given, as in the API)."""
+    import bitfit_peft.training
+
+    seen: list[TrainArgs] = []
+
+    def capture(args: TrainArgs) -> None:
+        seen.append(args)
+        raise BitFitError("captured")
+
+    monkeypatch.setattr(bitfit_peft.training, "train", capture)
+    argv = ["-d", "x.csv", "--lr", "auto", "--auto-lr-grid", "3e-2,1e-3", "--bias-terms", "query, value",
+            "--cls-init", "off", "--last-epoch", "--epochs", "2", "-q", "--resume-from-checkpoint", "latest",
+            "-o", "out", "--no-eval-before", "--max-length", "32"]  # fmt: skip
+    options = dict(data="x.csv", learning_rate="auto", auto_lr_grid=(1e-3, 3e-2), bias_terms=("query", "value"),
+                   cls_attention_init=False, restore_best_epoch=False, num_epochs=2, quiet=True,
+                   resume_from_checkpoint="latest", output_dir="out", eval_before=False, max_length=32)  # fmt: skip
+    for args, expected in (([], TrainArgs.create()), (["--epochs", "3"], TrainArgs.create(num_epochs=3)),
+                           (argv, TrainArgs.create(**options))):  # fmt: skip
+        res = runner.invoke(app, ["train", *args])
+        assert res.exit_code == 2 and "error: captured" in res.output, res.output
+        assert seen[-1] == expected
+    assert seen[0].num_epochs == 4 and seen[1].max_length == 64 and seen[2].max_train_samples is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "match"),
+    [
+        (["--batch-size", "x"], "--batch-size", "integer"),  # click rejects it
+        (["--batch-size", "0"], "--batch-size", "batch_size must be > 0"),  # TrainArgs does
+        (["--max-eval-samples", "-1"], "--max-eval-samples", "max_eval_samples must be > 0"),
+        (["--task", "summarise"], "--task", "'summarise' is not one of 'seq-cls'"),
+        (["--cls-init", "yes"], "--cls-init", "'yes' is not one of 'on', 'off', 'auto'"),
+        (["--dev-fraction", "1"], "--dev-fraction", "dev_fraction must be in (0, 1)"),
+        (["--head-lr", "-1"], "--head-lr", "head_learning_rate must be > 0"),
+        (["--weight-decay", "-1"], "--weight-decay", "weight_decay must be >= 0"),
+        (["--task", "token-cls", "--cls-init", "on"], "--cls-init", "applies to seq-cls and regression tasks"),
+    ],
+)
+def test_cli_bad_value_is_one_line_naming_the_flag(tmp_path: Path, argv: list[str], flag: str, match: str) -> None:
+    res = runner.invoke(app, ["train", "-d", str(tmp_path / "never-read.csv"), *argv], env={"COLUMNS": "80"})
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith(f"error: Invalid value for '{flag}'") and match in line, line
+
+
+def test_docs_options_table_is_generated() -> None:
+    """docs/training.md lists every option as ``options_markdown()`` renders TrainArgs."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    start, end = "<!-- train-options: start -->\n", "<!-- train-options: end -->"
+    table = text[text.index(start) + len(start) : text.index(end)]
+    assert table.strip() == options_markdown().strip(), (
+        "docs/training.md is out of date: replace the table with the output of "
+        "python -c 'from bitfit_peft.cli.train import options_markdown; print(options_markdown())'"
+    )
+
+
+def test_train_takes_train_args_or_keywords(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    from dataclasses import replace
+
+    module = importlib.import_module("bitfit_peft.training.train")
+    seen: list[TrainArgs] = []
+
+    def stop(args: TrainArgs) -> None:
+        seen.append(args)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(module, "load_data", stop)
+    monkeypatch.setattr(module, "default_model_path", lambda: "packaged")
+    args = TrainArgs(model="m", data="x.csv")
+    for call in (lambda: train(args), lambda: train(args, num_epochs=2), lambda: train(model="m", data="x.csv"),
+                 lambda: train()):  # fmt: skip
+        with pytest.raises(RuntimeError, match="stop"):
+            call()
+    assert seen == [args, replace(args, num_epochs=2), args, TrainArgs.create(model="packaged")]
+    with pytest.raises(TypeError, match="train\\(\\) takes a TrainArgs or keyword options"):
+        train("bert-base-uncased", data="reviews.csv")  # type: ignore[arg-type]
+
+
 def test_cli_train_json(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
     out = tmp_path / "cli-out"
     res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out),
@@ -346,8 +459,8 @@ def test_push_to_hub_uploads_adapter(
 
     with HubServer() as hub:
         point_hub_client_at(hub.url, tmp_path / "hf_home", monkeypatch)
-        result = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "out", num_epochs=1, eval_before=False,
-                       push_to_hub=True, hub_model_id="user/spam-bitfit", **FAST)  # fmt: skip
+        result = train(model=str(tiny_bert_dir), data=spam_csv, output_dir=tmp_path / "out", num_epochs=1,
+                       eval_before=False, push_to_hub=True, hub_model_id="user/spam-bitfit", **FAST)  # fmt: skip
         assert result.hub_url
         files = set(HfApi(endpoint=hub.url).list_repo_files("user/spam-bitfit"))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files, files

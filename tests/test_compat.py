@@ -3,9 +3,12 @@ tuners see no difference with or without ``import bitfit_peft``."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,6 +22,7 @@ from transformers.integrations.peft import PeftAdapterMixin
 
 import bitfit_peft
 from bitfit_peft.compat import patches as _compat
+from bitfit_peft.compat.moved_modules import MOVED
 
 #: (owner, attribute, parameters our wrapper relies on, in order)
 TARGETS = [
@@ -131,3 +135,20 @@ def test_lora_save_load_and_errors_are_identical_with_and_without_bitfit() -> No
     errors_b = {k: (v or "").split(":")[0] for k, v in with_bitfit.pop("errors").items()}
     assert errors_a == errors_b
     assert without == with_bitfit
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED.items()))
+def test_old_module_paths_still_import_with_a_deprecation_warning(old: str, new: str) -> None:
+    """0.1.x paths (``bitfit_peft.hub``, ``bitfit_peft.layer``, ...) give the new module itself, and warn."""
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"{re.escape(old)} moved to {re.escape(new)}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+    assert importlib.util.find_spec(old.rsplit(".", 1)[0] + ".no_such_module") is None  # other names: not ours
+
+
+def test_from_import_of_a_moved_name_is_the_same_object() -> None:
+    sys.modules.pop("bitfit_peft.layer", None)
+    with pytest.warns(DeprecationWarning):
+        from bitfit_peft.layer import BitFitLayer as OldBitFitLayer
+    assert OldBitFitLayer is bitfit_peft.BitFitLayer

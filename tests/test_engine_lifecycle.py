@@ -68,7 +68,7 @@ def test_direct_commit_equals_peft_load_and_single_models(world: dict[str, Path]
     engine = _engine(world)
     for i in range(5):
         engine.add_adapter(f"t{i}", world[f"a{i}"])
-    assert len(engine._layouts) == 1  # one layout: adapters 1..4 were committed directly
+    assert len(engine.registry.layouts) == 1  # one layout: adapters 1..4 were committed directly
     mixed = engine.predict([(f"t{i % 5}", TEXTS[i % len(TEXTS)]) for i in range(10)])
     for i, pred in enumerate(mixed):
         k = i % 5
@@ -147,7 +147,7 @@ def test_first_load_failure_leaves_the_bare_base(world: dict[str, Path], tmp_pat
     with pytest.raises((BitFitError, EngineError)):
         engine.add_adapter("x", broken)
     _assert_same(before, _snapshot(engine))
-    assert engine.model is engine._base
+    assert engine.model is engine.registry.base
 
 
 def test_prepare_does_not_hold_the_lock(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,11 +240,11 @@ def test_equal_configs_share_one_object_and_deltas_are_packed(world: dict[str, P
     engine = _engine(world)
     for i in (0, 2, 4):
         engine.add_adapter(f"t{i}", world[f"a{i}"])
-    internals = [engine._tasks[n].internal for n in ("t2", "t4")]
+    internals = [engine.registry.get(n).internal for n in ("t2", "t4")]
     configs = [engine.model.peft_config[i] for i in internals]
     assert configs[0] is configs[1]
-    layers = list(engine._tasks["t2"].layout.deltas.values())
-    storages = {layer._deltas[internals[0]].untyped_storage().data_ptr() for layer in layers}
+    layers = list(engine.registry.get("t2").layout.deltas.values())
+    storages = {layer.delta_of(internals[0]).untyped_storage().data_ptr() for layer in layers}
     assert len(storages) == 1  # one allocation per adapter
 
 

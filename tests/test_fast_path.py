@@ -108,7 +108,7 @@ def test_fast_path_gradients_equal_the_per_layer_path(arch: str, config: dict) -
     assert fast.keys() == slow.keys() and any("bitfit_delta" in k for k in fast)
     for key in fast:
         torch.testing.assert_close(fast[key], slow[key], rtol=0, atol=1e-7, msg=key)
-    assert all(layer._call is None for layer in model.base_model._structure()[0])
+    assert all(layer._staged_call is None for layer in model.base_model._structure()[0])
 
 
 def test_fast_path_low_memory_mode_matches_per_layer_path() -> None:
@@ -140,7 +140,7 @@ def test_precomputed_biases_cleared_after_a_failed_call() -> None:
     layers = model.base_model._structure()[0]
     with pytest.raises(IndexError):  # token id beyond the tiny vocabulary: fails inside the forward
         model(input_ids=torch.tensor([[5, 10_000]]))
-    assert all(layer._call is None for layer in layers)
+    assert all(layer._staged_call is None for layer in layers)
     assert not model.base_model._precomputing
 
 

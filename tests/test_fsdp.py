@@ -176,11 +176,8 @@ def test_cli_train_under_accelerate_launch(tmp_path: Path) -> None:
 
 
 def test_helpers_refuse_bad_input() -> None:
-    import doctest
+    from bitfit_peft.training import block_classes, save_sharded_adapter, shard_bitfit_model
 
-    from bitfit_peft.training import block_classes, distributed, save_sharded_adapter, shard_bitfit_model
-
-    assert doctest.testmod(distributed, raise_on_error=False).failed == 0
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no BitFit layers"):
         shard_bitfit_model(plain)

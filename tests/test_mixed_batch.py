@@ -17,7 +17,8 @@ from peft import get_peft_model
 
 import bitfit_peft  # noqa: F401 - registers the tuner
 from bitfit_peft import BitFitConfig
-from bitfit_peft.serving import MultiTaskCollator, enable_head_routing
+from bitfit_peft.serving import MultiTaskCollator
+from bitfit_peft.tuner.heads import enable_head_routing
 
 BASE = "__base__"
 TOL = 1e-5
@@ -91,7 +92,6 @@ NAMES = ["task_a", "task_b", BASE, "task_b", "task_a"]
 # ---------------------------------------------------------------------------------------------------- SEQ_CLS
 def test_seq_cls_bert_each_sample_uses_its_own_head() -> None:
     model = build("bert", "SEQ_CLS", model_kwargs={"num_labels": 3})
-    enable_head_routing(model)
     ids, mask = right_padded(SEQS)
     with torch.no_grad():
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
@@ -114,12 +114,23 @@ def test_core_alone_routes_heads_per_sample() -> None:
     assert (mixed[1] - single_b[0]).abs().max().item() <= TOL
 
 
+def test_enable_head_routing_is_deprecated_and_still_works() -> None:
+    """Head routing is automatic on every mixed call; the old opt-in warns for one release and changes nothing."""
+    model = build("bert", "SEQ_CLS", model_kwargs={"num_labels": 3})
+    ids = torch.tensor([SEQS[1], SEQS[1]])
+    with torch.no_grad():
+        before = model(input_ids=ids, adapter_names=["task_a", "task_b"]).logits
+        with pytest.warns(DeprecationWarning, match="no longer needed"):
+            enable_head_routing(model)
+        after = model(input_ids=ids, adapter_names=["task_a", "task_b"]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
 def test_heads_of_different_sizes_are_padded() -> None:
     model = build("bert", "SEQ_CLS", model_kwargs={"num_labels": 2})
     wrapper = model.base_model.model.classifier
     with torch.no_grad():  # task_b: a 4-way head on the 2-way base
         wrapper.modules_to_save["task_b"] = torch.nn.Linear(32, 4)
-    enable_head_routing(model)
     ids, mask = right_padded(SEQS[:3])
     with torch.no_grad():
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["task_a", "task_b", BASE]).logits
@@ -227,7 +238,6 @@ def test_wrong_number_of_adapter_names_raises_in_forward() -> None:
 # ---------------------------------------------------------------------------------------------------- training
 def _seq_cls_for_training() -> Any:
     model = build("bert", "SEQ_CLS", model_kwargs={"num_labels": 3, **NO_DROPOUT}, delta_std=0.05)
-    enable_head_routing(model)
     model.set_requires_grad(["task_a", "task_b"])
     return model.train()
 
@@ -318,7 +328,6 @@ def test_minilm_training_gradients_match_single_task_sub_batches() -> None:
     )
     model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"), adapter_name="spam")
     model.add_adapter("sentiment", BitFitConfig(task_type="SEQ_CLS"))
-    enable_head_routing(model)
     model.set_requires_grad(["spam", "sentiment"])
     model.train()
     texts = ["WIN a free cruise, reply now", "a gripping, funny film", "see you at six", "dull and far too long"]

@@ -1,9 +1,8 @@
-"""The default recipe (issue 15): what the API and CLI use, ``--lr auto`` and early stopping on dev (tiny models)."""
+"""The default recipe: what the API and CLI use, ``--lr auto`` and early stopping on dev (tiny models)."""
 
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import random
 import sys
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 
 from bitfit_peft.cli import app
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.training import AUTO_LR_GRID, DEFAULTS, RECIPE, train
+from bitfit_peft.training import AUTO_LR_GRID, DEMO_DEFAULTS, RECIPE, OptionError, TrainArgs, train
 from bitfit_peft.training.lr_finder import check_grid, find_learning_rate, probe_steps_for
 from bitfit_peft.training.train import SUMMARY_FILE
 
@@ -45,18 +44,28 @@ def _optimisation(out: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------- defaults
 
 
-def test_api_defaults_are_the_recipe() -> None:
-    sig = inspect.signature(train).parameters
-    for name in ("learning_rate", "head_learning_rate", "warmup_ratio", "lr_scheduler_type", "num_epochs"):
-        assert sig[name].default is None, name  # None = "use DEFAULTS", i.e. the recipe
-    assert sig["early_stopping_patience"].default == RECIPE.early_stopping_patience
-    assert DEFAULTS["learning_rate"] == RECIPE.learning_rate and DEFAULTS["num_epochs"] == RECIPE.num_epochs
-    assert DEFAULTS["warmup_ratio"] == RECIPE.warmup_ratio
-    assert DEFAULTS["lr_scheduler_type"] == RECIPE.lr_scheduler_type
-    assert sig["cls_attention_init"].default is None and DEFAULTS["cls_attention_init"] == RECIPE.cls_attention_init
-    assert sig["restore_best_epoch"].default is None and DEFAULTS["restore_best_epoch"] == RECIPE.restore_best_epoch
+def test_train_args_run_the_recipe() -> None:
+    """TrainArgs' defaults are the recipe's values (no copy to keep in step), resolved as the recipe says."""
+    a = TrainArgs(data="x.csv")
+    assert (a.learning_rate, a.num_epochs, a.warmup_ratio) == (RECIPE.learning_rate, RECIPE.num_epochs,
+                                                               RECIPE.warmup_ratio)  # fmt: skip
+    assert a.lr_scheduler_type == RECIPE.lr_scheduler_type and a.cls_attention_init == RECIPE.cls_attention_init
+    assert a.early_stopping_patience == RECIPE.early_stopping_patience and a.head_learning_rate is None
+    assert a.head_lr_factor == RECIPE.head_lr_factor and a.keep_best_epoch is RECIPE.restore_best_epoch
+    assert TrainArgs(early_stopping_patience=2).keep_best_epoch is True  # early stopping keeps the best epoch
+    assert TrainArgs(learning_rate="auto", head_learning_rate=0.3).head_lr_factor == pytest.approx(
+        0.3 / RECIPE.learning_rate)  # fmt: skip
     assert RECIPE.learning_rate in AUTO_LR_GRID  # the auto grid brackets the default ...
     assert min(AUTO_LR_GRID) < RECIPE.learning_rate < max(AUTO_LR_GRID)  # ... from both sides
+
+
+def test_demo_defaults_fill_only_what_is_not_given() -> None:
+    demo = TrainArgs.create()
+    assert {k: getattr(demo, k) for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
+    assert TrainArgs.create(num_epochs=2).num_epochs == 2 and TrainArgs.create(num_epochs=2).max_length == 64
+    assert TrainArgs.create(data="x.csv") == TrainArgs(data="x.csv")  # own data: the recipe, no caps
+    with pytest.raises(TypeError, match="unknown training option.*'num_epoch'; did you mean 'num_epochs'"):
+        TrainArgs.create(num_epoch=3)
 
 
 def test_cli_runs_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
@@ -91,8 +100,8 @@ def test_cli_says_what_cls_init_auto_decided(tmp_path: Path, tiny_bert_dir: Path
 
 def test_explicit_values_override_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
     out = tmp_path / "o"
-    train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=1, learning_rate=2e-3, warmup_ratio=0.0,
-          lr_scheduler_type="cosine", early_stopping_patience=None, **FAST)  # fmt: skip
+    train(model=str(tiny_bert_dir), data=spam_csv, output_dir=out, num_epochs=1, learning_rate=2e-3,
+          warmup_ratio=0.0, lr_scheduler_type="cosine", early_stopping_patience=0, **FAST)  # fmt: skip
     opt = _optimisation(out)
     assert opt["learning_rate"] == 2e-3 and opt["head_learning_rate"] == pytest.approx(RECIPE.head_lr_factor * 2e-3)
     assert opt["lr_scheduler_type"] == "cosine" and opt["warmup_ratio"] == 0.0
@@ -121,15 +130,8 @@ def test_suite_bitfit_method_uses_the_recipe() -> None:
 def test_lr_auto_picks_from_grid_deterministically(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
     grid = (1e-4, 1e-2, 3e-1)
     runs = [
-        train(
-            str(tiny_bert_dir),
-            spam_csv,
-            output_dir=tmp_path / f"r{i}",
-            num_epochs=1,
-            learning_rate="auto",
-            auto_lr_grid=grid,
-            **FAST,
-        )  # fmt: skip
+        train(model=str(tiny_bert_dir), data=spam_csv, output_dir=tmp_path / f"r{i}", num_epochs=1,
+              learning_rate="auto", auto_lr_grid=grid, **FAST)  # fmt: skip
         for i in range(2)
     ]
     a, b = (r.extra["lr_search"] for r in runs)
@@ -144,9 +146,9 @@ def test_lr_auto_picks_from_grid_deterministically(tmp_path: Path, tiny_bert_dir
 def test_lr_auto_that_picks_the_default_trains_exactly_like_it(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path):
     """The range test leaves the random state alone: picking 1e-2 gives the plain 1e-2 run, bit for bit."""
     kw = dict(num_epochs=1, **FAST)
-    auto = train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "a", learning_rate="auto", auto_lr_grid=[1e-2],
-                 **kw)
-    train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "p", learning_rate=1e-2, **kw)
+    auto = train(model=str(tiny_bert_dir), data=spam_csv, output_dir=tmp_path / "a", learning_rate="auto",
+                 auto_lr_grid=[1e-2], **kw)  # fmt: skip
+    train(model=str(tiny_bert_dir), data=spam_csv, output_dir=tmp_path / "p", learning_rate=1e-2, **kw)
     assert auto.extra["lr_search"]["learning_rate"] == 1e-2
     a, p = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("a", "p"))
     assert a.keys() == p.keys() and all(torch.equal(a[k], p[k]) for k in a)
@@ -180,9 +182,9 @@ def test_range_test_restores_the_initial_adapter(tiny_bert_dir: Path, spam_csv: 
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--lr", "fast"], "'--lr': 'fast' is neither a number nor 'auto'"),
+        (["--lr", "fast"], "'--lr': learning_rate must be a positive number or 'auto', got 'fast'"),
         (["--lr", "-1"], "'--lr': learning_rate must be a positive number"),
-        (["--lr", "auto", "--auto-lr-grid", "1e-3,x"], "'--auto-lr-grid'"),
+        (["--lr", "auto", "--auto-lr-grid", "1e-3,x"], "'--auto-lr-grid': auto_lr_grid '1e-3,x' is not a list"),
         (["--lr", "auto", "--auto-lr-grid", "1e-3,-2"], "'--auto-lr-grid': auto learning-rate grid value -2.0"),
         (["--lr", "auto", "--auto-lr-grid", ","], "'--auto-lr-grid': the auto learning-rate grid is empty"),
         (["--lr-scheduler", "zigzag"], "'--lr-scheduler': unknown lr_scheduler_type 'zigzag'; choose one of"),
@@ -199,8 +201,9 @@ def test_cli_refuses_bad_optimisation_values(tmp_path: Path, argv: list[str], ma
 
 
 def test_api_refuses_bad_values(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="learning_rate must be a positive number or 'auto', got 'fast'"):
-        train("never-loaded", tmp_path / "x.csv", learning_rate="fast")
+    with pytest.raises(OptionError, match="learning_rate must be a positive number or 'auto', got 'fast'") as err:
+        train(model="never-loaded", data=tmp_path / "x.csv", learning_rate="fast")
+    assert err.value.field == "learning_rate" and isinstance(err.value, ValueError)
     with pytest.raises(ValueError, match="grid is empty"):
         check_grid([])
     with pytest.raises(ValueError, match="value nan is not a positive number"):
@@ -213,7 +216,7 @@ def test_api_refuses_bad_values(tmp_path: Path) -> None:
 def test_early_stopping_keeps_the_best_dev_checkpoint(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path) -> None:
     """The run stops ``patience`` evaluations after its best one and the saved adapter is that best checkpoint."""
     out = tmp_path / "o"
-    result = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=12, learning_rate=1e-1,
+    result = train(model=str(tiny_bert_dir), data=spam_csv, output_dir=out, num_epochs=12, learning_rate=1e-1,
                    early_stopping_patience=1, keep_checkpoints=True, save_total_limit=20, **FAST)  # fmt: skip
     assert result.epochs_run < 12  # stopped early
     last = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -235,7 +238,7 @@ def test_best_epoch_or_last_epoch(tmp_path: Path, tiny_bert_dir: Path, spam_csv:
     saved, best_epochs = {}, {}
     for restore in (True, None):
         out = tmp_path / str(restore)
-        result = train(str(tiny_bert_dir), spam_csv, output_dir=out, num_epochs=6, learning_rate=1e-1,
+        result = train(model=str(tiny_bert_dir), data=spam_csv, output_dir=out, num_epochs=6, learning_rate=1e-1,
                        restore_best_epoch=restore, keep_checkpoints=True, save_total_limit=20, **FAST)  # fmt: skip
         ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
@@ -253,7 +256,7 @@ def test_best_epoch_or_last_epoch(tmp_path: Path, tiny_bert_dir: Path, spam_csv:
     if best_epochs[True] != 5:  # the best epoch is not the last one: the two runs saved different adapters
         assert any(not torch.equal(saved[True][k], saved[None][k]) for k in saved[True])
     with pytest.raises(ValueError, match="early stopping keeps the best epoch"):
-        train(str(tiny_bert_dir), spam_csv, output_dir=tmp_path / "x", restore_best_epoch=False,
+        train(model=str(tiny_bert_dir), data=spam_csv, output_dir=tmp_path / "x", restore_best_epoch=False,
               early_stopping_patience=2, **FAST)  # fmt: skip
 
 
@@ -273,7 +276,7 @@ def test_cls_init_flag_sets_the_query_delta(tmp_path: Path, tiny_bert_dir: Path,
     assert summary["optimisation"]["cls_attention_init"] is True
     assert summary["result"]["extra"]["cls_attention_init"].endswith("encoder.layer.1.attention.self.query")
     with pytest.raises(BitFitError, match="applies to seq-cls and regression"):
-        train("never-loaded", spam_csv, task="token-cls", cls_attention_init=True, output_dir=tmp_path / "t")
+        train(model="never-loaded", data=spam_csv, task="token-cls", cls_attention_init=True)
 
 
 @pytest.mark.parametrize("decision", [False, True])
@@ -288,8 +291,9 @@ def test_cls_init_auto_trains_exactly_like_its_decision(
     monkeypatch.setattr(cls_init, "AUTO_MIN_DEV", 1)  # (this dev set is tiny)
     kw = dict(task="seq-cls", learning_rate=1e-2, num_epochs=1, batch_size=8, max_length=24, quiet=True,
               eval_before=False)  # fmt: skip
-    auto = train(str(tiny_bert_dir), str(spam_csv), output_dir=tmp_path / "auto", cls_attention_init="auto", **kw)
-    train(str(tiny_bert_dir), str(spam_csv), output_dir=tmp_path / "fixed", cls_attention_init=decision, **kw)
+    kw.update(model=str(tiny_bert_dir), data=str(spam_csv))
+    auto = train(output_dir=tmp_path / "auto", cls_attention_init="auto", **kw)
+    train(output_dir=tmp_path / "fixed", cls_attention_init=decision, **kw)
     probe = auto.extra["cls_probe"]
     assert probe["enable"] is decision and 0 <= probe["first_token"] <= 100 and probe["num_train"] > 0
     assert ("cls_attention_init" in auto.extra) is decision
@@ -298,4 +302,4 @@ def test_cls_init_auto_trains_exactly_like_its_decision(
     summary = json.loads((tmp_path / "auto" / SUMMARY_FILE).read_text())
     assert summary["optimisation"]["cls_attention_init"] is decision
     with pytest.raises(ValueError, match="cls_attention_init must be True, False or 'auto'"):
-        train(str(tiny_bert_dir), str(spam_csv), output_dir=tmp_path / "x", cls_attention_init="yes", **kw)
+        train(output_dir=tmp_path / "x", cls_attention_init="yes", **kw)

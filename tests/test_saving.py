@@ -7,7 +7,6 @@ files get plain-``open()`` modes; stale stages are removed by the next save, and
 
 from __future__ import annotations
 
-import doctest
 import functools
 import json
 import multiprocessing
@@ -481,7 +480,3 @@ def test_finds_peft_own_save_under_wrappers(tmp_path: Path, monkeypatch: pytest.
     assert atomic_save._peft_save() is peft_own
     _model("A").save_pretrained(str(tmp_path))
     assert _identify(tmp_path) == "A"
-
-
-def test_docstring_example_runs() -> None:
-    assert doctest.testmod(atomic_save, raise_on_error=False).failed == 0

@@ -18,7 +18,7 @@ half of dev is noisier than on all of it, so the estimate is a little pessimisti
 accuracy at the epoch each rule picks on the whole dev set is reported beside it and decides nothing.
 
 Example:
-    $ python -m benchmarks.accuracy.epoch_selection --doc docs/accuracy.md
+    $ python -m benchmarks.accuracy.epoch_selection --doc benchmarks/accuracy/LOG.md
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=PER_EPOCH_RESULTS, help="product_train records with per_epoch")
     p.add_argument("--seeds", nargs="*", type=int, default=None, help="only these seeds (default: all)")
-    p.add_argument("--doc", type=Path, default=None, help="also write the tables into this page (docs/accuracy.md)")
+    p.add_argument("--doc", type=Path, default=None, help="also write the tables into this page (the research log)")
     args = p.parse_args(argv)
     records = [json.loads(x) for x in args.results.read_text().splitlines()]
     records = [r for r in records if "per_epoch" in r and (args.seeds is None or r["seed"] in args.seeds)]

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.accuracy import run as R  # noqa: E402
 
-from bitfit_peft.inspect import bias_change_report, plot_bias_heatmap  # noqa: E402
+from bitfit_peft.bias_report import bias_change_report, plot_bias_heatmap  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from benchmarks.accuracy.report import load_results, selected_runs  # noqa: E402
 from benchmarks.accuracy.run import SETTINGS, Runner  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "accuracy" / "results"
-SUITE_RUNS = RESULTS / "runs_reduced_f.jsonl"  #: the reduced suite's full FT shard
+SUITE_RUNS = RESULTS / "runs_reduced_full_ft.jsonl"  #: the reduced suite's full FT runs
 EXTRA_SEEDS = RESULTS / "cpu_reduced_full_extra_seeds.jsonl"  #: this script's output (not a suite shard)
 PHASE = "extra_seed"
 

@@ -110,12 +110,15 @@ def run_one(
             write_split(subsample(getattr(d, part), getattr(s, f"{part}_cap"), seed=0), path)
     out = tmp / f"{task}_{mode}_{seed}"
     fixed = {} if mode == "defaults" else {"cls_attention_init": CLS_INIT.get(mode, False), "restore_best_epoch": True}
+    if mode == "auto":
+        fixed["learning_rate"] = "auto"
+    if epochs is not None:
+        fixed["num_epochs"] = epochs
     watch = PerEpoch(runner, task) if per_epoch else None
     res = train(
         model=model_path(), data=str(files["train"]), dev_data=str(files["dev"]), output_dir=out,
         batch_size=s.batch_size, max_length=s.max_length, seed=seed, eval_before=False, quiet=True,
-        learning_rate="auto" if mode == "auto" else None, num_epochs=epochs, callbacks=[watch] if watch else (),
-        **fixed,
+        callbacks=[watch] if watch else (), **fixed,
     )  # fmt: skip
     summary = json.loads((out / "bitfit_training.json").read_text())
     search = res.extra.get("lr_search") or {}
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--also", nargs="*", type=Path, default=[PER_EPOCH_RESULTS], help="more records for the report")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--doc", type=Path, default=None, help="also write the table into this page (docs/accuracy.md)")
+    p.add_argument("--doc", type=Path, default=None, help="also write the table into this page (the research log)")
     args = p.parse_args(argv)
     files = [f for f in dict.fromkeys((args.out, *args.also)) if f.exists()]
     records = [json.loads(x) for f in files for x in f.read_text().splitlines()]

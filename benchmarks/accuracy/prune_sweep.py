@@ -116,7 +116,7 @@ def tolerances_for_fractions(
 
 def file_delta_count(adapter_dir: str | os.PathLike[str]) -> int:
     """Number of bias delta vectors stored in a saved adapter."""
-    from bitfit_peft.inspect import bias_change_report
+    from bitfit_peft.bias_report import bias_change_report
 
     return bias_change_report(str(adapter_dir)).n_vectors
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=None, help="default: benchmarks/accuracy/results/prune_sweep_<task>.json"
     )
     p.add_argument("--plot", type=Path, default=None, help="default docs/img/prune_sweep_<task>.png")
-    p.add_argument("--doc", type=Path, default=REPO / "docs" / "accuracy.md",
+    p.add_argument("--doc", type=Path, default=REPO / "benchmarks" / "accuracy" / "LOG.md",
                    help="markdown page whose <!-- results:prune_sweep_<task> --> block gets the table")  # fmt: skip
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rebuild table, plot and doc block from --json")

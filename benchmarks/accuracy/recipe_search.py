@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reference", type=Path, default=None, metavar="RUNS_JSONL",
         help="replace the full FT references by the suite's dev-selected full FT runs (seed 0) of this file",
     )  # fmt: skip
-    p.add_argument("--doc", type=Path, default=None, help="also write the tables into this page (docs/accuracy.md)")
+    p.add_argument("--doc", type=Path, default=None, help="also write the tables into this page (the research log)")
     args = p.parse_args(argv)
     records: list[dict[str, Any]] = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     for other in args.merge:

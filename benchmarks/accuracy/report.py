@@ -1,4 +1,4 @@
-"""Tables, plots and the ``docs/accuracy.md`` blocks of the accuracy benchmark, from its results files."""
+"""Tables, plots and the ``benchmarks/accuracy/LOG.md`` blocks of the accuracy benchmark, from its results files."""
 
 from __future__ import annotations
 

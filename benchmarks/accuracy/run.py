@@ -15,7 +15,8 @@ mean ± std of *test* accuracy over seeds. The test split is only evaluated for 
 data-size sweep trains ``bitfit`` and ``full`` on subsampled training sets of two tasks.
 
 Settings (``--reduced`` for a 2-core CPU in < 30 min, ``--full`` for a GPU) are defined in :data:`SETTINGS`;
-``docs/accuracy.md`` documents exactly what ``--reduced`` cuts.
+``benchmarks/accuracy/LOG.md`` documents exactly what ``--reduced`` cuts, and ``--report-only`` writes its tables
+there (between ``<!-- results:<setting>:start/end -->`` markers; ``docs/accuracy.md`` summarises them).
 
 Example:
     $ python -m benchmarks.accuracy.run --reduced            # ~25 min on 2 CPU cores
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
+LOG = REPO / "benchmarks" / "accuracy" / "LOG.md"  #: the research log: the generated results blocks live there
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs)")
     p.add_argument("--out", type=Path, default=None, help="results dir (default benchmarks/accuracy/results)")
-    p.add_argument("--doc", type=Path, default=REPO / "docs" / "accuracy.md")
+    p.add_argument("--doc", type=Path, default=LOG, help="page whose results:<setting> block gets the tables")
     p.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
     p.add_argument("--report-only", action="store_true", help="rebuild table/plots from the results files")
     p.add_argument("--skip-sweep", action="store_true", help="main table only")
@@ -274,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="*", default=None, help="main-table tasks (default: the setting's)")
     p.add_argument("--sweep-tasks", nargs="*", default=None, help="sweep tasks (default: the setting's)")
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: the setting's)")
-    p.add_argument("--tag", default="", help="suffix of this process's results file (parallel shards)")
+    p.add_argument(
+        "--tag", default="",
+        help="suffix of this process's results files (parallel shards), runs_<setting>_<tag>.jsonl: name it by what "
+        "the shard runs, e.g. full_ft",
+    )  # fmt: skip
     p.add_argument(
         "--extend",
         type=Path,

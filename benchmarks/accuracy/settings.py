@@ -88,6 +88,11 @@ FULL_FT_PROTOCOL = Recipe(
     learning_rate=1.5e-4, head_lr_factor=1.0, lr_scheduler_type="linear", warmup_ratio=0.1, num_epochs=8.0,
     early_stopping_patience=3,
 )  # fmt: skip
+#: The product's recipe before issue 15 (the "before" of the before/after comparison in ``docs/accuracy.md``).
+RECIPE_V0 = Recipe(
+    learning_rate=1e-3, head_lr_factor=3.0, lr_scheduler_type="linear", warmup_ratio=0.0, num_epochs=3.0,
+    early_stopping_patience=2,
+)  # fmt: skip
 
 KEPT_EPOCH = "best" if RECIPE.restore_best_epoch else "last"  #: which epoch the recipe's runs end with
 

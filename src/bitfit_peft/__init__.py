@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from bitfit_peft.compat import moved_modules as _moved_modules
 from bitfit_peft.compat import patches as _compat
 from bitfit_peft.compat import registration as _registration
 from bitfit_peft.errors import BitFitError
@@ -28,6 +29,7 @@ from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
 PEFT_TYPE = _registration.register()
 _compat.install()
+_moved_modules.install()  # 0.1.x module paths, with a DeprecationWarning, until 0.3.0
 
 __all__ = [
     "BASE_ADAPTER_NAME",

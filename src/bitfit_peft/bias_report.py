@@ -28,8 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import huggingface_hub
 import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
+from transformers import AutoModel
 
 from bitfit_peft.files.delta_format import from_legacy
 from bitfit_peft.files.paths import check_confined, is_hub_id
@@ -238,15 +241,13 @@ def resolve_adapter_dir(adapter: str | os.PathLike[str], revision: str | None = 
     name = str(adapter)
     if not is_hub_id(name):
         raise FileNotFoundError(f"adapter directory {name!r} does not exist (and it is not a Hub id like 'user/repo')")
-    from huggingface_hub import snapshot_download
 
-    local = snapshot_download(repo_id=name, revision=revision, allow_patterns=[CONFIG_NAME, ADAPTER_FILE])
+    patterns = [CONFIG_NAME, ADAPTER_FILE]
+    local = huggingface_hub.snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns)
     return Path(local)
 
 
 def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     file = adapter_dir / ADAPTER_FILE
     check_confined(adapter_dir, ADAPTER_FILE)
     if not file.is_file():
@@ -257,8 +258,6 @@ def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
 def _base_biases(base: str | nn.Module) -> dict[str, torch.Tensor]:
     """``{module path: bias}`` of a base model (a module, or a local path / Hub id loaded with AutoModel)."""
     if isinstance(base, (str, os.PathLike)):
-        from transformers import AutoModel
-
         base = AutoModel.from_pretrained(str(base))
     return {n.removesuffix(".bias"): p for n, p in base.named_parameters() if n.endswith(".bias")} | {
         n.removesuffix(".bias"): b for n, b in base.named_buffers() if n.endswith(".bias")
@@ -361,8 +360,6 @@ def bias_change_report(
         return _report_from_model(adapter, tolerance, adapter_name)
     adapter_dir = resolve_adapter_dir(adapter, revision=revision)
     if isinstance(base, (str, os.PathLike)):
-        from transformers import AutoModel
-
         base = AutoModel.from_pretrained(str(base))
     return _report_from_file(adapter_dir, str(adapter), base, tolerance, adapter_name or "default")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import transformers
+
 
 @dataclass(frozen=True)
 class Task:
@@ -81,6 +83,4 @@ def peft_task_type(name: str) -> str | None:
 
 def auto_model_class(task_type: Any) -> Any:
     """The transformers Auto class for ``task_type``."""
-    import transformers
-
     return getattr(transformers, task_of(task_type).auto_model)

@@ -6,6 +6,7 @@ import contextlib
 import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 #: dtype names accepted anywhere (config ``save_dtype``, ``--dtype``), with their short forms
@@ -49,8 +50,6 @@ def preserved_random_state() -> Iterator[None]:
         >>> torch.equal(after, torch.rand(1))
         True
     """
-    import numpy as np
-
     py, npy = random.getstate(), np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:

@@ -17,6 +17,8 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from bitfit_peft.names import __version__
+
 
 def _as_switches(params: list[Any]) -> list[Any]:
     """Boolean flags show no value type in ``--help`` (typer prints ``<bool>``, which reads like a value)."""
@@ -55,8 +57,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from bitfit_peft.names import __version__
-
         typer.echo(f"bitfit-peft {__version__}")
         raise typer.Exit()
 
@@ -71,6 +71,6 @@ def main(
 
 
 # Subcommand modules (each registers itself on `app`): add one import line per module.
-from bitfit_peft.cli import report as _inspect_cmd  # noqa: E402, F401
+from bitfit_peft.cli import report as _report_cmd  # noqa: E402, F401
 from bitfit_peft.cli import serve as _serve_cmd  # noqa: E402, F401
 from bitfit_peft.cli import train as _train_cmd  # noqa: E402, F401

@@ -118,28 +118,16 @@ def serve_command(
     """Serve several BitFit adapters of one base model; inputs of different tasks share one forward."""
     import uvicorn
 
-    from bitfit_peft.serving import EngineError, MultiTaskEngine, create_app
+    # deferred: serving loads torch, transformers and FastAPI; --help needs only the options
+    from bitfit_peft.serving import create_app
 
-    err = Console(stderr=True)
     pairs = parse_adapter_specs(adapter)
     check_source(base, MODEL)
     for name, source in pairs:
         check_source(source, ADAPTER, label=f"adapter {name!r}", allow_hub=allow_hub)
     if task_type == "auto":
         task_type = _infer_task_type(pairs)
-    if admin_token is not None and not admin_token.strip():
-        raise typer.BadParameter("--admin-token / BITFIT_PEFT_ADMIN_TOKEN is empty; set a secret or unset it.")
-    if not _is_loopback(host):
-        unguarded = not no_admin and admin_token is None
-        err.print(
-            f"[yellow]warning:[/yellow] binding {host}: anyone who can reach this port can run the model"
-            + (" and load/unload adapters (see --admin-token, --no-admin)" if unguarded else "") + "."
-        )
-    for root in adapter_root:
-        if not root.is_dir():
-            raise typer.BadParameter(f"--adapter-root {root} is not a directory.")
-    if ray and max_resident is not None:
-        fail("--max-resident is not available with --ray (every replica holds every adapter); drop one of them.")
+    _check_serving_options(host, admin_token, no_admin, adapter_root, ray, max_resident)
     if ray:
         _serve_ray(base, pairs, task_type=task_type, replicas=replicas, host=host, port=port,
                    max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_ms / 1000, adapter_roots=adapter_root,
@@ -148,30 +136,10 @@ def serve_command(
                    normalize_embeddings=normalize_embeddings, ray_address=ray_address,
                    cpus_per_replica=cpus_per_replica)
         return
-    try:
-        engine = MultiTaskEngine(
-            base,
-            task_type=task_type,
-            device=device,
-            dtype=dtype,
-            max_length=max_length,
-            normalize_embeddings=normalize_embeddings,
-            max_resident=max_resident,
-            adapter_roots=adapter_root,
-        )
-        for name, source in pairs:
-            try:
-                info = engine.add_adapter(name, source, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch)
-            except (EngineError, ValueError, OSError) as exc:
-                text = with_flag_hint(exc)
-                fail(text if repr(name) in text else f"adapter {name!r}: {text}")
-            labels = f" labels={info.labels}" if info.labels else ""
-            err.print(
-                f"loaded [bold]{name}[/bold] ({info.kind}{labels}): {info.delta_params} bias params, "
-                f"{info.total_bytes / 1024:.1f} KiB"
-            )
-    except (EngineError, ValueError, OSError) as exc:
-        fail(exc)
+    engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
+                           task_type=task_type, device=device, dtype=dtype, max_length=max_length,
+                           normalize_embeddings=normalize_embeddings, max_resident=max_resident,
+                           adapter_roots=adapter_root)
     app = create_app(
         engine,
         max_batch_size=max_batch_size,
@@ -185,6 +153,49 @@ def serve_command(
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
+def _check_serving_options(host: str, admin_token: str | None, no_admin: bool, adapter_root: list[Path], ray: bool,
+                           max_resident: int | None) -> None:
+    """Refuse contradictory or empty options; warn when binding beyond loopback."""
+    if admin_token is not None and not admin_token.strip():
+        raise typer.BadParameter("--admin-token / BITFIT_PEFT_ADMIN_TOKEN is empty; set a secret or unset it.")
+    if not _is_loopback(host):
+        unguarded = not no_admin and admin_token is None
+        Console(stderr=True).print(
+            f"[yellow]warning:[/yellow] binding {host}: anyone who can reach this port can run the model"
+            + (" and load/unload adapters (see --admin-token, --no-admin)" if unguarded else "") + "."
+        )
+    for root in adapter_root:
+        if not root.is_dir():
+            raise typer.BadParameter(f"--adapter-root {root} is not a directory.")
+    if ray and max_resident is not None:
+        fail("--max-resident is not available with --ray (every replica holds every adapter); drop one of them.")
+
+
+def _local_engine(base: str, pairs: list[tuple[str, str]], *, allow_hub: bool, allow_base_mismatch: bool,
+                  **engine_options: Any) -> Any:
+    """The engine with every ``--adapter`` loaded (one line per adapter on stderr); any error exits with code 2."""
+    # deferred: serving loads torch and transformers; --help needs only the options
+    from bitfit_peft.serving import EngineError, MultiTaskEngine
+
+    err = Console(stderr=True)
+    try:
+        engine = MultiTaskEngine(base, **engine_options)
+        for name, source in pairs:
+            try:
+                info = engine.add_adapter(name, source, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch)
+            except (EngineError, ValueError, OSError) as exc:
+                text = with_flag_hint(exc)
+                fail(text if repr(name) in text else f"adapter {name!r}: {text}")
+            labels = f" labels={info.labels}" if info.labels else ""
+            err.print(
+                f"loaded [bold]{name}[/bold] ({info.kind}{labels}): {info.delta_params} bias params, "
+                f"{info.total_bytes / 1024:.1f} KiB"
+            )
+    except (EngineError, ValueError, OSError) as exc:
+        fail(exc)
+    return engine
+
+
 def _serve_ray(base: str, pairs: list[tuple[str, str]], *, host: str, port: int, ray_address: str | None,
                cpus_per_replica: float, **options: Any) -> None:
     """``serve --ray``: run :func:`bitfit_peft.serving.ray_serve.build_app` until interrupted."""
@@ -193,6 +204,7 @@ def _serve_ray(base: str, pairs: list[tuple[str, str]], *, host: str, port: int,
         from ray import serve
     except ImportError:
         fail('--ray needs Ray Serve: pip install "bitfit-peft[ray]"')
+    # deferred: Ray is an optional extra (checked just above)
     from bitfit_peft.serving.ray_serve import build_app
 
     app = build_app(base, pairs, ray_actor_options={"num_cpus": cpus_per_replica}, **options)

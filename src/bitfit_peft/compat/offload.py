@@ -14,7 +14,7 @@ dispatch for BitFit loads (see ``_compat``, entry 2); with explicit dispatch arg
 Example:
     >>> import torch
     >>> is_offload_dispatched(torch.nn.Linear(2, 2))  # not dispatched
-    True
+    False
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from peft import PeftConfig
 from torch import nn
 
 from bitfit_peft.names import is_bitfit
@@ -63,8 +64,6 @@ def kept_dispatch(model: nn.Module) -> Iterator[None]:
 def source_is_bitfit(model_id: Any, kwargs: dict) -> bool:
     """Whether ``PeftModel.from_pretrained(model, model_id, **kwargs)`` loads a BitFit adapter (config read as PEFT
     reads it; anything unreadable is not ours, and PEFT reports it as it would)."""
-    from peft import PeftConfig
-
     config = kwargs.get("config")
     if config is not None:
         return is_bitfit(config)

@@ -37,8 +37,12 @@ from collections.abc import Callable
 from typing import Any
 
 import peft.peft_model as _peft_model
+from peft import PeftConfig
+from peft.utils import save_and_load
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.peft_types import PeftType
+from safetensors import SafetensorError
+from transformers.integrations.peft import PeftAdapterMixin
 
 from bitfit_peft.compat import offload
 from bitfit_peft.compat.transformers_io import read_checked_state_dict
@@ -47,7 +51,8 @@ from bitfit_peft.files.delta_format import from_legacy
 from bitfit_peft.files.paths import check_confined, local_folder
 from bitfit_peft.names import PEFT_TYPE_NAME, is_bitfit
 from bitfit_peft.tuner.layer import BitFitLayer
-from bitfit_peft.tuner.model import _rollback, strip_wrappers, unwrap_new, wrapper_ids
+from bitfit_peft.tuner.model import _rollback
+from bitfit_peft.tuner.unwrap import strip_wrappers, unwrap_new, wrapper_ids
 
 MARK = "_bitfit_compat"
 
@@ -124,8 +129,6 @@ def _check_local_bitfit_folder(model_id: Any, kwargs: dict) -> None:
 
 
 def _load_error(err: Exception, what: str) -> BitFitError:
-    from safetensors import SafetensorError
-
     if isinstance(err, BitFitError):
         return err
     problem = f"{type(err).__name__}: {err}"
@@ -191,8 +194,6 @@ def _transformers_load_adapter(original: Callable) -> Callable:
             config = peft_config
             if config is None:
                 try:
-                    from peft import PeftConfig
-
                     _check_local_bitfit_folder(peft_model_id, hub_kwargs)
                     config = PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
                 except BitFitError:
@@ -257,9 +258,6 @@ def _reshard(original: Callable) -> Callable:
 
 def install() -> None:
     """Install every entry of the table above (idempotent)."""
-    from peft.utils import save_and_load
-    from transformers.integrations.peft import PeftAdapterMixin
-
     extend_peft_type()
     _wrap(_peft_model.PeftModel, "from_pretrained", _from_pretrained, kind="classmethod")
     _wrap(_peft_model.PeftModel, "load_adapter", _load_adapter)

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import warnings
 
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
 from peft.utils.peft_types import PeftType, register_peft_method
 
 from bitfit_peft.compat.patches import extend_peft_type
@@ -23,13 +29,6 @@ def register() -> PeftType:
     Safe to call any number of times. If another package already registered a different tuner under the same
     name, ours replaces it with a warning (the user imported ``bitfit_peft`` explicitly).
     """
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
-
     peft_type = extend_peft_type()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is BitFitModel:
         return peft_type

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.save_and_load import load_peft_weights
 from safetensors import SafetensorError
 from torch import nn
 
@@ -28,8 +30,6 @@ from bitfit_peft.tuner.model import BitFitModel
 
 def _head_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
     """``{module name: module holding the original parameters}`` of the config's ``modules_to_save``."""
-    from peft.utils import ModulesToSaveWrapper
-
     wanted = [str(t) for t in (getattr(config, "modules_to_save", None) or [])]
     out = {}
     for name, module in model.named_modules():
@@ -46,7 +46,7 @@ def expected_checkpoint(model: nn.Module, config: Any) -> tuple[dict[str, tuple[
     deltas = {}
     for name in BitFitModel.resolve_targets(model, config):
         module = model.get_submodule(name)
-        shape = module._bias_shape if isinstance(module, BitFitLayer) else bias_shape(module)
+        shape = module.bias_shape if isinstance(module, BitFitLayer) else bias_shape(module)
         deltas[f"{PEFT_PREFIX}{name}.{DELTA_KEY}"] = tuple(shape)
     heads = {
         f"{PEFT_PREFIX}{name}.{key}": tensor
@@ -60,8 +60,6 @@ def read_checked_state_dict(
     model: nn.Module, model_id: Any, config: Any, adapter_name: str | None, hub_kwargs: dict
 ) -> dict[str, torch.Tensor]:
     """The adapter's tensors, checked against ``config`` on ``model`` and keyed for transformers' loader."""
-    from peft.utils.save_and_load import load_peft_weights
-
     adapter_name = adapter_name or "default"
     try:
         weights = delta_format.from_legacy(load_peft_weights(str(model_id), device="cpu", **hub_kwargs))

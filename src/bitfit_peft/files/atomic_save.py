@@ -34,6 +34,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import peft.peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from bitfit_peft.files.hub import write_model_card
@@ -238,8 +239,6 @@ def transactional_save(directory: str | os.PathLike, write: Callable[[str], Any]
 
 def _peft_save() -> Callable[..., Any]:
     """PEFT's own ``PeftModel.save_pretrained``, found under wrappers (``__wrapped__`` or a closure cell)."""
-    import peft.peft_model
-
     fn: Any = peft.peft_model.PeftModel.save_pretrained
     for _ in range(32):
         if getattr(getattr(fn, "__code__", None), "co_filename", "").endswith(os.path.join("peft", "peft_model.py")):

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import safe_open
 
 from bitfit_peft.files import fingerprint as _fingerprint
 from bitfit_peft.files.delta_format import LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX
@@ -82,8 +84,6 @@ def _read_weights(summary: AdapterSummary, directory: Path) -> None:
     if summary.file_name != SAFETENSORS_WEIGHTS_NAME:
         return
     try:
-        from safetensors import safe_open
-
         with safe_open(str(directory / summary.file_name), framework="pt") as handle:
             summary.format_version = (handle.metadata() or {}).get("bitfit_format_version") or "peft"
             modules: set[str] = set()
@@ -348,8 +348,6 @@ def push_to_hub(
         import httpx2 as http
     except ImportError:  # pragma: no cover
         import httpx as http
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
     api = HfApi(library_name="bitfit-peft", library_version=__version__)
     try:

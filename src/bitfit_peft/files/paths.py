@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,20 @@ def local_folder(model_id: Any, subfolder: str | None = None) -> str | None:
     return folder if os.path.isdir(folder) else None
 
 
+def inside(path: str | os.PathLike, roots: Iterable[Path]) -> bool:
+    """Whether ``path``, resolved (symlinks followed), is one of ``roots`` or lies below one.
+
+    The one "is this path inside these folders" test of the package. ``roots`` must be resolved already; a path the
+    OS cannot resolve raises (``OSError``, ``RuntimeError`` for a symlink loop, ``ValueError`` for a NUL byte).
+
+    >>> import tempfile; root = Path(tempfile.mkdtemp()).resolve()
+    >>> inside(root / "a" / ".." / "b", [root]), inside(root, [root]), inside(root / ".." / "etc", [root])
+    (True, True, False)
+    """
+    resolved = Path(path).resolve()
+    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
+
+
 def _allowed_roots(folder: Path) -> list[Path]:
     real = folder.resolve()
     roots = [real]
@@ -108,11 +123,10 @@ def check_confined(folder: str | os.PathLike, name: str) -> None:
     path = Path(folder) / name
     if not path.exists() and not path.is_symlink():
         return
-    target = path.resolve()
-    if not any(target == root or root in target.parents for root in _allowed_roots(Path(folder))):
+    if not inside(path, _allowed_roots(Path(folder))):
         raise BitFitError(
-            f"{path} resolves to {target}, outside the adapter folder; refusing to read it. Copy the real file into "
-            "the folder if you trust it."
+            f"{path} resolves to {path.resolve()}, outside the adapter folder; refusing to read it. Copy the real file "
+            "into the folder if you trust it."
         )
-    if not target.is_file():
+    if not path.is_file():
         raise BitFitError(f"{path} is not a regular file; an adapter folder holds plain files only.")

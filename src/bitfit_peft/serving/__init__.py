@@ -2,7 +2,8 @@
 
 - :class:`MultiTaskEngine`: Python API (``add_adapter`` / ``remove_adapter`` / ``predict`` / ``generate``).
 - :func:`create_app`: FastAPI server with dynamic batching (``bitfit-peft serve``).
-- :func:`enable_head_routing`: per-sample classifier heads in mixed batches (also for training).
+- :func:`enable_head_routing`: kept for compatibility; the core routes classifier heads per sample on every
+  mixed-task call by itself.
 - :class:`MultiTaskCollator`: a Trainer data collator that emits ``adapter_names`` (train several tasks at once).
 
 See ``docs/serving.md``.
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 from bitfit_peft.serving.engine import (
     AdapterInfo,
+    AdapterNameError,
+    AdapterNotFoundError,
     AdapterPathError,
+    BadAdapterPathError,
     DuplicateAdapterError,
     EngineError,
     Generation,
@@ -25,7 +29,10 @@ from bitfit_peft.tuner.heads import enable_head_routing
 
 __all__ = [
     "AdapterInfo",
+    "AdapterNameError",
+    "AdapterNotFoundError",
     "AdapterPathError",
+    "BadAdapterPathError",
     "DuplicateAdapterError",
     "EngineError",
     "Generation",
@@ -40,7 +47,7 @@ __all__ = [
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: FastAPI is only imported when the server is used
     if name == "create_app":
-        from bitfit_peft.serving.server import create_app
+        from bitfit_peft.serving.server import create_app  # deferred: FastAPI only when a server is made
 
         return create_app
     raise AttributeError(name)

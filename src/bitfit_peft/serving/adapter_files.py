@@ -6,10 +6,13 @@ adapter roots), inside one of those folders too. A Hub id is only ever downloade
 the caller says it is one (``hub=True``). JSON files are size-bounded; no path is ever taken from a file.
 
 Example:
-    >>> import tempfile
+    >>> import tempfile; root = Path(tempfile.mkdtemp()).resolve()
+    >>> locate("../elsewhere", [root])  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    bitfit_peft.serving.errors.AdapterPathError: ...
     >>> fetch("user/repo", hub=True, allow_hub=False)  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
-    bitfit_peft.serving.errors.EngineError: ...
+    bitfit_peft.serving.errors.AdapterPathError: ...
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from safetensors import SafetensorError, safe_open
 
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.files.paths import HUB_ID, check_confined, is_hub_id
+from bitfit_peft.files.paths import HUB_ID, check_confined, inside, is_hub_id
 from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX, SUMMARY_FILE
-from bitfit_peft.serving.errors import AdapterPathError, EngineError
+from bitfit_peft.serving.errors import AdapterNotFoundError, AdapterPathError, BadAdapterPathError, EngineError
 
-__all__ = ["ADAPTER_FILES", "check_files", "fetch", "head_shapes", "read_json", "read_task_metadata"]
+__all__ = ["ADAPTER_FILES", "check_files", "fetch", "head_shapes", "locate", "read_json", "read_task_metadata"]
 
 #: every file of an adapter folder the engine (or PEFT, for it) reads
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SUMMARY_FILE, "config.json")
@@ -41,27 +44,77 @@ def _shown(text: str) -> str:
     return repr(text[:_SHOWN] + ("..." if len(text) > _SHOWN else ""))
 
 
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    resolved = path.resolve()
-    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
-
-
 def _local_dir(text: str) -> Path | None:
     """``text`` as an existing directory (resolved), None if nothing is there; unusable paths raise."""
     try:
         path = Path(text).expanduser()
-        if not path.is_dir():
-            if path.is_symlink() and not path.exists():  # dangling or looping link
-                raise AdapterPathError(f"Adapter path {_shown(text)} is a broken or looping symlink.")
-            return None
-        return path.resolve(strict=True)
-    except ValueError as err:  # embedded NUL
-        raise AdapterPathError(f"Adapter path {_shown(text)} is not a valid path ({err}).") from err
-    except RuntimeError as err:  # symlink loop (older Pythons)
-        raise AdapterPathError(f"Adapter path {_shown(text)} is a symlink loop.") from err
-    except OSError as err:
-        why = "too long" if err.errno == errno.ENAMETOOLONG else (err.strerror or type(err).__name__)
-        raise AdapterPathError(f"Adapter path {_shown(text)} cannot be used: {why}.") from err
+        if path.is_dir():
+            return path.resolve(strict=True)
+        broken = path.is_symlink() and not path.exists()  # dangling or looping link
+    except (ValueError, RuntimeError, OSError) as err:  # (our own errors are ValueErrors: none raised in here)
+        raise _unusable(text, err) from err
+    if broken:
+        raise BadAdapterPathError(f"Adapter path {_shown(text)} is a broken or looping symlink.")
+    return None
+
+
+def _unusable(text: str, err: Exception) -> BadAdapterPathError:
+    """The error for a path the OS refused to resolve (a NUL byte, a symlink loop, a name too long...)."""
+    if isinstance(err, ValueError):  # embedded NUL
+        return BadAdapterPathError(f"Adapter path {_shown(text)} is not a valid path ({err}).")
+    if isinstance(err, RuntimeError) or (isinstance(err, OSError) and err.errno == errno.ELOOP):
+        return BadAdapterPathError(f"Adapter path {_shown(text)} is a symlink loop; point at a real adapter folder.")
+    why = "too long" if getattr(err, "errno", None) == errno.ENAMETOOLONG else (
+        getattr(err, "strerror", None) or type(err).__name__)
+    return BadAdapterPathError(f"Adapter path {_shown(text)} cannot be used: {why}.")
+
+
+def _first_inside(raw: Path, roots: Sequence[Path]) -> Path | None:
+    """``raw`` (taken relative to each root in turn when relative) resolved inside the first root holding it."""
+    for root in roots:
+        candidate = raw if raw.is_absolute() else root / raw
+        if inside(candidate, [root]):
+            return candidate.resolve()
+    return None
+
+
+def locate(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
+    """The adapter folder ``path`` names inside ``roots`` (resolved folders), symlinks followed.
+
+    A relative ``path`` is taken relative to each root in turn. Raises :class:`AdapterPathError` (no roots, or
+    outside them), :class:`AdapterNotFoundError` (no folder or no ``adapter_config.json`` there) or
+    :class:`BadAdapterPathError` (a symlink loop, a file, a path the OS cannot resolve).
+    """
+    text = os.fspath(path)
+    if not roots:
+        raise AdapterPathError("Loading adapters from paths is disabled: no adapter roots are configured "
+                               "(--adapter-root).")
+    try:
+        found = _first_inside(Path(text).expanduser(), roots)
+        what = "outside" if found is None else _what_is_at(found)
+    except (ValueError, RuntimeError, OSError) as err:  # (our own errors are ValueErrors: none raised in here)
+        raise _unusable(text, err) from err
+    if what == "outside":
+        raise AdapterPathError(f"Adapter path {_shown(text)} is outside the allowed adapter folders; give a folder "
+                               "inside one of them.")
+    if what == "nothing":
+        raise AdapterNotFoundError(f"No adapter folder at {_shown(text)} in the adapter roots.")
+    if what == "file":
+        raise BadAdapterPathError(f"Adapter path {_shown(text)} is a file; give the adapter folder that holds "
+                                  f"{CONFIG_NAME}.")
+    if what == "folder":
+        raise AdapterNotFoundError(f"No adapter ({CONFIG_NAME}) at {_shown(text)} in the adapter roots.")
+    assert found is not None
+    return found
+
+
+def _what_is_at(path: Path) -> str:
+    """``"nothing"``, ``"file"``, ``"folder"`` (without an adapter config) or ``"adapter"``."""
+    if not path.exists():
+        return "nothing"
+    if not path.is_dir():
+        return "file"
+    return "adapter" if (path / CONFIG_NAME).is_file() else "folder"
 
 
 def fetch(
@@ -75,27 +128,23 @@ def fetch(
     """The local folder of an adapter: ``source`` itself, or its Hub snapshot.
 
     ``hub=True``: ``source`` is a Hub repo id, never read from disk; ``hub=False``: a local folder only; ``None``:
-    a local folder if one is there, else a Hub id. ``within``: the local folder must lie inside one of these.
+    a local folder if one is there, else a Hub id. ``within`` (resolved folders): a local ``source`` must lie
+    inside one of them, and a relative one is taken relative to them (:func:`locate`).
     """
     text = os.fspath(source)
     if hub is not True:
-        local = _local_dir(text)
+        local = _local_folder(text, within, fall_back_to_hub=hub is None and is_hub_id(text))
         if local is not None:
-            if within is not None and not _inside(local, within):
-                raise AdapterPathError(f"Adapter path {_shown(text)} is outside the allowed adapter folders.")
-            if not (local / CONFIG_NAME).is_file():
-                raise AdapterPathError(
-                    f"{_shown(text)} has no adapter_config.json; point at a saved BitFit adapter directory."
-                )
             return local
         if hub is False:
-            raise AdapterPathError(f"Adapter path {_shown(text)}: no such directory.")
+            raise AdapterNotFoundError(f"Adapter path {_shown(text)}: no such directory.")
         if not is_hub_id(text):
-            raise EngineError(f"Adapter {_shown(text)}: no such directory (and not a Hub id like 'user/repo').")
+            raise AdapterNotFoundError(f"Adapter {_shown(text)}: no such directory (and not a Hub id like "
+                                       "'user/repo').")
     elif not HUB_ID.match(text) or ".." in text:
         raise EngineError(f"{_shown(text)} is not a Hugging Face Hub repo id like 'user/repo'.")
     if not allow_hub:
-        raise EngineError(f"Adapter {_shown(text)}: loading from the Hugging Face Hub is disabled.")
+        raise AdapterPathError(f"Adapter {_shown(text)}: loading from the Hugging Face Hub is disabled.")
     from huggingface_hub import snapshot_download
 
     try:
@@ -107,6 +156,23 @@ def fetch(
     return Path(local_dir)
 
 
+def _local_folder(text: str, within: Sequence[Path] | None, fall_back_to_hub: bool) -> Path | None:
+    """The adapter folder at ``text`` (inside ``within``, if given); None when nothing is there."""
+    if within is not None:
+        try:
+            return locate(text, within)
+        except AdapterNotFoundError:
+            if fall_back_to_hub:
+                return None
+            raise
+    local = _local_dir(text)
+    if local is not None and not (local / CONFIG_NAME).is_file():
+        raise AdapterNotFoundError(
+            f"{_shown(text)} has no adapter_config.json; point at a saved BitFit adapter directory."
+        )
+    return local
+
+
 def check_files(adapter_dir: Path, within: Sequence[Path] | None = None) -> None:
     """Refuse the folder if a file the engine may read leads outside it (or outside ``within``)."""
     for name in ADAPTER_FILES:
@@ -115,7 +181,7 @@ def check_files(adapter_dir: Path, within: Sequence[Path] | None = None) -> None
         except BitFitError as err:
             raise AdapterPathError(str(err)) from err
         path = adapter_dir / name
-        if within is not None and (path.exists() or path.is_symlink()) and not _inside(path, within):
+        if within is not None and (path.exists() or path.is_symlink()) and not inside(path, within):
             raise AdapterPathError(
                 f"{name} of adapter {adapter_dir.name!r} resolves outside the allowed adapter folders; copy the "
                 "file into the adapter folder instead of linking it."

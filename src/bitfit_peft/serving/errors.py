@@ -1,8 +1,20 @@
-"""What the serving engine refuses, one class per answer a server gives (see ``server.py`` for the HTTP codes)."""
+"""What the serving engine refuses, one class per answer a server gives (``server.py`` maps them to HTTP codes).
+
+The engine raises them where it checks each input (names and paths in ``registry.py`` / ``adapter_files.py``,
+requests in ``inference.py``); a server only translates them.
+"""
 
 from __future__ import annotations
 
-__all__ = ["AdapterPathError", "DuplicateAdapterError", "EngineError", "UnknownTaskError"]
+__all__ = [
+    "AdapterNameError",
+    "AdapterNotFoundError",
+    "AdapterPathError",
+    "BadAdapterPathError",
+    "DuplicateAdapterError",
+    "EngineError",
+    "UnknownTaskError",
+]
 
 
 class EngineError(ValueError):
@@ -20,5 +32,18 @@ class DuplicateAdapterError(EngineError):
     """An adapter of that name is already loaded."""
 
 
+class AdapterNameError(EngineError):
+    """A name that cannot be an adapter's (see :func:`~bitfit_peft.serving.registry.validate_adapter_name`)."""
+
+
 class AdapterPathError(EngineError):
-    """An adapter path that is malformed, missing, or leads (by a symlink) outside the allowed folders."""
+    """An adapter source the engine may not read: outside the allowed folders (or linking out of them), no allowed
+    folders at all, or the Hub when it is disabled. Its subclasses say the path is missing or unusable."""
+
+
+class AdapterNotFoundError(AdapterPathError):
+    """Nothing to load at the path: no such folder, or a folder without ``adapter_config.json``."""
+
+
+class BadAdapterPathError(AdapterPathError):
+    """A path the OS cannot use as an adapter folder: a symlink loop, a NUL byte, a name too long, a file."""

@@ -1,12 +1,13 @@
-"""The inference room of :class:`~bitfit_peft.serving.engine.MultiTaskEngine`: encode, forward, classify, generate.
+"""Inference over a :class:`~bitfit_peft.serving.registry.Registry`: encode, forward, classify, generate.
 
 Every request names its task; a batch of requests of different tasks runs as ONE forward (or ONE ``generate``),
-each sample routed to its own adapter's deltas and head (``adapter_names``).
+each sample routed to its own adapter's deltas and head (``adapter_names``). :class:`Inference` is given the
+registry and asks it for everything about adapters: which are servable (``require``), their PEFT names, kinds and
+labels, loads on first use (``ensure_resident``) and the lock every batch runs under.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -14,9 +15,8 @@ from typing import Any, Literal
 import torch
 
 from bitfit_peft.serving.adapter_files import labels_from_id2label
-from bitfit_peft.serving.errors import EngineError, UnknownTaskError
-from bitfit_peft.serving.heads_shape import last_linear
-from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
+from bitfit_peft.serving.errors import EngineError
+from bitfit_peft.serving.registry import Registry
 
 __all__ = ["Generation", "Inference", "Prediction"]
 
@@ -57,64 +57,30 @@ class Generation:
 
 
 class Inference:
-    """Prediction and generation of :class:`MultiTaskEngine` (see the module docstring)."""
+    """Prediction and generation over the adapters of ``registry`` (see the module docstring).
 
-    # provided by MultiTaskEngine
-    task_type: str
-    device: torch.device
-    max_length: int
-    normalize_embeddings: bool
-    tokenizer: Any
-    _base: Any
-    _model: Any
-    _lock: threading.RLock
-    _tasks: dict
-    # _ensure_resident(names) / _touch(names): provided by the residency room
+    Args:
+        registry: the adapters and the served model; every batch runs under its lock.
+        tokenizer: the base's tokenizer (with a pad token).
+        device: where inputs go.
+        max_length: inputs are truncated to this many tokens.
+        normalize_embeddings: L2-normalise embeddings.
+    """
 
-    def _describe(self, task: Any, meta: dict[str, Any]) -> Any:
-        """Fill in a freshly loaded task's kind, labels and head outputs (from its metadata and head)."""
-        if self.task_type == "FEATURE_EXTRACTION":
-            task.kind = "embedding"
-            return task
-        if self.task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
-            task.kind = "generation"
-            return task
-        num_labels = int(self._base.config.num_labels)
-        for wrapper in task.layout.wrappers:
-            found = last_linear(wrapper.modules_to_save[task.internal])
-            if found is not None:
-                num_labels = int(found[1].weight.shape[0])
-                break
-        labels = meta.get("labels")
-        kind = meta.get("kind") or ("regression" if num_labels == 1 and not labels else "classification")
-        if kind == "classification":
-            labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
-            if len(labels) != num_labels:
-                raise EngineError(
-                    f"Adapter {task.name!r}: its head has {num_labels} outputs but {len(labels)} label names were "
-                    f"found ({labels[:8]}). Fix the label names (label_names=...) or the head."
-                )
-        else:
-            labels = None
-        task.kind, task.labels, task.outputs = kind, labels, num_labels
-        return task
+    def __init__(self, registry: Registry, tokenizer: Any, *, device: torch.device, max_length: int,
+                 normalize_embeddings: bool = False) -> None:
+        self.registry, self.tokenizer, self.device = registry, tokenizer, device
+        self.max_length, self.normalize_embeddings = max_length, normalize_embeddings
 
-    def _check_tasks(self, tasks: Sequence[str]) -> list[str]:
-        unknown = sorted({t for t in tasks if t != BASE_ADAPTER_NAME and t not in self._tasks})
-        if unknown:
-            raise UnknownTaskError(
-                f"Unknown task(s) {unknown[:20]}; loaded adapters: {sorted(self._tasks)[:20]} "
-                f"(use {BASE_ADAPTER_NAME!r} for the bare base model)."
-            )
-        return list(tasks)
-
-    def _peft_names(self, names: list[str]) -> list[str]:
-        return [BASE_ADAPTER_NAME if n == BASE_ADAPTER_NAME else self._tasks[n].internal for n in names]
+    @property
+    def task_type(self) -> str:
+        return self.registry.task_type
 
     def _forward(self, names: list[str], **inputs: Any) -> Any:
-        if self._model is None:
-            return self._base(**inputs)
-        return self._model(**inputs, adapter_names=self._peft_names(names))
+        registry = self.registry
+        if registry.peft_model is None:
+            return registry.base(**inputs)
+        return registry.peft_model(**inputs, adapter_names=registry.peft_names(names))
 
     @staticmethod
     def _split_request(request: Any) -> tuple[str, str, str | None]:
@@ -165,10 +131,10 @@ class Inference:
         parsed = [self._split_request(r) for r in requests]
         if not parsed:
             return []
-        self._ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
-        with self._lock:
-            names = self._check_tasks([p[0] for p in parsed])
-            self._touch(names)
+        self.registry.ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
+        with self.registry.lock:
+            names = self.registry.require([p[0] for p in parsed])
+            self.registry.touch(names)
             batch = self._encode([p[1] for p in parsed], [p[2] for p in parsed])
             with torch.no_grad():
                 out = self._forward(names, **batch)
@@ -188,16 +154,17 @@ class Inference:
 
     def _classify(self, names: list[str], logits: torch.Tensor) -> list[Prediction]:
         results = []
-        base_labels = labels_from_id2label(getattr(self._base.config, "id2label", None))
+        config = self.registry.base.config
+        base_labels = labels_from_id2label(getattr(config, "id2label", None))
         for name, row in zip(names, logits.cpu(), strict=True):
-            task = self._tasks.get(name)
-            if task is None:  # the bare base: its own (possibly untrained) head
-                kind = "regression" if self._base.config.num_labels == 1 else "classification"
-                labels = base_labels or [f"LABEL_{i}" for i in range(self._base.config.num_labels)]
+            adapter = self.registry.get(name)
+            if adapter is None:  # the bare base: its own (possibly untrained) head
+                kind = "regression" if config.num_labels == 1 else "classification"
+                labels = base_labels or [f"LABEL_{i}" for i in range(config.num_labels)]
             else:
-                kind, labels = task.kind, task.labels
+                kind, labels = adapter.kind, adapter.labels
             if kind == "regression":
-                width = (task.outputs or 1) if task is not None else self._base.config.num_labels
+                width = (adapter.outputs or 1) if adapter is not None else config.num_labels
                 values = row[:width].tolist()
                 results.append(Prediction(task=name, kind="regression", value=values[0] if width == 1 else values))
                 continue
@@ -250,10 +217,10 @@ class Inference:
         for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
             if value is not None:
                 gen_kwargs[key] = value
-        self._ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
-        with self._lock:
-            names = self._check_tasks([p[0] for p in parsed])
-            self._touch(names)
+        self.registry.ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
+        with self.registry.lock:
+            names = self.registry.require([p[0] for p in parsed])
+            self.registry.touch(names)
             side = "left" if self.task_type == "CAUSAL_LM" else "right"
             batch = self.tokenizer(
                 [p[1] for p in parsed], padding=True, truncation=True, max_length=self.max_length,
@@ -263,15 +230,21 @@ class Inference:
             if seed is not None:
                 torch.manual_seed(seed)
             with torch.no_grad():
-                if self._model is None:
-                    out = self._base.generate(**batch, **gen_kwargs)
-                else:
-                    out = self._model.generate(**batch, **gen_kwargs, adapter_names=self._peft_names(names))
+                out = self._generate(names, batch, gen_kwargs)
         if self.task_type == "CAUSAL_LM":
             out = out[:, batch["input_ids"].shape[1]:]
+        return self._decode(names, out, int(num_return_sequences))
+
+    def _generate(self, names: list[str], batch: dict[str, torch.Tensor], gen_kwargs: dict[str, Any]) -> Any:
+        registry = self.registry
+        if registry.peft_model is None:
+            return registry.base.generate(**batch, **gen_kwargs)
+        return registry.peft_model.generate(**batch, **gen_kwargs, adapter_names=registry.peft_names(names))
+
+    def _decode(self, names: list[str], out: torch.Tensor, n: int) -> list[Generation]:
+        """``n`` generated sequences per name, each cut after its first end-of-sequence token."""
         eos = self._eos_ids()
         rows = [_until_eos(row, eos) for row in out.cpu().tolist()]
-        n = int(num_return_sequences)
         return [
             Generation(
                 task=name,
@@ -283,7 +256,7 @@ class Inference:
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for value in (getattr(self._base.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+        for value in (getattr(self.registry.base.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, (list, tuple)):

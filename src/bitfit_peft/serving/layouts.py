@@ -21,7 +21,7 @@ from torch import nn
 
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.files.delta_format import MAX_LISTED, is_legacy
-from bitfit_peft.names import DELTA_KEY
+from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.serving.errors import EngineError
 from bitfit_peft.serving.heads_shape import last_linear, sync_linear_sizes
 from bitfit_peft.tuner.layer import BitFitLayer
@@ -46,9 +46,11 @@ def capture_layout(model: nn.Module, internal: str) -> Layout:
     deltas: dict[str, BitFitLayer] = {}
     head_params: dict[str, tuple[ModulesToSaveWrapper, str, tuple[int, ...], bool]] = {}
     wrappers: list[ModulesToSaveWrapper] = []
+    targets: set[str] = set()  #: module names (as the tuner names them: without PEFT's prefix) of the deltas
     for name, module in model.named_modules():
-        if isinstance(module, BitFitLayer) and internal in module._deltas:
+        if isinstance(module, BitFitLayer) and internal in module.bitfit_delta:
             deltas[f"{name}.{DELTA_KEY}"] = module
+            targets.add(name.removeprefix(PEFT_PREFIX))
         elif isinstance(module, ModulesToSaveWrapper) and internal in module.modules_to_save:
             wrappers.append(module)
             original = module.original_module
@@ -58,8 +60,7 @@ def capture_layout(model: nn.Module, internal: str) -> Layout:
             for path, tensor in original.state_dict().items():
                 flexible = path.startswith(prefix) and path[len(prefix):] in out_names
                 head_params[f"{name}.{path}"] = (module, path, tuple(tensor.shape), flexible)
-    targets = set(model.base_model._resolved_targets.get(internal, ()))
-    devices = {layer: layer._deltas[internal].device for layer in deltas.values()}
+    devices = {layer: layer.delta_of(internal).device for layer in deltas.values()}
     return Layout(deltas, head_params, wrappers, targets, devices)
 
 
@@ -116,8 +117,8 @@ def _layout_problems(keys: set[str], shapes: dict[str, tuple[int, ...]], layout:
     missing_heads = sorted(set(layout.head_params) - keys)
     if missing_heads:
         problems.append(f"{len(missing_heads)} modules_to_save tensor(s) missing (e.g. {missing_heads[:MAX_LISTED]})")
-    wrong = [f"{k}: file {shapes[k]} vs model {layer._bias_shape}" for k, layer in layout.deltas.items()
-             if k in shapes and shapes[k] != tuple(layer._bias_shape)]
+    wrong = [f"{k}: file {shapes[k]} vs model {layer.bias_shape}" for k, layer in layout.deltas.items()
+             if k in shapes and shapes[k] != tuple(layer.bias_shape)]
     outputs: dict[int, set[int]] = {}
     for key, (wrapper, _, shape, flexible) in layout.head_params.items():
         got = shapes.get(key)
@@ -142,14 +143,14 @@ def _packed_deltas(layout: Layout, tensors: dict[str, torch.Tensor]) -> dict[Bit
         by_device.setdefault(layout.devices[layer], []).append((key, layer))
     deltas: dict[BitFitLayer, nn.Parameter] = {}
     for device, members in by_device.items():
-        sizes = [int(torch.Size(layer._bias_shape).numel()) for _, layer in members]
+        sizes = [int(torch.Size(layer.bias_shape).numel()) for _, layer in members]
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
         offset = 0
         for (key, layer), size in zip(members, sizes, strict=True):
-            view = flat[offset:offset + size].view(layer._bias_shape)
+            view = flat[offset:offset + size].view(layer.bias_shape)
             value = tensors.get(key)
             if value is not None:  # else pruned at save time: zeros
-                view.copy_(value.reshape(layer._bias_shape))
+                view.copy_(value.reshape(layer.bias_shape))
             deltas[layer] = nn.Parameter(view, requires_grad=False)
             offset += size
     return deltas

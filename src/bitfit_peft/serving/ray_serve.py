@@ -9,7 +9,8 @@ Three deployments make one application (:func:`build_app`):
 - ``AdapterReplica`` (``replicas`` or ``autoscaling_config``): one :class:`MultiTaskEngine`. Every input of a
   request is one call of a ``@serve.batch`` method, so inputs of *different* tasks share a forward (the adapter name
   stays in the payload; no ``@serve.multiplexed`` routing, which would split batches by model id).
-- ``AdapterRegistry`` (one replica): ``{name: spec}`` of every adapter plus a version. A hot load is validated by
+- ``AdapterRegistry`` (one replica; cluster-wide, unlike each engine's own ``registry.Registry``): ``{name: spec}``
+  of every adapter plus a version. A hot load is validated by
   loading it on the replica that receives it, then recorded; the other replicas sync to the registry version before
   serving (cached ``sync_interval_s``; forced when a request names a task they do not hold, so it is answered, not
   dropped), and every replica is told to sync right after a load or unload. A restarted replica syncs on start.
@@ -17,8 +18,7 @@ Three deployments make one application (:func:`build_app`):
 Example::
 
     import ray
-import ray
-from ray import serve
+    from ray import serve
     from bitfit_peft.serving.ray_serve import build_app
 
     serve.run(build_app("base/", {"sst2": "out/sst2", "spam": "out/spam"}, replicas=2), route_prefix="/")
@@ -42,6 +42,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from bitfit_peft.serving.engine import MultiTaskEngine, normalize_task_type
+from bitfit_peft.serving.errors import EngineError, UnknownTaskError
 from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app, run_engine_batch, unknown_tasks
 
 __all__ = ["AdapterRegistry", "AdapterReplica", "BitFitIngress", "build_app"]
@@ -93,8 +95,6 @@ class AdapterReplica:
                        max_batch_size: int, batch_wait_timeout_s: float, sync_interval_s: float,
                        torch_threads: int | None) -> None:
         import torch
-
-        from bitfit_peft.serving.engine import MultiTaskEngine
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -179,8 +179,6 @@ class AdapterReplica:
         results = await asyncio.gather(*(self._run_items((kind, settings, tuple(p))) for p in payloads))
         for r in results:
             if isinstance(r, Exception):
-                from bitfit_peft.serving.errors import EngineError, UnknownTaskError
-
                 if isinstance(r, UnknownTaskError):
                     return ("error", 404, str(r), "unknown_task")
                 status = 422 if isinstance(r, EngineError) else 500
@@ -193,10 +191,7 @@ class AdapterReplica:
 
     async def load(self, raw: dict[str, Any]) -> Result:
         spec = AdapterSpec(**raw)
-        await self._sync(force=True)
-        if self.engine.has_task(spec.name):
-            return ("error", 409, f"An adapter named {spec.name!r} is already loaded; DELETE it first.",
-                    "duplicate_adapter")
+        await self._sync(force=True)  # an adapter of that name recorded elsewhere is now here: the load is a 409
         try:
             info = await asyncio.to_thread(add_to_engine, self.engine, spec, self._roots, self._allow_hub)
         except ApiError as err:
@@ -299,7 +294,7 @@ class BitFitIngress:
     def __serve_build_asgi_app__(self) -> Any:
         s = self._settings
         backend = RayBackend(self._replicas, s["task_type"], s["base_name"], s["request_retries"])
-        return make_app(backend, adapter_roots=s["roots"], allow_hub=s["allow_hub"], admin=s["admin"],
+        return make_app(backend, admin=s["admin"],
                         admin_token=s["admin_token"], max_inputs_per_request=s["max_inputs_per_request"],
                         max_new_tokens_limit=s["max_new_tokens_limit"],
                         title="bitfit-peft multi-task server (Ray Serve)")
@@ -375,12 +370,9 @@ def build_app(
     roots = [str(Path(r).expanduser().resolve()) for r in adapter_roots]
     engine = {"base": base_name, "task_type": task_type, "device": device, "dtype": dtype, "max_length": max_length,
               "normalize_embeddings": normalize_embeddings}
-    from bitfit_peft.serving.engine import normalize_task_type
-
-    settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "roots": roots,
-                "allow_hub": allow_hub, "admin": admin, "admin_token": admin_token,
-                "request_retries": request_retries, "max_inputs_per_request": max_inputs_per_request,
-                "max_new_tokens_limit": max_new_tokens_limit}
+    settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "admin": admin,
+                "admin_token": admin_token, "request_retries": request_retries,
+                "max_inputs_per_request": max_inputs_per_request, "max_new_tokens_limit": max_new_tokens_limit}
     options: dict[str, Any] = {"ray_actor_options": ray_actor_options or {"num_cpus": 1},
                                "max_ongoing_requests": max(64, 2 * max_batch_size)}
     if autoscaling_config is not None:

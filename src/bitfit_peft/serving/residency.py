@@ -1,118 +1,84 @@
-"""Which adapters are in memory: an optional cap with least-recently-used eviction and loading on first request.
+"""Which adapters may be in memory: an optional cap, least-recently-used order and how to reload each adapter.
 
 Without a cap (``max_resident=None``, the default) every loaded adapter stays resident; a BitFit adapter is
 ~100-400 KB, so ten thousand fit next to one base. With ``max_resident=K`` the engine keeps at most ``K`` adapters
-in memory: every adapter it has loaded stays *known* (its source is remembered), the least recently used one is
-evicted when a load needs room, and a request for a known but evicted adapter, or for ``<root>/<name>`` of one of
-``adapter_roots``, loads it first (outside the engine lock; the request waits for that load only).
+in memory: every adapter it has loaded stays *known* (how to load it is remembered), the least recently used one is
+evicted when a load needs room, and a request for a known but evicted adapter (or for ``<root>/<name>`` of one of
+``adapter_roots``) loads it first.
+
+:class:`Residency` is only the bookkeeping, like vLLM's ``AdapterLRUCache``: it says *which* adapters to evict and
+*how* to reload one; the registry (``registry.py``) does the loading and unloading, under its lock.
 
 Example:
-    >>> # engine = MultiTaskEngine(base, max_resident=1000, adapter_roots=["/srv/adapters"])
-    >>> # engine.predict([("task_0042", "text")])  # /srv/adapters/task_0042 loaded on first use
+    >>> from bitfit_peft.serving.loaded import LoadRequest
+    >>> lru = Residency(capacity=2)
+    >>> for name in ("a", "b", "c"):
+    ...     lru.remember(name, LoadRequest(f"/srv/adapters/{name}"))
+    >>> lru.touch(["a"])  # "a" served a batch: "b" is now the least recently used
+    >>> lru.take_victims(resident=["a", "b", "c"], keep=["c"])
+    ['b']
+    >>> lru.request_for("b").source  # evicted, still known
+    '/srv/adapters/b'
 """
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-from peft.utils.constants import CONFIG_NAME
+from collections.abc import Collection, Iterable
 
 from bitfit_peft.serving.errors import EngineError
-from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
+from bitfit_peft.serving.loaded import LoadRequest
 
 __all__ = ["Residency"]
 
-_RETRIES = 3  #: loads of a batch's adapters that a concurrent eviction may undo before the batch gives up
-
 
 class Residency:
-    """Cap, LRU order and on-demand loads of :class:`MultiTaskEngine` (see the module docstring)."""
+    """Known adapters (with how to reload each) and the use order of the resident ones, under an optional cap.
 
-    # provided by MultiTaskEngine / the other rooms
-    _lock: threading.RLock
-    _tasks: dict
-    max_resident: int | None
-    adapter_roots: list[Path]
-    _known: dict[str, dict[str, Any]]  #: name -> add_adapter arguments, for loads after an eviction
-    _last_used: OrderedDict[str, None]
+    Not thread-safe by itself: the registry calls the mutating methods under its lock.
+    """
 
-    # _add(name, source, keep, **kwargs) and _unload(name): the lifecycle room
+    def __init__(self, capacity: int | None) -> None:
+        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1):
+            raise EngineError(f"max_resident must be a positive integer or None, got {capacity!r}.")
+        self.capacity = capacity
+        self._known: dict[str, LoadRequest] = {}
+        self._order: OrderedDict[str, None] = OrderedDict()  #: resident adapters, least recently used first
 
-    def has_task(self, name: str) -> bool:
-        """Whether ``name`` can be served: the base, a resident adapter, or (with a cap) one that loads on use."""
-        if name == BASE_ADAPTER_NAME or name in self._tasks:
-            return True
-        return self.max_resident is not None and (name in self._known or self._in_roots(name) is not None)
+    @property
+    def capped(self) -> bool:
+        return self.capacity is not None
 
-    def _in_roots(self, name: str) -> Path | None:
-        for root in self.adapter_roots:
-            folder = root / name
-            try:
-                if (folder / CONFIG_NAME).is_file():
-                    return folder
-            except (OSError, ValueError):
-                return None
-        return None
+    def remember(self, name: str, request: LoadRequest) -> None:
+        """A load committed: ``name`` is known (reloadable) and the most recently used."""
+        self._known[name] = request
+        self._order[name] = None
+        self._order.move_to_end(name)
 
-    def _remember(self, name: str, source: str | Path, kwargs: dict[str, Any]) -> None:
-        """Called by a successful load: the adapter is known (reloadable) and the most recently used."""
-        self._known[name] = {"source": source, **kwargs}
-        self._last_used[name] = None
-        self._last_used.move_to_end(name)
-
-    def _forget(self, name: str) -> None:
-        """Called by an explicit remove: the adapter is no longer known."""
+    def forget(self, name: str) -> None:
+        """An explicit remove: ``name`` is no longer known."""
         self._known.pop(name, None)
-        self._last_used.pop(name, None)
+        self._order.pop(name, None)
 
-    def _make_room(self, keep: Sequence[str] = ()) -> None:
-        """Under the lock, after a load committed: evict least recently used adapters down to ``max_resident``."""
-        if self.max_resident is None:
-            return
-        for name in list(self._last_used):
-            if len(self._tasks) <= self.max_resident:
-                return
-            if name in self._tasks and name not in keep:
-                self._unload(name)
-                self._last_used.pop(name, None)
+    def request_for(self, name: str) -> LoadRequest | None:
+        """How ``name`` was loaded last (None: never, or removed since)."""
+        return self._known.get(name)
 
-    def _ensure_resident(self, names: Sequence[str]) -> None:
-        """Load the known-but-evicted (or in-roots) adapters among ``names`` before a batch takes the lock."""
-        if self.max_resident is None:
-            return
-        wanted = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
-        if len(wanted) > self.max_resident:
-            raise EngineError(f"This batch names {len(wanted)} adapters but at most max_resident="
-                              f"{self.max_resident} can be in memory at once; send smaller batches.")
-        for _ in range(_RETRIES):
-            missing = [n for n in wanted if n not in self._tasks]
-            if not missing:
-                return
-            for name in missing:
-                self._load_known(name, keep=wanted)
-
-    def _load_known(self, name: str, keep: Sequence[str]) -> None:
-        args = self._known.get(name)
-        if args is None:
-            folder = self._in_roots(name)
-            if folder is None:
-                return  # unknown: the batch's task check reports it
-            args = {"source": folder, "hub": False, "within": self.adapter_roots}
-        args = dict(args)
-        try:
-            self._add(name, args.pop("source"), keep, **args)
-        except EngineError as err:
-            if "already loaded" not in str(err):  # another request loaded it meanwhile: fine
-                raise
-
-    def _touch(self, names: Sequence[str]) -> None:
-        """Under the lock, when a batch runs: its adapters become the most recently used."""
-        if self.max_resident is None:
+    def touch(self, names: Iterable[str]) -> None:
+        """A batch ran: its adapters become the most recently used (only with a cap: the order matters then)."""
+        if self.capacity is None:
             return
         for name in names:
-            if name in self._last_used:
-                self._last_used.move_to_end(name)
+            if name in self._order:
+                self._order.move_to_end(name)
+
+    def take_victims(self, resident: Collection[str], keep: Collection[str]) -> list[str]:
+        """Adapters of ``resident`` to evict, least recently used first, so that at most ``capacity`` stay; never
+        one of ``keep``. They leave the use order but stay known."""
+        if self.capacity is None:
+            return []
+        excess = len(resident) - self.capacity
+        victims = [n for n in self._order if n in resident and n not in keep][:max(excess, 0)]
+        for name in victims:
+            del self._order[name]
+        return victims

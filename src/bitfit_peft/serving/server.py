@@ -19,7 +19,6 @@ need ``Authorization: Bearer <token>``.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -31,15 +30,22 @@ from typing import Any, Protocol
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from peft.utils.constants import CONFIG_NAME
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.names import __version__
 from bitfit_peft.serving.batching import DynamicBatcher, QueueFullError
-from bitfit_peft.serving.engine import MultiTaskEngine, validate_adapter_name
-from bitfit_peft.serving.errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
+from bitfit_peft.serving.engine import MultiTaskEngine
+from bitfit_peft.serving.errors import (
+    AdapterNameError,
+    AdapterNotFoundError,
+    AdapterPathError,
+    BadAdapterPathError,
+    DuplicateAdapterError,
+    EngineError,
+    UnknownTaskError,
+)
 from bitfit_peft.serving.schemas import (
     GenerateRequest,
     LoadAdapterRequest,
@@ -49,7 +55,7 @@ from bitfit_peft.serving.schemas import (
 )
 from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
-__all__ = ["AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app", "resolve_in_roots"]
+__all__ = ["LOAD_ERRORS", "AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app"]
 
 logger = logging.getLogger(__name__)
 PREDICT_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION")
@@ -67,7 +73,8 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A checked hot-load request: ``source`` is an absolute folder inside the roots, or a Hub id (``hub``).
+    """A hot-load request: ``source`` is a path (inside the server's roots; relative ones are taken relative to
+    them) or a Hub id (``hub``). The engine's registry checks the name and the path when it loads the spec.
 
     ``confined=False`` and ``allow_base_mismatch`` only for the operator's own start-up adapters (``--adapter``).
     """
@@ -98,60 +105,29 @@ class Backend(Protocol):
     async def health(self) -> dict[str, Any]: ...
 
 
-# ---------------------------------------------------------------------------------------------------- paths
-def resolve_in_roots(path: str, roots: Sequence[Path]) -> Path | None:
-    """``path`` resolved (symlinks followed) if it lies inside one of ``roots``, else None.
-
-    A relative ``path`` is taken relative to each root in turn. Raises ``OSError`` / ``RuntimeError`` for paths
-    the OS cannot resolve (symlink loops, names too long).
-    """
-    raw = Path(path).expanduser()
-    for root in roots:
-        root = Path(root).expanduser().resolve()
-        candidate = (raw if raw.is_absolute() else root / raw).resolve()
-        if candidate == root or candidate.is_relative_to(root):
-            return candidate
-    return None
+# ---------------------------------------------------------------------------------------------------- hot loads
+#: how a refused hot load is answered: the first matching class wins (subclasses before their base classes)
+LOAD_ERRORS: tuple[tuple[type[Exception], int, str | None], ...] = (
+    (DuplicateAdapterError, 409, "duplicate_adapter"),
+    (AdapterNameError, 422, "invalid_request"),
+    (AdapterNotFoundError, 404, None),
+    (BadAdapterPathError, 400, None),
+    (AdapterPathError, 403, "adapter_path"),
+)
 
 
-def resolve_adapter_path(path: str, roots: Sequence[Path]) -> Path:
-    """The adapter folder ``path`` names inside ``roots``, or :class:`ApiError` (400 / 403 / 404) saying why."""
-    if not roots:
-        raise ApiError(403, "Hot loading from paths is disabled: the server has no adapter roots (--adapter-root).")
-    try:
-        resolved = resolve_in_roots(path, roots)
-        if resolved is None:
-            raise ApiError(403, "Path is outside the server's adapter roots; give a folder inside one of them.")
-        is_dir, exists = resolved.is_dir(), resolved.exists()
-        has_config = is_dir and (resolved / CONFIG_NAME).is_file()
-    except RuntimeError as err:  # Python 3.11: symlink loop in Path.resolve()
-        raise ApiError(400, f"Path {path!r} is a symlink loop; point at a real adapter folder.") from err
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ApiError(400, f"Path {path!r} is a symlink loop; point at a real adapter folder.") from err
-        raise ApiError(400, f"Path {path!r} cannot be resolved ({err.strerror or err}); shorten or fix it.") from err
-    if not exists:
-        raise ApiError(404, f"No adapter folder at {path!r} in the adapter roots.")
-    if not is_dir:
-        raise ApiError(400, f"Path {path!r} is a file; give the adapter folder that holds {CONFIG_NAME}.")
-    if not has_config:
-        raise ApiError(404, f"No adapter ({CONFIG_NAME}) at {path!r} in the adapter roots.")
-    return resolved
-
-
-def adapter_spec(body: LoadAdapterRequest, roots: Sequence[Path], allow_hub: bool) -> AdapterSpec:
-    """Check a hot-load request against the server's roots and Hub setting."""
+def adapter_spec(body: LoadAdapterRequest) -> AdapterSpec:
+    """The hot-load request as an :class:`AdapterSpec`; the engine's registry checks its name and path."""
     labels = tuple(body.label_names) if body.label_names is not None else None
     if body.hub_id is not None:
-        if not allow_hub:
-            raise ApiError(403, "Loading adapters from the Hugging Face Hub is disabled on this server (--allow-hub).")
         return AdapterSpec(body.name, body.hub_id, True, body.revision, labels)
     assert body.path is not None
-    return AdapterSpec(body.name, str(resolve_adapter_path(body.path, roots)), False, body.revision, labels)
+    return AdapterSpec(body.name, body.path, False, body.revision, labels)
 
 
 def add_to_engine(engine: MultiTaskEngine, spec: AdapterSpec, roots: Sequence[Path], allow_hub: bool) -> Any:
-    """``engine.add_adapter`` for ``spec``, confined to ``roots``; errors as :class:`ApiError`."""
+    """``engine.add_adapter`` for ``spec``, confined to ``roots``; its errors as :class:`ApiError` (``LOAD_ERRORS``,
+    else 422)."""
     try:
         return engine.add_adapter(
             spec.name, spec.source, revision=spec.revision,
@@ -159,15 +135,12 @@ def add_to_engine(engine: MultiTaskEngine, spec: AdapterSpec, roots: Sequence[Pa
             allow_hub=allow_hub and spec.hub, allow_base_mismatch=spec.allow_base_mismatch, hub=spec.hub,
             within=list(roots) if spec.confined and not spec.hub else None,
         )
-    except DuplicateAdapterError as err:
-        raise ApiError(409, str(err), "duplicate_adapter") from err
-    except AdapterPathError as err:
-        raise ApiError(403, str(err), "adapter_path") from err
-    except (EngineError, BitFitError) as err:
-        raise ApiError(422, f"Could not load adapter {spec.name!r}: {err}", "invalid_adapter") from err
     except Exception as err:  # noqa: BLE001 - a broken adapter must not take the server down
-        raise ApiError(422, f"Could not load adapter {spec.name!r}: {type(err).__name__}: {err}",
-                       "invalid_adapter") from err
+        for exc_type, status, code in LOAD_ERRORS:
+            if isinstance(err, exc_type):
+                raise ApiError(status, str(err), code) from err
+        why = str(err) if isinstance(err, (EngineError, BitFitError)) else f"{type(err).__name__}: {err}"
+        raise ApiError(422, f"Could not load adapter {spec.name!r}: {why}", "invalid_adapter") from err
 
 
 def run_engine_batch(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: list[Any]) -> list[Any]:
@@ -227,16 +200,11 @@ class LocalBackend:
         return [i.to_dict() for i in await asyncio.to_thread(self.engine.adapters)]
 
     async def load(self, spec: AdapterSpec) -> dict[str, Any]:
-        if spec.name in self.engine.tasks():  # (has_task is also true for adapters a cap would load on use)
-            raise ApiError(409, f"An adapter named {spec.name!r} is already loaded; DELETE it first.",
-                           "duplicate_adapter")
         info = await asyncio.to_thread(add_to_engine, self.engine, spec, self.roots, self.allow_hub)
         return info.to_dict()
 
     async def unload(self, name: str) -> list[str]:
-        if name not in self.engine.tasks():
-            raise ApiError(404, f"No adapter named {name!r} is loaded.", "unknown_task")
-        await asyncio.to_thread(self.engine.remove_adapter, name)
+        await asyncio.to_thread(self.engine.remove_adapter, name)  # not loaded: UnknownTaskError, a 404
         return self.engine.tasks()
 
     async def stats(self) -> dict[str, Any]:
@@ -323,8 +291,6 @@ def install_error_handlers(app: FastAPI) -> None:
 def make_app(
     backend: Backend,
     *,
-    adapter_roots: Sequence[str | Path] = (),
-    allow_hub: bool = False,
     admin: bool = True,
     admin_token: str | None = None,
     max_inputs_per_request: int = 256,
@@ -332,15 +298,31 @@ def make_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     title: str = "bitfit-peft multi-task server",
 ) -> FastAPI:
-    """The FastAPI app of both servers over ``backend`` (see :func:`create_app` for the arguments)."""
+    """The FastAPI app of both servers over ``backend`` (see :func:`create_app` for the arguments; the backend holds
+    the adapter roots and the Hub setting, and its engines check hot loads against them)."""
     if admin_token is not None and not admin_token.strip():
         raise ValueError("admin_token is empty; give a non-empty secret or None for no admin authentication.")
-    roots = [Path(r).expanduser().resolve() for r in adapter_roots]
-    token = admin_token.encode("utf-8") if admin_token is not None else None
     app = FastAPI(title=title, version=__version__, lifespan=lifespan,
                   description="Many BitFit adapters over one base model; inputs of different tasks share a forward.")
-    app.state.backend, app.state.adapter_roots = backend, roots
+    app.state.backend = backend
     install_error_handlers(app)
+    _add_inference_routes(app, backend, max_inputs_per_request, max_new_tokens_limit)
+    _add_adapter_routes(app, backend, Depends(_admin_guard(admin, admin_token)))
+
+    @app.get("/v1/stats", summary="Batching statistics")
+    async def stats() -> dict[str, Any]:
+        return await backend.stats()
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return await backend.health()
+
+    return app
+
+
+def _admin_guard(admin: bool, admin_token: str | None) -> Callable[[Request], None]:
+    """The dependency of the adapter-management routes: 403 with ``admin=False``, 401 without the token."""
+    token = admin_token.encode("utf-8") if admin_token is not None else None
 
     def require_admin(request: Request) -> None:
         if not admin:
@@ -356,9 +338,13 @@ def make_app(
             raise ApiError(401, "Wrong admin token; send the server's --admin-token as a Bearer token.",
                            "unauthorized", {"WWW-Authenticate": challenge + ', error="invalid_token"'})
 
+    return require_admin
+
+
+def _add_inference_routes(app: FastAPI, backend: Backend, max_inputs: int, max_new_tokens_limit: int) -> None:
     def check_size(n: int) -> None:
-        if n > max_inputs_per_request:
-            raise ApiError(413, f"Too many inputs: {n} > {max_inputs_per_request} per request; split it.")
+        if n > max_inputs:
+            raise ApiError(413, f"Too many inputs: {n} > {max_inputs} per request; split it.")
 
     @app.post("/v1/predict", summary="Classify / regress / embed inputs of any loaded tasks")
     async def predict(body: PredictRequest) -> dict[str, Any]:
@@ -379,33 +365,20 @@ def make_app(
                                 f"{max_new_tokens_limit}; ask for fewer tokens.")
         return {"results": await backend.run("generate", body.settings(), [(it.task, it.prompt) for it in items])}
 
+
+def _add_adapter_routes(app: FastAPI, backend: Backend, admin: Any) -> None:
     @app.get("/v1/adapters", summary="Loaded adapters, their labels and memory")
     async def list_adapters() -> dict[str, Any]:
         return {"base": backend.base_name, "task_type": backend.task_type, "adapters": await backend.adapters()}
 
-    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(require_admin)],
+    @app.post("/v1/adapters", status_code=201, dependencies=[admin],
               summary="Hot-load an adapter (from an adapter root or the Hub)")
     async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
-        try:
-            validate_adapter_name(body.name)
-        except EngineError as err:
-            raise ApiError(422, str(err), "invalid_request") from err
-        spec = await asyncio.to_thread(adapter_spec, body, roots, allow_hub)
-        return await backend.load(spec)
+        return await backend.load(adapter_spec(body))
 
-    @app.delete("/v1/adapters/{name}", dependencies=[Depends(require_admin)], summary="Unload an adapter")
+    @app.delete("/v1/adapters/{name}", dependencies=[admin], summary="Unload an adapter")
     async def delete_adapter(name: str) -> dict[str, Any]:
         return {"removed": name, "adapters": await backend.unload(name)}
-
-    @app.get("/v1/stats", summary="Batching statistics")
-    async def stats() -> dict[str, Any]:
-        return await backend.stats()
-
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, Any]:
-        return await backend.health()
-
-    return app
 
 
 def create_app(
@@ -425,19 +398,20 @@ def create_app(
 
     Args:
         engine: the loaded :class:`MultiTaskEngine`.
-        max_batch_size / max_wait_ms: dynamic batching (inputs of any task arriving within ``max_wait_ms`` of the
-            oldest waiting one share a forward, up to ``max_batch_size``).
+        max_batch_size: dynamic batching: inputs of any task share a forward, up to this many.
+        max_wait_ms: how long the oldest waiting input waits for others to join its batch.
         max_queue: most inputs waiting; beyond it requests get HTTP 429 with a JSON message (never dropped).
         adapter_roots: directories hot loading (``POST /v1/adapters``) may read from: every file a load opens must
             resolve inside one of them. Empty disables loading from paths.
         allow_hub: let ``POST /v1/adapters`` download ``hub_id`` adapters from the Hugging Face Hub.
         admin: serve ``POST``/``DELETE /v1/adapters`` at all.
         admin_token: when set, those endpoints need ``Authorization: Bearer <admin_token>`` (else 401).
-        max_inputs_per_request / max_new_tokens_limit: request size limits (HTTP 413 beyond them).
+        max_inputs_per_request: most inputs in one request (HTTP 413 beyond it).
+        max_new_tokens_limit: most new tokens one generation may ask for (HTTP 413 beyond it).
     """
     roots = [Path(r).expanduser().resolve() for r in adapter_roots]
     backend = LocalBackend(engine, max_batch_size, max_wait_ms, max_queue, roots, allow_hub)
-    app = make_app(backend, adapter_roots=roots, allow_hub=allow_hub, admin=admin, admin_token=admin_token,
+    app = make_app(backend, admin=admin, admin_token=admin_token,
                    max_inputs_per_request=max_inputs_per_request, max_new_tokens_limit=max_new_tokens_limit,
                    lifespan=backend.lifespan)
     app.state.engine, app.state.batcher = engine, backend.batcher

@@ -1,9 +1,10 @@
 """BitFit training: reading files and Hub datasets (:mod:`.sources`), validating them for a task (:mod:`.data`),
-the default recipe (:mod:`.recipe`), ``learning_rate="auto"`` (:mod:`.lr_finder`) and a Trainer-based :func:`train`
-(:mod:`.train`)."""
+the options of a run (:class:`TrainArgs`, :mod:`.args`), the default recipe (:mod:`.recipe`),
+``learning_rate="auto"`` (:mod:`.lr_finder`) and a Trainer-based :func:`train` (:mod:`.train`)."""
 
 from __future__ import annotations
 
+from bitfit_peft.training.args import OptionError, TrainArgs
 from bitfit_peft.training.data import TaskData, demo_data_path, load_task_data
 from bitfit_peft.training.distributed import (
     block_classes,
@@ -12,11 +13,9 @@ from bitfit_peft.training.distributed import (
     shard_bitfit_model,
 )
 from bitfit_peft.training.lr_finder import AUTO_LR_GRID, LRSearchResult, find_learning_rate
-from bitfit_peft.training.recipe import RECIPE, Recipe
+from bitfit_peft.training.recipe import DEMO_DEFAULTS, RECIPE, Recipe
 from bitfit_peft.training.sources import DataError
 from bitfit_peft.training.train import (
-    DEFAULTS,
-    DEMO_DEFAULTS,
     BitFitTrainer,
     TrainResult,
     bitfit_param_groups,
@@ -26,14 +25,15 @@ from bitfit_peft.training.train import (
 
 __all__ = [
     "AUTO_LR_GRID",
-    "DEFAULTS",
     "DEMO_DEFAULTS",
     "RECIPE",
     "BitFitTrainer",
     "DataError",
     "LRSearchResult",
+    "OptionError",
     "Recipe",
     "TaskData",
+    "TrainArgs",
     "TrainResult",
     "bitfit_param_groups",
     "block_classes",

@@ -1,13 +1,19 @@
 """Train several BitFit tasks at once: a data collator that puts ``adapter_names`` into every batch.
 
 ``Trainer`` passes every key of the collated batch to ``model(**batch)``, and ``PeftModel.forward`` hands
-``adapter_names`` to the BitFit routing, so each sample's loss flows only into its own task's deltas (and head,
-with :func:`~bitfit_peft.serving.enable_head_routing`).
+``adapter_names`` to the BitFit routing, so each sample's loss flows only into its own task's deltas and its own
+classifier head (the core routes heads per sample on every mixed-task call; nothing to enable).
 
 Example:
-    >>> # collator = MultiTaskCollator(tokenizer)          # features carry a "task" key
-    >>> # args = TrainingArguments(..., remove_unused_columns=False)   # keep the "task" column
-    >>> # Trainer(model=peft_model, args=args, train_dataset=mixed, data_collator=collator).train()
+    >>> collator = MultiTaskCollator(collate=lambda rows: {"x": [r["x"] for r in rows]})
+    >>> collator([{"task": "sst2", "x": 1, "text": "fine"}, {"task": "spam", "x": 2, "text": "WIN"}])
+    {'x': [1, 2], 'adapter_names': ['sst2', 'spam']}
+
+With a tokenizer (features carry a ``"task"`` key; keep that column in the dataset)::
+
+    collator = MultiTaskCollator(tokenizer)
+    args = TrainingArguments(..., remove_unused_columns=False)
+    Trainer(model=peft_model, args=args, train_dataset=mixed, data_collator=collator).train()
 """
 
 from __future__ import annotations

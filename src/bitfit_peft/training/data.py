@@ -198,34 +198,10 @@ def build_examples(
         required["--label-column"] = label_column
     _check_columns(records, required, raw.source)
 
-    examples: list[dict[str, Any]] = []
     if task == "token-cls":
         declared = label_names or raw.label_names.get(label_column or "")
-        tag_rows = []
-        for row, rec in enumerate(records):
-            words = _words(rec[text_column], text_column, row)
-            tags = rec[label_column]
-            tags = tags.split() if isinstance(tags, str) else tags
-            if not isinstance(tags, (list, tuple)):
-                raise DataError(
-                    f"column {label_column!r} must hold one tag per word (a list or a whitespace-separated "
-                    f"string) for token-cls; row {row} holds {tags!r:.40}"
-                )
-            if len(tags) != len(words):
-                raise DataError(
-                    f"row {row}: {len(words)} words in {text_column!r} but {len(tags)} tags in "
-                    f"{label_column!r}; every word needs exactly one tag"
-                )
-            examples.append({"words": words})
-            tag_rows.append(list(tags))
-        flat = [t for tags in tag_rows for t in tags]
-        ids, names = _class_labels(flat, label_column or "", declared)
-        pos = 0
-        for ex, tags in zip(examples, tag_rows, strict=True):
-            ex["labels"] = ids[pos : pos + len(tags)]
-            pos += len(tags)
-        return examples, names
-
+        return _token_examples(records, text_column, label_column or "", declared)
+    examples: list[dict[str, Any]] = []
     for row, rec in enumerate(records):
         ex = {"text": _text(rec[text_column], text_column, row, "--text-column")}
         if text_pair_column:
@@ -242,6 +218,37 @@ def build_examples(
     ids, names = _class_labels(values, label_column or "", declared)
     for ex, i in zip(examples, ids, strict=True):
         ex["label"] = i
+    return examples, names
+
+
+def _token_examples(
+    records: Sequence[dict[str, Any]], text_column: str, label_column: str, declared: list[str] | None
+) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """token-cls examples (``{"words", "labels"}``, one tag id per word) and the tag names."""
+    examples: list[dict[str, Any]] = []
+    tag_rows = []
+    for row, rec in enumerate(records):
+        words = _words(rec[text_column], text_column, row)
+        tags = rec[label_column]
+        tags = tags.split() if isinstance(tags, str) else tags
+        if not isinstance(tags, (list, tuple)):
+            raise DataError(
+                f"column {label_column!r} must hold one tag per word (a list or a whitespace-separated "
+                f"string) for token-cls; row {row} holds {tags!r:.40}"
+            )
+        if len(tags) != len(words):
+            raise DataError(
+                f"row {row}: {len(words)} words in {text_column!r} but {len(tags)} tags in "
+                f"{label_column!r}; every word needs exactly one tag"
+            )
+        examples.append({"words": words})
+        tag_rows.append(list(tags))
+    flat = [t for tags in tag_rows for t in tags]
+    ids, names = _class_labels(flat, label_column, declared)
+    pos = 0
+    for ex, tags in zip(examples, tag_rows, strict=True):
+        ex["labels"] = ids[pos : pos + len(tags)]
+        pos += len(tags)
     return examples, names
 
 

@@ -108,9 +108,9 @@ def shard_bitfit_model(
     if not units:
         raise ValueError(f"No module of the block classes {[c.__name__ for c in blocks_of]} in the model.")
     for block in units:
-        banks = [m.bitfit_delta for m in block.modules() if isinstance(m, BitFitLayer) and len(m.bitfit_delta)]
-        if banks:
-            fully_shard(banks, **delta_kwargs)
+        storages = [m.bitfit_delta for m in block.modules() if isinstance(m, BitFitLayer) and len(m.bitfit_delta)]
+        if storages:
+            fully_shard(storages, **delta_kwargs)
         fully_shard(block, **base_kwargs)
     rest = [la.bitfit_delta for la in layers if la not in inside and len(la.bitfit_delta)]
     if rest:

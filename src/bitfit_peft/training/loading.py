@@ -1,15 +1,15 @@
-"""Model, tokenizer and collator loading for :func:`bitfit_peft.training.train`.
+"""Model, tokenizer and collator loading for :func:`bitfit_peft.training.train`, and :func:`load_trained` to reload
+what it saved.
 
 Example:
-    >>> from bitfit_peft.training.loading import split_terms
-    >>> split_terms("query, intermediate"), split_terms("all")
-    (['query', 'intermediate'], 'all')
+    >>> from bitfit_peft.training.loading import collator
+    >>> collator("causal-lm", None).mlm
+    False
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +65,6 @@ def collator(task: str, tokenizer: Any) -> Any:
     if task == "causal-lm":
         return DataCollatorForLanguageModeling(tokenizer, mlm=False)
     return DataCollatorWithPadding(tokenizer)
-
-
-def split_terms(bias_terms: str | Sequence[str]) -> str | list[str]:
-    if isinstance(bias_terms, str):
-        terms = [t.strip() for t in bias_terms.split(",") if t.strip()]
-        return "all" if terms in ([], ["all"]) else terms
-    return list(bias_terms)
 
 
 def default_model_path() -> str:

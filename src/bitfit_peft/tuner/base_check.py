@@ -49,7 +49,7 @@ def module_entries(model: nn.Module, names: Iterable[str]) -> list[Entry]:
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, BitFitLayer):
-            base, shape, bias = module.get_base_layer(), module._bias_shape, module.original_bias()
+            base, shape, bias = module.get_base_layer(), module.bias_shape, module.original_bias()
         else:
             base, shape, bias = module, bias_shape(module), getattr(module, "bias", None)
         weight = _materialize(base, getattr(base, "weight", None), "weight")

@@ -10,7 +10,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -85,3 +89,62 @@ def execution_device(module: nn.Module) -> torch.device | None:
         if device is not None:
             return device if isinstance(device, torch.device) else torch.device(device)
     return None
+
+
+def _linear(base: nn.Linear, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    weight = base._parameters["weight"]
+    return F.linear(x, weight, bias if bias.dtype == weight.dtype else bias.to(weight.dtype))
+
+
+def _conv1d_hf(base: Conv1D, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    weight = base._parameters["weight"]
+    bias = bias if bias.dtype == weight.dtype else bias.to(weight.dtype)
+    return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(x.size()[:-1] + (base.nf,))
+
+
+def _conv(base: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    weight = base._parameters["weight"]
+    return base._conv_forward(x, weight, bias if bias.dtype == weight.dtype else bias.to(weight.dtype))
+
+
+def _norm_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if bias.dtype == weight.dtype or (x.device.type == "cuda" and torch.is_autocast_enabled("cuda")):
+        return bias  # CUDA autocast runs norms in fp32: the fp32 bias as is (no round trip through bf16)
+    return bias.to(weight.dtype)
+
+
+def _layer_norm(base: nn.LayerNorm, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    weight = base._parameters["weight"]
+    return F.layer_norm(x, base.normalized_shape, weight, _norm_bias(x, weight, bias), base.eps)
+
+
+def _group_norm(base: nn.GroupNorm, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    weight = base._parameters["weight"]
+    return F.group_norm(x, base.num_groups, weight, _norm_bias(x, weight, bias), base.eps)
+
+
+#: The op of each FUSED_TYPES type, called as ``op(base, x, bias)``. Each casts an fp32 delta to the weight's dtype
+#: (one tiny cast; the gradient stays fp32).
+_BIAS_OPS: dict[type[nn.Module], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.Linear: _linear,
+    Conv1D: _conv1d_hf,
+    **dict.fromkeys(CONV_TYPES, _conv),
+    nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+}
+
+
+def fused_op(base: nn.Module) -> Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The base module's own op as ``op(base, x, bias)``, for running it with ``bias + delta`` as its bias (no extra
+    kernel); None when the delta must be added after the module runs (other types, subclasses, norms without weight).
+
+    Example:
+        >>> linear = nn.Linear(2, 2)
+        >>> torch.equal(fused_op(linear)(linear, torch.ones(1, 2), linear.bias), linear(torch.ones(1, 2)))
+        True
+        >>> fused_op(nn.LayerNorm(4, elementwise_affine=False)) is None
+        True
+    """
+    if isinstance(base, (nn.LayerNorm, nn.GroupNorm)) and base.weight is None:
+        return None
+    return _BIAS_OPS.get(type(base))

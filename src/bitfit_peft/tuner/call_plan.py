@@ -19,8 +19,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from bitfit_peft.tuner.heads import route_heads
-from bitfit_peft.tuner.layer import BitFitLayer, MixedCall
-from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME, Routing
+from bitfit_peft.tuner.layer import BitFitLayer
+from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME, MixedCall, Routing
 
 try:
     from torch.distributed.tensor import DTensor
@@ -91,13 +91,17 @@ class CallPlanMixin:
             ),
             None,
         )
-        self._routing.set(adapter_names, device=device)
+        routing = self._routing
+        routing.set(adapter_names, device=device)
         if batch is None:  # PeftModel*.forward keeps input_ids out of kwargs: the model's first call checks it
-            self._routing.expected_batch = len(adapter_names)
-        for layer in layers:  # every layer reads one prepared table: no Python caches inside the model call
-            layer.stage_mixed_table(self._routing.adapters)
+            routing.expected_batch = len(adapter_names)
+        # Disabled layers run the bare base (nothing staged); every other layer gets one frozen MixedCall with its
+        # rows gathered for all layers at once, so no Python caches run inside the model call
+        layers = [layer for layer in layers if not layer.disable_adapters]
+        tables = [layer.table_for_call(routing.adapters) for layer in layers]
+        for layer, rows in zip(layers, self._gather_all_layers(tables, routing.index), strict=True):
+            layer.stage_call(MixedCall(routing.index, routing.adapters, rows))
         self._mixed_staged = layers
-        self._gather_all_layers(layers)
 
     def _call_structure(self) -> tuple[list, list]:
         """The BitFit layers and head wrappers for this call.
@@ -116,41 +120,42 @@ class CallPlanMixin:
         staged = getattr(self, "_mixed_staged", None)
         if staged:
             for layer in staged:
-                layer.set_call(None)
+                layer.stage_call(None)
             self._mixed_staged = None
 
-    def _gather_all_layers(self, layers: list) -> None:
-        """Gather every layer's per-sample delta rows with ONE ``index_select`` per (device, dtype).
+    def _gather_all_layers(self, tables: list[torch.Tensor | None], index: torch.Tensor) -> list[torch.Tensor | None]:
+        """Gather the per-sample delta rows of every layer's table with ONE ``index_select`` per (device, dtype).
 
-        The staged tables are concatenated into one ``[1 + n_adapters, sum of bias sizes]`` tensor (cached while
-        the tables are), the per-sample rows gathered once, and each layer gets a view of its columns: inside the
-        model a layer then adds a ready ``[batch, bias]`` tensor (one kernel per layer instead of two).
+        The tables are concatenated into one ``[1 + n_adapters, sum of bias sizes]`` tensor (cached while the
+        tables are), the per-sample rows gathered once, and each layer gets a view of its columns: inside the
+        model a layer then adds a ready ``[batch, bias]`` tensor (one kernel per layer instead of two). A layer
+        without a table (None) gets None: it gathers itself as it runs.
         """
-        index = self._routing.index
-        groups: dict[tuple, list] = {}
-        for layer in layers:
-            table = layer._call.table
+        groups: dict[tuple, list[int]] = {}
+        for i, table in enumerate(tables):
             if table is not None:
-                groups.setdefault((table.device, table.dtype), []).append(layer)
+                groups.setdefault((table.device, table.dtype), []).append(i)
         cache = self._flat_tables
         fresh: dict[tuple, tuple[list, torch.Tensor]] = {}
+        rows: list[torch.Tensor | None] = [None] * len(tables)
         for key, members in groups.items():
-            tables = [layer._call.table for layer in members]
+            group = [tables[i] for i in members]
             hit = cache.get(key)
-            same = hit is not None and len(hit[0]) == len(tables)
-            if same and all(a is b for a, b in zip(hit[0], tables, strict=True)):
+            same = hit is not None and len(hit[0]) == len(group)
+            if same and all(a is b for a, b in zip(hit[0], group, strict=True)):
                 flat = hit[1]
             else:
-                flat = torch.cat([t.reshape(t.shape[0], -1) for t in tables], dim=1)
+                flat = torch.cat([t.reshape(t.shape[0], -1) for t in group], dim=1)
             if not flat.requires_grad:  # built from cached (inference) tables: reusable next call
-                fresh[key] = (tables, flat)
-            rows = flat.index_select(0, index.to(flat.device))
+                fresh[key] = (group, flat)
+            gathered = flat.index_select(0, index.to(flat.device))
             offset = 0
-            for layer, table in zip(members, tables, strict=True):
+            for i, table in zip(members, group, strict=True):
                 width = table[0].numel()
-                layer.set_call(MixedCall(table, rows[:, offset : offset + width]))
+                rows[i] = gathered[:, offset : offset + width]
                 offset += width
         self._flat_tables = fresh
+        return rows
 
     def _install_batch_check(self) -> None:
         """One permanent pre-hook on the model (not one per call, which would make torch.compile recompile)."""
@@ -168,10 +173,18 @@ class CallPlanMixin:
         step launches the same kernels as naive bias training plus one multi-tensor add, instead of one small add
         per layer. Gradients flow through the foreach add to the deltas. Layers that cannot use it (mixed
         routing, merged, offloaded, several active adapters, parameters FSDP holds sharded until the layer's own
-        unit runs) keep the per-layer path. Re-entrant.
+        unit runs) keep the per-layer path. Re-entrant. Every forward of the model runs inside it.
 
         Example:
-            >>> # with model.base_model.precomputed_biases(): model(**batch)   # what every forward does
+            >>> import torch, bitfit_peft
+            >>> from peft import get_peft_model
+            >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 2)), bitfit_peft.BitFitConfig())
+            >>> layer = model.base_model.model[0]
+            >>> with model.base_model.precomputed_biases():
+            ...     staged = layer._staged_call  # base bias + delta, computed for all layers at once
+            ...     out = model.base_model.model(torch.ones(1, 4))  # the layer runs F.linear(x, W, staged) only
+            >>> torch.equal(staged, layer.base_layer.bias + layer.delta_of("default")), layer._staged_call
+            (True, None)
         """
         if self._precomputing:
             yield
@@ -203,17 +216,17 @@ class CallPlanMixin:
         staged = [layer for layer, _ in direct]
         for layers, bases, deltas in groups.values():
             for layer, eff in zip(layers, torch._foreach_add(bases, deltas), strict=True):
-                layer.set_call(eff)
+                layer.stage_call(eff)
             staged += layers
         for layer, delta in direct:
-            layer.set_call(delta)
+            layer.stage_call(delta)
         self._precomputing = True
         try:
             yield
         finally:
             self._precomputing = False
             for layer in staged:
-                layer.set_call(None)
+                layer.stage_call(None)
 
 
 FSDP1_FLAT_ERROR = (

@@ -3,6 +3,9 @@
 Heads (``modules_to_save``) are combined the same way when every adapter has one of the same shapes; otherwise the
 call is refused, since a combined adapter with a silently untrained head would be wrong. Non-finite weights, and
 combinations that overflow, are refused too; nothing is left behind by a refused call.
+
+The model writes its own state (:meth:`~bitfit_peft.tuner.model.BitFitModel.add_weighted_adapter`: the config, the
+injection, the rollback); this module checks the request, builds the config and computes the values.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import ModulesToSaveWrapper
 
 from bitfit_peft.errors import BitFitError
+from bitfit_peft.tuner.config import BitFitConfig
 from bitfit_peft.tuner.layer import layers_holding
 
 
@@ -48,9 +52,13 @@ def _check(tuner: BaseTuner, adapters: list[str], weights: list[float], adapter_
     return heads
 
 
-def add_weighted_adapter(tuner: BaseTuner, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-    """Create ``adapter_name`` = ``sum(w_i * adapter_i)`` over deltas and heads (see the module docstring)."""
+def combined_config(
+    tuner: BaseTuner, adapters: list[str], weights: list[float], adapter_name: str
+) -> tuple[BitFitConfig, list[dict[str, torch.nn.Module]]]:
+    """Check the request and return ``(the combined adapter's config, each adapter's heads)``; changes nothing.
 
+    The config targets every module any of ``adapters`` adapts (so the sum has a delta wherever one of them has).
+    """
     heads = _check(tuner, adapters, weights, adapter_name)
     configs = [tuner.peft_config[a] for a in adapters]
     new_config = copy.deepcopy(configs[0])
@@ -61,34 +69,34 @@ def add_weighted_adapter(tuner: BaseTuner, adapters: list[str], weights: list[fl
     new_config.layers_pattern = None
     new_config.exclude_modules = None
     new_config.base_fingerprint = None
-    tuner.peft_config[adapter_name] = new_config
-    try:
-        tuner.inject_adapter(tuner.model, adapter_name)
-        with torch.no_grad():
-            for layer in layers_holding(tuner.model, adapter_name).values():
-                target = layer.delta_of(adapter_name)
-                target.zero_()
-                for name, weight in zip(adapters, weights, strict=True):
-                    if name in layer.bitfit_delta:
-                        target.add_(layer.delta_of(name).to(target.device), alpha=float(weight))
-                if not torch.isfinite(target).all():
-                    raise BitFitError(
-                        f"add_weighted_adapter: the weighted sum overflows in {adapter_name!r} (weights {weights}). "
-                        "Use smaller weights. Nothing was added."
-                    )
-            for module_name, new_head in _heads(tuner, adapter_name).items():
-                if not heads[0]:
-                    break
-                sources = [(float(w), h[module_name].state_dict()) for w, h in zip(weights, heads, strict=True)]
-                combined = {key: sum(w * sd[key].float() for w, sd in sources) for key in new_head.state_dict()}
-                if not all(torch.isfinite(v).all() for v in combined.values()):
-                    raise BitFitError(f"add_weighted_adapter: the weighted head overflows (weights {weights}).")
-                for key, value in combined.items():
-                    new_head.state_dict()[key].copy_(value)
-    except Exception:
-        if len(tuner.peft_config) > 1:
-            tuner.delete_adapter(adapter_name)
-        else:
-            tuner.peft_config.pop(adapter_name)
-        raise
-    tuner._mark_only_adapters_as_trainable(tuner.model)
+    return new_config, heads
+
+
+def fill_weighted(
+    tuner: BaseTuner, adapters: list[str], weights: list[float], adapter_name: str, heads: list[dict]
+) -> None:
+    """Write ``sum(w_i * adapter_i)`` into the (just injected) deltas and heads of ``adapter_name``.
+
+    Raises BitFitError if a sum overflows; the caller then removes ``adapter_name``.
+    """
+    with torch.no_grad():
+        for layer in layers_holding(tuner.model, adapter_name).values():
+            target = layer.delta_of(adapter_name)
+            target.zero_()
+            for name, weight in zip(adapters, weights, strict=True):
+                if name in layer.bitfit_delta:
+                    target.add_(layer.delta_of(name).to(target.device), alpha=float(weight))
+            if not torch.isfinite(target).all():
+                raise BitFitError(
+                    f"add_weighted_adapter: the weighted sum overflows in {adapter_name!r} (weights {weights}). "
+                    "Use smaller weights. Nothing was added."
+                )
+        if not heads[0]:
+            return
+        for module_name, new_head in _heads(tuner, adapter_name).items():
+            sources = [(float(w), h[module_name].state_dict()) for w, h in zip(weights, heads, strict=True)]
+            combined = {key: sum(w * sd[key].float() for w, sd in sources) for key in new_head.state_dict()}
+            if not all(torch.isfinite(v).all() for v in combined.values()):
+                raise BitFitError(f"add_weighted_adapter: the weighted head overflows (weights {weights}).")
+            for key, value in combined.items():
+                new_head.state_dict()[key].copy_(value)

@@ -2,22 +2,34 @@
 
 PEFT's :class:`~peft.utils.ModulesToSaveWrapper` (the per-adapter classifier head of ``SEQ_CLS`` /
 ``TOKEN_CLS``) only follows ``adapter_names`` when a tuner injects them, and then only for Linear/Embedding/Conv
-heads of equal size. :func:`route_heads` (called by the core on every mixed-batch call) makes every head wrapper
-read the core's per-sample routing instead:
+heads of equal size. :func:`route_heads` (called by the core on every mixed-batch call: nothing to enable) makes
+every head wrapper read the core's per-sample routing instead:
 each sample goes through its own adapter's head copy (``"__base__"`` and adapters without a copy through the
 original module). Heads of different output sizes (2-way and 4-way classifiers) are allowed: their outputs are
 zero-padded along the last dimension to the widest head in the batch; slice each row to its task's
 ``num_labels``. Gradients flow to each head from its own samples only, so it also works for multi-task training.
 
 Example:
-    >>> # model = get_peft_model(bert_seq_cls, BitFitConfig(task_type="SEQ_CLS"), adapter_name="sst2")
-    >>> # model.load_adapter("spam-adapter", adapter_name="spam"); enable_head_routing(model)
-    >>> # model(**batch, adapter_names=["sst2", "spam", "__base__"]).logits  # each row from its own head
+    >>> import torch, bitfit_peft
+    >>> from peft import get_peft_model
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> net.add_module("head", torch.nn.Linear(4, 2))
+    >>> model = get_peft_model(net, bitfit_peft.BitFitConfig(target_modules=["0"], modules_to_save=["head"]),
+    ...                        adapter_name="sst2")
+    >>> model.add_adapter("spam", bitfit_peft.BitFitConfig(target_modules=["0"], modules_to_save=["head"]))
+    >>> with torch.no_grad():  # make spam's head copy differ from sst2's
+    ...     _ = model.base_model.model.head.modules_to_save["spam"].bias.add_(1.0)
+    >>> x = torch.ones(3, 4)
+    >>> mixed = model(x, adapter_names=["sst2", "spam", "__base__"])  # each row through its own head copy
+    >>> model.set_adapter("spam")
+    >>> torch.allclose(mixed[1], model(x[1:2])[0]), torch.allclose(mixed[0], mixed[1])
+    (True, False)
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -101,10 +113,17 @@ def _per_sample_heads(
 
 
 def enable_head_routing(peft_model: nn.Module) -> int:
-    """Route every head wrapper of ``peft_model`` per sample in mixed batches; returns how many were patched.
+    """Deprecated, and no longer needed: every ``adapter_names=[...]`` call routes the heads per sample.
 
-    The core calls this automatically on every ``adapter_names=[...]`` call; idempotent.
+    Still routes every head wrapper of ``peft_model`` (idempotent) and returns how many were patched; it will be
+    removed in the next release. Drop the call.
     """
+    warnings.warn(
+        "enable_head_routing() is deprecated and no longer needed: BitFit routes the heads (modules_to_save) per "
+        "sample on every adapter_names=[...] call. Remove the call; it goes away in the next release.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return route_heads(peft_model, routing_of(peft_model))
 
 

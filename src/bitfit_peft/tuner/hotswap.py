@@ -6,13 +6,12 @@ strict, read-only load path (``PeftConfig.from_pretrained``, ``load_peft_weights
 :func:`~bitfit_peft.files.delta_format.from_legacy`,
 :func:`~bitfit_peft.files.delta_format.check_adapter_state_dict`), checks everything first (type, targets, heads,
 keys, shapes, finite values, base fingerprint), and only then copies the deltas and ``modules_to_save``
-tensors in place under ``torch.no_grad()``. A refused swap changes nothing.
+tensors in place under ``torch.no_grad()`` (through
+:meth:`~bitfit_peft.tuner.model.BitFitModel.replace_adapter_values`). A refused swap changes nothing.
 
-Example:
-    >>> # model = torch.compile(PeftModel.from_pretrained(base, "adapter-a"))
-    >>> # model(**batch)                                        # compiles once
-    >>> # bitfit_peft.hotswap_adapter(model, "adapter-b", "default")
-    >>> # model(**batch)                                        # adapter-b's outputs, no recompilation
+Because the Parameters stay the same objects, a compiled model serves the new values without
+recompiling: load adapter A, compile, call it, hot-swap B into A's name, and the next call gives B's outputs from the
+same compiled code (``tests/test_hotswap.py`` checks it with ``error_on_recompile``).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from torch import nn
 
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.files import delta_format, fingerprint
+from bitfit_peft.names import PEFT_PREFIX
 from bitfit_peft.tuner.base_check import base_matches
 from bitfit_peft.tuner.config import BitFitConfig
 from bitfit_peft.tuner.layer import BitFitLayer, expected_tensors
@@ -114,19 +114,11 @@ def hotswap_adapter(
         delta_format.check_adapter_state_dict(remapped, adapter_name, deltas, heads)
     except BitFitError as err:
         raise _refused(where, str(err).split(": ", 1)[-1].split(". The model is unchanged")[0]) from err
-    destinations = {key: _tensor_at(peft_model, key) for key in remapped}
-    staged = {k: v.to(device=destinations[k].device, dtype=destinations[k].dtype) for k, v in remapped.items()}
-
-    # ---------------------------------------------------------------- swap in place (same Parameter objects)
-    with torch.no_grad():
-        for key, value in staged.items():
-            destinations[key].copy_(value)  # bumps _version, as the cached mixed-batch tables check
-    for layer in layers.values():
-        layer.drop_cached_tables()
-    tuner._flat_tables = {}
     for name in _KEPT_FIELDS:  # the stored config is the new adapter's (not an edit of one PEFT may share)
         setattr(config, name, getattr(old, name))
-    peft_model.peft_config[adapter_name] = config
+
+    # ---------------------------------------------------------------- swap in place (same Parameter objects)
+    tuner.replace_adapter_values(adapter_name, config, {k.removeprefix(PEFT_PREFIX): v for k, v in remapped.items()})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -161,11 +153,3 @@ def _to_model_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, to
             for saved, loaded in module.adapter_state_dict_load_map(adapter_name).items():
                 mapping[f"{name}.{saved}"] = f"{name}.{loaded}"
     return {mapping.get(key, key): value for key, value in state_dict.items()}
-
-
-def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
-    """The Parameter (or buffer) a model state-dict key names."""
-    module_name, _, attr = key.rpartition(".")
-    tensor = getattr(model.get_submodule(module_name), attr)
-    assert isinstance(tensor, torch.Tensor), key
-    return tensor

@@ -8,35 +8,23 @@ not grow with the number of loaded adapters.
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from bitfit_peft.names import DELTA_KEY
 from bitfit_peft.tuner.base_modules import (
     CONV_TYPES,
-    FUSED_TYPES,
     bias_shape,
     can_merge_into,
     execution_device,
+    fused_op,
     in_out_features,
 )
-from bitfit_peft.tuner.routing import Routing
-
-
-class MixedCall(NamedTuple):
-    """One layer's part of a mixed-batch call, staged by the model before the call."""
-
-    table: torch.Tensor | None  #: ``[1 + n_adapters, *bias_shape]`` (row 0 zeros); None: the layer builds it
-    rows: torch.Tensor | None = None  #: this call's ``[batch, bias]`` rows, gathered for all layers at once
-
-
-_NO_MIXED_CALL = MixedCall(None)
+from bitfit_peft.tuner.routing import MixedCall
 
 
 class BiasDeltas(nn.ParameterDict):
@@ -51,9 +39,9 @@ class BiasDeltas(nn.ParameterDict):
 
     Example:
         >>> import torch
-        >>> bank = BiasDeltas()
-        >>> bank["task"] = torch.nn.Parameter(torch.zeros(3))
-        >>> bank("task", torch.ones(3)).tolist()
+        >>> deltas = BiasDeltas()
+        >>> deltas["task"] = torch.nn.Parameter(torch.zeros(3))
+        >>> deltas("task", torch.ones(3)).tolist()
         [1.0, 1.0, 1.0]
     """
 
@@ -72,7 +60,11 @@ class BiasDeltas(nn.ParameterDict):
 
 
 class BitFitLayer(BaseTunerLayer):
-    """Mixin holding the deltas of every adapter for one base module."""
+    """Mixin holding the deltas of every adapter for one base module.
+
+    The tuner is the only writer of this state: adapters come and go through :meth:`attach` / :meth:`detach` (or
+    PEFT's ``update_layer`` / ``delete_adapter``), and the model stages each call through :meth:`stage_call`.
+    """
 
     adapter_layer_names = ("bitfit_delta",)
     other_param_names = ()
@@ -80,49 +72,37 @@ class BitFitLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.bitfit_delta = BiasDeltas()
-        # plain (unregistered) references for the hot path, which must not go through nn.Module.__getattr__
+        # Plain (unregistered) references for the hot path, which must not go through nn.Module.__getattr__ (it
+        # only finds registered modules and parameters after three dict misses): the base module, and the one
+        # alias of the delta storage, ``bitfit_delta``'s own ``{adapter name: delta Parameter}`` dict.
         object.__setattr__(self, "_base_ref", base_layer)
-        object.__setattr__(self, "_bank", self.bitfit_delta)
-        self._deltas = self.bitfit_delta._parameters  # {adapter name: delta Parameter}
+        self._deltas = self.bitfit_delta._parameters
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._premerge_bias: torch.Tensor | None = None
         self._created_bias = False
         self.bias_group = kwargs.get("bias_group", "other")
-        self._bitfit_routing: Routing | None = kwargs.get("routing")
         self._table_cache: tuple[Any, tuple, torch.Tensor] | None = None  # inference-time mixed-batch table
-        #: the one per-call slot, written only through :meth:`set_call` (by the model around each call): a
-        #: precomputed ``base + delta`` of the active adapter (single-adapter call), a :class:`MixedCall` (mixed
-        #: batch), or None outside a call. Layer state changes that would make it stale clear it the same way.
-        self._call: torch.Tensor | MixedCall | None = None
+        #: What the model staged for the call in progress, written only through :meth:`stage_call`: the
+        #: precomputed ``base bias + delta`` of the single active adapter, this layer's :class:`MixedCall` of a
+        #: mixed batch, or None (outside a call: the layer works it out itself). State changes that make it stale
+        #: clear it the same way.
+        self._staged_call: torch.Tensor | MixedCall | None = None
         self._bias_cast_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         base = self.get_base_layer()
-        self._bias_shape = bias_shape(base)
+        #: shape of the bias (and of every delta) of this layer, e.g. ``(768,)``
+        self.bias_shape: tuple[int, ...] = bias_shape(base)
         #: read by PEFT's generic code and tests (as on its LoRA/IA3/BEFT layers); not used by the forward
-        self.in_features, self.out_features = in_out_features(base, self._bias_shape)
+        self.in_features, self.out_features = in_out_features(base, self.bias_shape)
         self._view_shape = (
-            (self._bias_shape[0],) + (1,) * (base.weight.dim() - 2)
-            if isinstance(base, CONV_TYPES)
-            else self._bias_shape
+            (self.bias_shape[0],) + (1,) * (base.weight.dim() - 2) if isinstance(base, CONV_TYPES) else self.bias_shape
         )
-        self._fused = type(base) in FUSED_TYPES and not (
-            isinstance(base, (nn.LayerNorm, nn.GroupNorm)) and base.weight is None
-        )
-        self._op_kind = (
-            "linear"
-            if isinstance(base, nn.Linear)
-            else "conv1d_hf"
-            if isinstance(base, Conv1D)
-            else "conv"
-            if isinstance(base, CONV_TYPES)
-            else "layer_norm"
-            if isinstance(base, nn.LayerNorm)
-            else "group_norm"
-        )
+        #: the base op run with ``bias + delta`` as its bias (no extra kernel); None: the delta is added after it
+        self._fused_op = fused_op(base)
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, init_weights: bool = True, inference_mode: bool = False) -> None:
-        delta = nn.Parameter(torch.zeros(self._bias_shape, dtype=torch.float32))  # fp32 whatever the default dtype
+        delta = nn.Parameter(torch.zeros(self.bias_shape, dtype=torch.float32))  # fp32 whatever the default dtype
         if not init_weights:
             with torch.no_grad():
                 delta.normal_(0.0, 0.02)
@@ -150,9 +130,13 @@ class BitFitLayer(BaseTunerLayer):
         if delta is not None and delta.device != device and delta.device.type != "meta":
             delta.data = delta.data.to(device)  # same Parameter object: optimizers keep their reference
 
-    def set_call(self, state: torch.Tensor | MixedCall | None = None) -> None:
-        """Set (or clear) this call's state (see ``_call``); a plain ``__dict__`` write, cheap on the hot path."""
-        self.__dict__["_call"] = state
+    def stage_call(self, staged: torch.Tensor | MixedCall | None = None) -> None:
+        """Stage (or clear, with None) what this layer runs with in the call in progress (see ``_staged_call``).
+
+        Called by the model around each call, and by the layer itself when its state changes; a plain
+        ``__dict__`` write, cheap on the hot path.
+        """
+        self.__dict__["_staged_call"] = staged
 
     def attach(self, adapter_name: str, delta: nn.Parameter) -> None:
         """Hold ``delta`` (used as is, not copied) as the delta of ``adapter_name``; drops this layer's caches."""
@@ -166,16 +150,26 @@ class BitFitLayer(BaseTunerLayer):
         self.drop_cached_tables()
 
     def drop_cached_tables(self) -> None:
-        """Forget the cached mixed-batch table (it holds references to the deltas it was built from)."""
+        """Forget the cached mixed-batch table (it holds references to the deltas it was built from).
+
+        Needed after adapters come or go, or to free memory after their values were overwritten; a table built
+        from values since changed in place is never reused (it is keyed by the deltas' versions).
+        """
         self._table_cache = None
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self.set_call(None)
+        self.drop_precomputed_bias()
+
+    def drop_precomputed_bias(self) -> None:
+        """Forget a staged ``base bias + delta``: it belongs to the adapter active when it was made. A staged
+        :class:`MixedCall` stays (it does not depend on the active adapter)."""
+        if self._staged_call.__class__ is not MixedCall:
+            self.stage_call(None)
 
     def enable_adapters(self, enabled: bool) -> None:
         super().enable_adapters(enabled)
-        self.set_call(None)  # a precomputed bias belongs to the enabled state it was made for
+        self.stage_call(None)  # what was staged belongs to the enabled state it was made for
 
     def delta_of(self, adapter_name: str) -> torch.Tensor:
         """The raw delta tensor (a Parameter) of one adapter."""
@@ -203,7 +197,7 @@ class BitFitLayer(BaseTunerLayer):
             weight = getattr(base, "weight", None)
             ref = weight if isinstance(weight, torch.Tensor) else total
             base.bias = nn.Parameter(
-                torch.zeros(self._bias_shape, dtype=ref.dtype, device=ref.device), requires_grad=False
+                torch.zeros(self.bias_shape, dtype=ref.dtype, device=ref.device), requires_grad=False
             )
             self._created_bias = True
         if self._premerge_bias is None:
@@ -211,7 +205,7 @@ class BitFitLayer(BaseTunerLayer):
         new_bias = base.bias.detach().float() + total.to(base.bias.device)
         base.bias.data = new_bias.to(base.bias.dtype)
         self.merged_adapters.extend(adapter_names)
-        self.set_call(None)
+        self.stage_call(None)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -225,7 +219,7 @@ class BitFitLayer(BaseTunerLayer):
         self._premerge_bias = None
         self._created_bias = False
         self.merged_adapters = []
-        self.set_call(None)
+        self.stage_call(None)
 
     def original_bias(self) -> torch.Tensor | None:
         """The base bias as it was before any merge (None if the base has none)."""
@@ -236,27 +230,6 @@ class BitFitLayer(BaseTunerLayer):
         return getattr(self.get_base_layer(), "bias", None)
 
     # ------------------------------------------------------------------ forward
-    def _apply_op(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Run the base module's own op with ``bias`` in place of its bias (no extra kernel)."""
-        base = self._base_ref
-        weight = base._parameters["weight"]
-        kind = self._op_kind
-        if bias.dtype != weight.dtype and not (
-            # CUDA autocast runs norms in fp32: hand them the fp32 bias as is (no round trip through bf16)
-            kind in ("layer_norm", "group_norm") and x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
-        ):
-            bias = bias.to(weight.dtype)  # fp32 delta on a bf16/fp16 base: one tiny cast, gradient stays fp32
-        if kind == "linear":
-            return F.linear(x, weight, bias)
-        if kind == "conv1d_hf":
-            size_out = x.size()[:-1] + (base.nf,)
-            return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size_out)
-        if kind == "conv":
-            return base._conv_forward(x, weight, bias)
-        if kind == "layer_norm":
-            return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
-        return F.group_norm(x, base.num_groups, weight, bias, base.eps)
-
     def _add(self, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return out + delta.view(self._view_shape).to(out.dtype)
 
@@ -268,14 +241,14 @@ class BitFitLayer(BaseTunerLayer):
         """
         deltas = self._deltas
         present_names = tuple(a for a in adapters if a in deltas)
-        if self._bank_hooked():  # offloaded: calling the bank lets its hook load the vectors
-            loaded = dict(zip(present_names, self._bank(present_names), strict=True))
+        if self._delta_storage_hooked():  # offloaded: calling bitfit_delta lets its hook load the vectors
+            loaded = dict(zip(present_names, self.bitfit_delta(present_names), strict=True))
         else:
             loaded = deltas
         rows = [loaded[a] if a in loaded else None for a in adapters]
         present = next((r for r in rows if r is not None), None)
         if present is None:
-            return torch.zeros((1 + len(adapters), *self._bias_shape), device=device, dtype=dtype)
+            return torch.zeros((1 + len(adapters), *self.bias_shape), device=device, dtype=dtype)
         needs_grad = torch.is_grad_enabled() and any(r is not None and r.requires_grad for r in rows)
         key = (adapters, tuple(None if r is None else r._version for r in rows), device, dtype)
         cache = self._table_cache
@@ -294,12 +267,14 @@ class BitFitLayer(BaseTunerLayer):
 
     def effective_bias_operands(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """``(base bias in the delta's dtype or None, delta)`` of the single active adapter, or None when this
-        layer cannot take a precomputed bias (mixed routing, merged, disabled, several active adapters,
+        layer cannot take a precomputed bias (a mixed call staged, merged, disabled, several active adapters,
         unfused op, Accelerate hooks)."""
-        if self._disable_adapters or self.merged_adapters or not self._fused:
-            return None
-        routing = self._bitfit_routing
-        if routing is not None and routing.index is not None:
+        if (
+            self._disable_adapters
+            or self.merged_adapters
+            or self._fused_op is None
+            or self._staged_call.__class__ is MixedCall
+        ):
             return None
         active = self._active_adapter
         if active.__class__ is not str:
@@ -308,7 +283,7 @@ class BitFitLayer(BaseTunerLayer):
             active = active[0]
         delta = self._deltas.get(active)
         base = self._base_ref
-        if delta is None or "_hf_hook" in base.__dict__ or base._forward_pre_hooks or self._bank_hooked():
+        if delta is None or "_hf_hook" in base.__dict__ or base._forward_pre_hooks or self._delta_storage_hooked():
             return None
         bias = base._parameters.get("bias")
         if bias is None or (bias.dtype is delta.dtype and bias.device == delta.device):
@@ -330,43 +305,24 @@ class BitFitLayer(BaseTunerLayer):
         return cache[2], delta
 
     def bitfit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Forward with the active adapter(s) or the per-sample routing of a mixed batch.
+        """Forward with what the model staged for this call, else with the active adapter(s).
 
         This is the hot path of every step: it reads plain attributes (``_base_ref``, ``_deltas``) rather than
         going through ``nn.Module.__getattr__``, and calls no extra module when nothing is hooked.
         """
-        call = self._call
-        if call is not None and call.__class__ is not MixedCall and not args and not kwargs:
-            # precomputed by the model for this call, which already checked what the rest of this method checks
-            # (enabled, unmerged, no mixed routing, one active adapter, fused op, no hooks): the base op only
-            return self._apply_op(x, call)
+        staged = self._staged_call
+        if staged is not None:
+            if staged.__class__ is MixedCall:  # the model checked enabled and unmerged when it staged the call
+                return self._add_per_sample(self._base_ref(x, *args, **kwargs), staged)
+            if not args and not kwargs:
+                # the precomputed bias of the single active adapter: the model already checked what the rest of
+                # this method checks (enabled, unmerged, one active adapter, fused op, no hooks): the base op only
+                return self._fused_op(self._base_ref, x, staged)
         base = self._base_ref
         if self._disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
             return base(x, *args, **kwargs)
-        routing = self._bitfit_routing
-        if routing is not None and routing.index is not None:
-            if self.merged_adapters:
-                raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
-            out = base(x, *args, **kwargs)
-            mixed = call if call.__class__ is MixedCall else _NO_MIXED_CALL
-            rows = mixed.rows
-            if rows is not None and rows.shape[0] == out.shape[0]:  # gathered for all layers at once
-                if rows.dtype != out.dtype or rows.device != out.device:
-                    rows = rows.to(device=out.device, dtype=out.dtype)
-                extra = (1,) * (out.dim() - 1 - len(self._view_shape))
-                return out + rows.reshape(out.shape[0], *extra, *self._view_shape)
-            table = mixed.table
-            if table is None:
-                table = self._mixed_table(routing.adapters, out.device, out.dtype)
-            elif table.dtype != out.dtype or table.device != out.device:
-                table = table.to(device=out.device, dtype=out.dtype)
-            gathered = table.index_select(0, routing.index_for(out.shape[0], out.device))
-            if out.dim() == 2 and len(self._view_shape) == 1:
-                return out + gathered
-            extra = (1,) * (out.dim() - 1 - len(self._view_shape))
-            return out + gathered.view(out.shape[0], *extra, *self._view_shape)
         if self.merged_adapters:
             return base(x, *args, **kwargs)
         active = self._active_adapter
@@ -377,42 +333,73 @@ class BitFitLayer(BaseTunerLayer):
             active = [a for a in active if a in deltas]
         if not active:
             return base(x, *args, **kwargs)
-        if self._fused and not args and not kwargs and "_hf_hook" not in base.__dict__ and not base._forward_pre_hooks:
+        hooked = self._delta_storage_hooked()  # then bitfit_delta is called, so its hook loads the vectors
+        if (
+            self._fused_op is not None
+            and not args
+            and not kwargs
+            and "_hf_hook" not in base.__dict__
+            and not base._forward_pre_hooks
+        ):
             bias = base._parameters.get("bias")
-            hooked = self._bank_hooked()
             for name in active:
                 if hooked:
-                    bias = self._bank(name, bias)
-                else:  # same as self._bank(name, bias), without the module-call overhead on the hot path
+                    bias = self.bitfit_delta(name, bias)
+                else:  # same as self.bitfit_delta(name, bias), without the module-call overhead on the hot path
                     delta = deltas[name]
                     if bias is None:
                         bias = delta
                     else:
                         bias = (bias if bias.dtype is delta.dtype else bias.to(delta.dtype)) + delta
-            return self._apply_op(x, bias)
+            return self._fused_op(base, x, bias)
         out = base(x, *args, **kwargs)
-        hooked = self._bank_hooked()
         for name in active:
-            out = self._add(out, self._bank(name) if hooked else deltas[name])
+            out = self._add(out, self.bitfit_delta(name) if hooked else deltas[name])
         return out
 
-    def stage_mixed_table(self, adapters: tuple[str, ...]) -> None:
-        """Build (or reuse) this call's delta table before the model runs; layers with hooks build it themselves."""
-        table = None
-        if not self._bank_hooked() and "_hf_hook" not in self._base_ref.__dict__:
-            ref = next((self._deltas[a] for a in adapters if a in self._deltas), None)
-            if ref is not None:
-                table = self._mixed_table(adapters, ref.device, ref.dtype)
-            else:
-                weight = self._base_ref._parameters.get("weight")
-                if weight is not None:
-                    table = self._mixed_table(adapters, weight.device, weight.dtype)
-        self.set_call(MixedCall(table))  # replaces a precomputed bias of an enclosing single-adapter call
+    def _add_per_sample(self, out: torch.Tensor, call: MixedCall) -> torch.Tensor:
+        """``out`` plus each sample's delta row.
 
-    def _bank_hooked(self) -> bool:
-        """Whether a hook (e.g. Accelerate offload) sits on the delta bank, so it must be called to load them."""
-        bank = self._bank
-        return "_hf_hook" in bank.__dict__ or bool(bank._forward_pre_hooks)
+        ``out``'s first dimension may be a multiple of the batch: beam search, ``num_return_sequences`` and
+        flattened ``(batch * seq, hidden)`` inputs all repeat each sample contiguously (``repeat_interleave``),
+        so the rows are added by broadcasting over the repeats (no gather, no expanded index).
+        """
+        rows = call.rows
+        if rows is None:  # offloaded / hooked: the deltas are loaded now, so the table is built now
+            table = self._mixed_table(call.adapters, out.device, out.dtype)
+            rows = table.index_select(0, call.index.to(out.device))
+        elif rows.dtype != out.dtype or rows.device != out.device:
+            rows = rows.to(device=out.device, dtype=out.dtype)
+        batch, n_rows = rows.shape[0], out.shape[0]
+        per_sample = (batch, *(1,) * (out.dim() - 1 - len(self._view_shape)), *self._view_shape)
+        if n_rows == batch:
+            return out + rows.reshape(per_sample)
+        if torch.compiler.is_compiling():
+            torch._check(n_rows % batch == 0)
+        elif n_rows % batch:
+            raise RuntimeError(
+                f"Mixed-adapter batch: got {batch} adapter_names but a layer saw {n_rows} rows, which is not a "
+                "multiple. Pass exactly one adapter name per input sample."
+            )
+        repeated = out.reshape(batch, n_rows // batch, *out.shape[1:]) + rows.reshape(batch, 1, *per_sample[1:])
+        return repeated.reshape(out.shape)
+
+    def table_for_call(self, adapters: tuple[str, ...]) -> torch.Tensor | None:
+        """This layer's ``[1 + n_adapters, *bias_shape]`` delta table for a mixed call over ``adapters``, built (or
+        reused) before the model runs; None for a hooked layer, which builds it as it runs (its deltas load then)."""
+        base = self._base_ref
+        if self._delta_storage_hooked() or "_hf_hook" in base.__dict__:
+            return None
+        deltas = self._deltas
+        ref = next((deltas[a] for a in adapters if a in deltas), None)
+        if ref is None:
+            ref = base._parameters.get("weight")
+        return None if ref is None else self._mixed_table(adapters, ref.device, ref.dtype)
+
+    def _delta_storage_hooked(self) -> bool:
+        """Whether a hook (e.g. Accelerate offload) sits on bitfit_delta, so it must be called to load them."""
+        storage = self._modules[DELTA_KEY]  # a plain dict read: ``self.bitfit_delta`` would go through __getattr__
+        return "_hf_hook" in storage.__dict__ or bool(storage._forward_pre_hooks)
 
 
 class BitFitWrapper(nn.Module, BitFitLayer):
@@ -452,7 +439,7 @@ def expected_tensors(
     for name, module in model.named_modules():
         if isinstance(module, BitFitLayer):
             if adapter_name in module.bitfit_delta:
-                deltas[f"{name}.{DELTA_KEY}.{adapter_name}"] = module._bias_shape
+                deltas[f"{name}.{DELTA_KEY}.{adapter_name}"] = module.bias_shape
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             prefix = f"{name}.modules_to_save.{adapter_name}."
             heads.update({prefix + k: v for k, v in module.modules_to_save[adapter_name].state_dict().items()})

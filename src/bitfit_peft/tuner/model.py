@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
-from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
@@ -16,17 +15,19 @@ from bitfit_peft.errors import BitFitError
 from bitfit_peft.files import delta_format, fingerprint
 from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.tuner.base_check import base_matches, module_entries, other_base_error
-from bitfit_peft.tuner.base_modules import bias_shape, can_merge_into, execution_device
+from bitfit_peft.tuner.base_modules import execution_device
 from bitfit_peft.tuner.call_plan import CallPlanMixin, layers_and_heads
-from bitfit_peft.tuner.combine import add_weighted_adapter
+from bitfit_peft.tuner.combine import combined_config, fill_weighted
 from bitfit_peft.tuner.config import SAVE_DTYPES, BitFitConfig
 from bitfit_peft.tuner.groups import primary_group
 from bitfit_peft.tuner.layer import BitFitLayer, BitFitWrapper, expected_tensors, layers_holding
+from bitfit_peft.tuner.merging import MergeMixin
 from bitfit_peft.tuner.routing import Routing
 from bitfit_peft.tuner.targets import resolve_targets as _resolve_targets
+from bitfit_peft.tuner.unwrap import strip_wrappers
 
 
-class BitFitModel(CallPlanMixin, BaseTuner):
+class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
     """Bias-only fine-tuning (BitFit, Ben-Zaken et al. 2021) as a PEFT tuner.
 
     Args:
@@ -115,14 +116,13 @@ class BitFitModel(CallPlanMixin, BaseTuner):
             init_weights=config.init_weights,
             inference_mode=config.inference_mode,
             bias_group=primary_group(current_key, target),
-            routing=self._routing,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        """PEFT's ``_replace_module`` reduced to what a wrapper with only a delta bank needs: put it in place and
+        """PEFT's ``_replace_module`` reduced to what a wrapper with only a delta storage needs: put it in place and
         move the deltas to the base's device, unless they (``low_cpu_mem_usage``) or the base are on meta."""
         setattr(parent, child_name, new_module)
         if hasattr(child, "base_layer"):
@@ -160,13 +160,27 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     # ------------------------------------------------------------------ adapters
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Create ``adapter_name`` whose deltas and heads are ``sum(w_i * adapter_i)`` (see
-        :mod:`~bitfit_peft.tuner.combine`).
+        :mod:`~bitfit_peft.tuner.combine`). A refused or failed call leaves nothing behind.
 
         Example:
-            >>> # model.base_model.add_weighted_adapter(["sst2", "spam"], [0.5, 0.5], "mix")
+            >>> import torch, bitfit_peft
+            >>> from peft import get_peft_model
+            >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), bitfit_peft.BitFitConfig())
+            >>> model.add_adapter("other", bitfit_peft.BitFitConfig(init_weights=False))
+            >>> model.base_model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+            >>> layer = model.base_model.model[0]
+            >>> torch.equal(layer.delta_of("mix"), 0.5 * layer.delta_of("other"))
+            True
         """
-
-        add_weighted_adapter(self, adapters, weights, adapter_name)
+        config, heads = combined_config(self, adapters, weights, adapter_name)  # checks first: nothing changed
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+            fill_weighted(self, adapters, weights, adapter_name, heads)
+        except Exception:
+            self.delete_adapter(adapter_name)  # the adapters combined are still there: never the last one
+            raise
+        self._mark_only_adapters_as_trainable(self.model)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate adapter(s) in one pass over cached layer/head lists (no per-module PEFT bookkeeping).
@@ -184,7 +198,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging first.", stacklevel=2)
                 layer.unmerge()
             layer._active_adapter = adapter_name
-            layer.set_call(None)
+            layer.drop_precomputed_bias()
         trainable = set() if inference_mode else set(names)
         for name, group in params.items():
             wanted = name in trainable
@@ -295,7 +309,7 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         self._resolved_targets[adapter_name] = targets
         if self._structure_cache is not None:
             self._structure_cache[2][adapter_name] = list(deltas.values())
-        self._flat_tables = {}
+        self._flat_tables = {}  # the concatenated tables of earlier mixed calls: rebuilt with the new layout
 
     def detach_adapter(self, adapter_name: str) -> None:
         """Take one adapter out in O(layers): its deltas, head copies and config; the inverse of
@@ -314,7 +328,46 @@ class BitFitModel(CallPlanMixin, BaseTuner):
         self.peft_config.pop(adapter_name, None)
         self._resolved_targets.pop(adapter_name, None)
         params.pop(adapter_name, None)
+        self._flat_tables = {}  # they hold the detached deltas' values: free them now, not at the next mixed call
+
+    def replace_adapter_values(
+        self, adapter_name: str, config: BitFitConfig, values: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Overwrite the tensors of adapter ``adapter_name`` in place and make ``config`` its config (a hot-swap).
+
+        ``values`` maps keys of this model's state dict (``<module>.bitfit_delta.<adapter>``,
+        ``<module>.modules_to_save.<adapter>.<param>``) to values of the same shapes. The Parameters stay the same
+        objects, so optimizers and compiled graphs keep them. Every key and shape is checked, and every value cast
+        to its destination's device and dtype, before anything changes; then the caches of the old values go.
+        """
+        if adapter_name not in self.peft_config:
+            raise BitFitError(f"No adapter {adapter_name!r}; loaded: {sorted(self.peft_config)}.")
+        destinations = {key: self._adapter_tensor(adapter_name, key) for key in values}
+        wrong = [f"{k}: {tuple(v.shape)} vs {tuple(destinations[k].shape)}" for k, v in values.items()
+                 if v.shape != destinations[k].shape]
+        if wrong:
+            raise BitFitError(f"Cannot replace adapter {adapter_name!r}: other shapes ({wrong[:2]}). Nothing changed.")
+        staged = {k: v.to(device=destinations[k].device, dtype=destinations[k].dtype) for k, v in values.items()}
+        with torch.no_grad():
+            for key, value in staged.items():
+                destinations[key].copy_(value)  # bumps _version, as the cached mixed-batch tables check
+        for layer in self._structure()[0]:
+            if adapter_name in layer._deltas:
+                layer.drop_cached_tables()
         self._flat_tables = {}
+        self.peft_config[adapter_name] = config
+
+    def _adapter_tensor(self, adapter_name: str, key: str) -> torch.Tensor:
+        """The delta or head tensor of ``adapter_name`` that the state-dict key ``key`` names (else BitFitError)."""
+        module_name, _, attr = key.rpartition(".")
+        ours = key.endswith(f".{DELTA_KEY}.{adapter_name}") or f".modules_to_save.{adapter_name}." in key
+        try:
+            tensor = getattr(self.model.get_submodule(module_name), attr, None) if ours else None
+        except AttributeError:  # no such module
+            tensor = None
+        if not isinstance(tensor, torch.Tensor):
+            raise BitFitError(f"{key!r} names no tensor of adapter {adapter_name!r}. Nothing was changed.")
+        return tensor
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._invalidate_structure()
@@ -332,45 +385,6 @@ class BitFitModel(CallPlanMixin, BaseTuner):
     def bitfit_layers(self, adapter_name: str | None = None) -> dict[str, BitFitLayer]:
         """``{module name: layer}`` for every BitFit layer (holding ``adapter_name``, if given)."""
         return layers_holding(self.model, adapter_name)
-
-    # ------------------------------------------------------------------ merge
-    def _check_merge_allowed(self) -> None:
-        super()._check_merge_allowed()
-        for name, layer in self.bitfit_layers().items():
-            base = layer.get_base_layer()
-            if not can_merge_into(base):
-                raise ValueError(
-                    f"Cannot merge: {name} ({type(base).__name__}) has no bias in its forward, so a merged delta "
-                    "would be ignored. Keep the adapter unmerged, or exclude this module from the adapter."
-                )
-
-    def _check_finite(self, adapter_names: list[str] | None) -> None:
-        names = adapter_names if adapter_names is not None else list(self.active_adapters)
-        for module_name, layer in self.bitfit_layers().items():
-            for adapter in names:
-                if adapter in layer.bitfit_delta and not torch.isfinite(layer.delta_of(adapter)).all():
-                    raise ValueError(
-                        f"NaN/Inf in BitFit adapter {adapter!r} ({module_name}); refusing to merge. Nothing was "
-                        "merged. Re-train or reload the adapter."
-                    )
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge adapter(s) into the base biases; with ``safe_merge`` every delta is checked before any merge."""
-        if safe_merge:
-            self._check_finite(adapter_names)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None):
-        """Merge the deltas into the base biases (created where missing) and return the plain model."""
-        if safe_merge:
-            self._check_finite(adapter_names)
-        created = [
-            n for n, layer in self.bitfit_layers().items() if getattr(layer.get_base_layer(), "bias", None) is None
-        ]
-        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
-        if created:
-            _sync_bias_config_flags(model, created)
-        return model
 
     # ------------------------------------------------------------------ save / load
     @classmethod
@@ -433,57 +447,3 @@ def _rollback(model: nn.Module, adapter_name: str) -> None:
         strip_wrappers(tuner.model)  # not unload(): that would keep the heads' adapter copies
         tuner._invalidate_structure()
         tuner.peft_config.pop(adapter_name, None)
-
-
-def strip_wrappers(model: nn.Module) -> None:
-    """Put every BitFit layer's base module and every head's original module back in place."""
-    unwrap_new(model, set())
-
-
-def wrapper_ids(model: nn.Module) -> set[int]:
-    """``id`` of every BitFit layer and head wrapper of ``model`` (what :func:`unwrap_new` keeps after a failure)."""
-    return {id(m) for m in model.modules() if isinstance(m, (BitFitLayer, ModulesToSaveWrapper))}
-
-
-def unwrap_new(model: nn.Module, keep: set[int]) -> None:
-    """Put back the original of every BitFit layer / head wrapper of ``model`` whose ``id`` is not in ``keep``.
-
-    After a failed load: wrappers that load created are removed, so the model's structure is what it was."""
-    for name, module in list(model.named_modules()):
-        if name and isinstance(module, (BitFitLayer, ModulesToSaveWrapper)) and id(module) not in keep:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if getattr(parent, child, None) is module:
-                original = module.get_base_layer() if isinstance(module, BitFitLayer) else module.original_module
-                setattr(parent, child, original)
-
-
-def _sync_bias_config_flags(model: nn.Module, created: list[str]) -> None:
-    """After merging created biases, make the config describe them so plain transformers reloads them.
-
-    Llama-family configs have ``attention_bias`` / ``mlp_bias``: when set, every projection of that family gets
-    a (zero) bias, so the merged deltas survive ``save_pretrained`` → ``from_pretrained``.
-    """
-    config = getattr(model, "config", None)
-    families = {
-        "attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
-        "mlp_bias": ("gate_proj", "up_proj", "down_proj"),
-    }
-    leftover = set(created)
-    for flag, leaves in families.items():
-        hits = [n for n in created if n.rsplit(".", 1)[-1] in leaves]
-        if not hits or config is None or not hasattr(config, flag):
-            continue
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in leaves and isinstance(module, nn.Linear) and module.bias is None:
-                ref = module.weight
-                module.bias = nn.Parameter(torch.zeros(bias_shape(module), dtype=ref.dtype, device=ref.device))
-        setattr(config, flag, True)
-        leftover -= set(hits)
-    if leftover:
-        warnings.warn(
-            f"merge_and_unload created biases that {type(model).__name__}'s config cannot describe "
-            f"(e.g. {sorted(leftover)[:3]}): they are in the returned model, but a plain transformers reload from "
-            "save_pretrained will drop them. Keep the adapter unmerged to share it.",
-            stacklevel=3,
-        )

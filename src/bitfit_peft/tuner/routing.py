@@ -1,28 +1,50 @@
 """Per-sample adapter routing for mixed-task batches.
 
-One :class:`Routing` object is shared by all BitFit layers of a model. ``PeftModel.forward(...,
-adapter_names=[...])`` fills it once per call (the per-sample row index into each layer's stacked delta table);
-every layer then does a single gather-add. Row 0 of every table is the bare base (``"__base__"``).
+``PeftModel.forward(..., adapter_names=[...])`` routes sample ``i`` through ``adapter_names[i]``. The model keeps
+one :class:`Routing` (the mapping of the call in progress, which the per-sample heads read) and hands every BitFit
+layer a frozen :class:`MixedCall` carrying the same mapping: the per-sample row index into the layer's stacked
+delta table, and the layer's rows gathered for all layers at once. Row 0 of every table is the bare base
+(``"__base__"``).
+
+Example:
+    >>> routing = Routing()
+    >>> routing.set(["spam", "__base__", "sst2", "spam"])
+    >>> routing.adapters, routing.rows
+    (('spam', 'sst2'), [1, 0, 2, 1])
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 BASE_ADAPTER_NAME = "__base__"
 
 
+class MixedCall(NamedTuple):
+    """One layer's part of one mixed-batch call: a frozen value the model stages before the call.
+
+    The model builds it once per call and layer (:mod:`~bitfit_peft.tuner.call_plan`); the layer only reads it.
+    Like LoRAX's ``AdapterBatchMetadata``, it carries the whole per-call mapping, so the layer consults nothing else.
+    """
+
+    index: torch.Tensor  #: ``[batch]`` long: per sample, its row of the delta table (0 = bare base, no delta)
+    adapters: tuple[str, ...]  #: the adapters of table rows ``1..n``
+    #: this layer's ``[batch, bias]`` rows, gathered for all layers at once; None: the layer (offloaded, hooked)
+    #: builds its table from ``adapters`` when it runs and gathers with ``index`` itself
+    rows: torch.Tensor | None = None
+
+
 @dataclass
 class Routing:
-    """Per-call routing state shared by the layers of one model."""
+    """The model's per-call routing state: staged before a mixed call, read by the per-sample heads."""
 
     adapters: tuple[str, ...] | None = None  # table rows 1..n
     rows: list[int] | None = None  # per-sample row (0 = base)
-    index: torch.Tensor | None = None  # the same rows as a tensor: what the layers read (compile-friendly)
+    index: torch.Tensor | None = None  # the same rows as a tensor (what each layer's MixedCall carries)
     expected_batch: int | None = None  # checked once by the model's first call when the batch size was unknown
-    _index_cache: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
 
     def set(self, adapter_names: list[str], device: torch.device | str | None = None) -> None:
         """Route sample ``i`` to ``adapter_names[i]`` (``"__base__"`` = no delta)."""
@@ -31,42 +53,9 @@ class Routing:
         self.adapters = unique
         self.rows = [position.get(n, 0) for n in adapter_names]
         self.index = torch.tensor(self.rows, dtype=torch.long, device=device)
-        self._index_cache = {}
 
     def clear(self) -> None:
         self.adapters = None
         self.rows = None
         self.index = None
         self.expected_batch = None
-        self._index_cache = {}
-
-    def index_for(self, n_rows: int, device: torch.device) -> torch.Tensor:
-        """Row index for a tensor whose first dim has ``n_rows`` entries.
-
-        ``n_rows`` may be a multiple of the batch size: beam search, ``num_return_sequences`` and flattened
-        ``(batch * seq, hidden)`` inputs all repeat each sample contiguously, i.e. ``repeat_interleave``.
-        Under ``torch.compile`` it is plain tensor code (no Python caches, a ``torch._check`` for the multiple).
-        """
-        index = self.index
-        assert index is not None
-        batch = index.shape[0]
-        if torch.compiler.is_compiling():
-            index = index.to(device)
-            if n_rows == batch:
-                return index
-            torch._check(n_rows % batch == 0)
-            return index.repeat_interleave(n_rows // batch)
-        key = (n_rows, device)
-        cached = self._index_cache.get(key)
-        if cached is not None:
-            return cached
-        if n_rows % batch:
-            raise RuntimeError(
-                f"Mixed-adapter batch: got {batch} adapter_names but a layer saw {n_rows} rows, which is not a "
-                "multiple. Pass exactly one adapter name per input sample."
-            )
-        index = index.to(device)
-        if n_rows != batch:
-            index = index.repeat_interleave(n_rows // batch)
-        self._index_cache[key] = index
-        return index

@@ -1,0 +1,103 @@
+"""Merging BitFit deltas into the base biases: PEFT's merge, with BitFit's checks before anything changes.
+
+:class:`MergeMixin` is the part of :class:`~bitfit_peft.tuner.model.BitFitModel` behind ``merge_adapter`` and
+``merge_and_unload``: every module must use a bias in its forward (else a merged delta would be ignored), with
+``safe_merge`` every delta is checked for NaN/Inf before any merge, and biases that merging created are described
+in the model's config where it can (so a plain transformers reload keeps them).
+
+Example:
+    >>> import torch, bitfit_peft
+    >>> from peft import get_peft_model
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    >>> model = get_peft_model(net, bitfit_peft.BitFitConfig(add_missing_bias=True, init_weights=False))
+    >>> merged = model.merge_and_unload(safe_merge=True)
+    >>> merged[0].bias is not None
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitfit_peft.tuner.base_modules import bias_shape, can_merge_into
+
+
+class MergeMixin:
+    """``merge_adapter`` / ``merge_and_unload`` of :class:`~bitfit_peft.tuner.model.BitFitModel` (see above)."""
+
+    # provided by BitFitModel
+    active_adapters: list[str]
+    bitfit_layers: Any
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for name, layer in self.bitfit_layers().items():
+            base = layer.get_base_layer()
+            if not can_merge_into(base):
+                raise ValueError(
+                    f"Cannot merge: {name} ({type(base).__name__}) has no bias in its forward, so a merged delta "
+                    "would be ignored. Keep the adapter unmerged, or exclude this module from the adapter."
+                )
+
+    def _check_finite(self, adapter_names: list[str] | None) -> None:
+        names = adapter_names if adapter_names is not None else list(self.active_adapters)
+        for module_name, layer in self.bitfit_layers().items():
+            for adapter in names:
+                if adapter in layer.bitfit_delta and not torch.isfinite(layer.delta_of(adapter)).all():
+                    raise ValueError(
+                        f"NaN/Inf in BitFit adapter {adapter!r} ({module_name}); refusing to merge. Nothing was "
+                        "merged. Re-train or reload the adapter."
+                    )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapter(s) into the base biases; with ``safe_merge`` every delta is checked before any merge."""
+        if safe_merge:
+            self._check_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None):
+        """Merge the deltas into the base biases (created where missing) and return the plain model."""
+        if safe_merge:
+            self._check_finite(adapter_names)
+        created = [
+            n for n, layer in self.bitfit_layers().items() if getattr(layer.get_base_layer(), "bias", None) is None
+        ]
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        if created:
+            _sync_bias_config_flags(model, created)
+        return model
+
+
+def _sync_bias_config_flags(model: nn.Module, created: list[str]) -> None:
+    """After merging created biases, make the config describe them so plain transformers reloads them.
+
+    Llama-family configs have ``attention_bias`` / ``mlp_bias``: when set, every projection of that family gets
+    a (zero) bias, so the merged deltas survive ``save_pretrained`` → ``from_pretrained``.
+    """
+    config = getattr(model, "config", None)
+    families = {
+        "attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "mlp_bias": ("gate_proj", "up_proj", "down_proj"),
+    }
+    leftover = set(created)
+    for flag, leaves in families.items():
+        hits = [n for n in created if n.rsplit(".", 1)[-1] in leaves]
+        if not hits or config is None or not hasattr(config, flag):
+            continue
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in leaves and isinstance(module, nn.Linear) and module.bias is None:
+                ref = module.weight
+                module.bias = nn.Parameter(torch.zeros(bias_shape(module), dtype=ref.dtype, device=ref.device))
+        setattr(config, flag, True)
+        leftover -= set(hits)
+    if leftover:
+        warnings.warn(
+            f"merge_and_unload created biases that {type(model).__name__}'s config cannot describe "
+            f"(e.g. {sorted(leftover)[:3]}): they are in the returned model, but a plain transformers reload from "
+            "save_pretrained will drop them. Keep the adapter unmerged to share it.",
+            stacklevel=3,
+        )
