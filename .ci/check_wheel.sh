@@ -73,6 +73,7 @@ where = Path(bitfit_peft.__file__).resolve()
 assert where.is_relative_to(Path(sys.prefix).resolve()), f"bitfit_peft imported from {where}, not the fresh venv"
 direct = json.loads(metadata.distribution("bitfit-peft").read_text("direct_url.json") or "{}")
 assert direct.get("url", "").endswith(".whl") and "dir_info" not in direct, f"not installed from the wheel: {direct}"
+assert metadata.version("bitfit-peft") == bitfit_peft.__version__, (metadata.version("bitfit-peft"), bitfit_peft.__version__)
 data = resources.files("bitfit_peft") / "data"
 assert {"README.md", "sms_spam_demo.csv"} <= {e.name for e in data.iterdir()}, list(data.iterdir())
 csv_path = demo_data_path()

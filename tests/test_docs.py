@@ -427,3 +427,15 @@ def test_every_page_with_python_is_collected() -> None:
     assert "README.md" in names and "docs/index.md" in names
     assert SLOW_PAGES <= names, SLOW_PAGES - names
     assert set(LOCAL_ADAPTERS) | set(PAGE_FILES) <= names
+
+
+def test_changelog_newest_release_is_the_package_version() -> None:
+    """``CHANGELOG.md``'s newest ``## [x.y.z] - date`` is ``bitfit_peft.__version__`` (the wheel's version too)."""
+    from importlib.metadata import version
+
+    import bitfit_peft
+
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert releases and releases[0] == bitfit_peft.__version__, (releases[:2], bitfit_peft.__version__)
+    assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
+    assert version("bitfit-peft") == bitfit_peft.__version__  # the installed metadata (pip install -e . re-run?)
