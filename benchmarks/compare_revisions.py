@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BENCHMARKS = {
     "mixed_batch": ["--shape", "smoke", "--kinds", "bitfit"],
     "resident_adapters": ["--counts", "10,100,1000", "--window", "20", "--batches", "10"],
-    "adapter_io": ["--kinds", "bitfit", "--load-repeats", "3", "--fp-repeats", "3", "--resident", "50",
-                   "--switch-repeats", "20"],
+    "adapter_io": ["--kinds", "bitfit", "--load-repeats", "10", "--fp-repeats", "3", "--resident", "50",
+                   "--switch-repeats", "200"],
 }
-TIMING_SUFFIXES = ("/ms", "/s", "_s", "_ms", "/seconds", "ratio")
+TIMING_SUFFIXES = ("/ms", "/s", "_s", "_ms", "_ms_median", "_ms_p90", "/seconds", "ratio")
 
 
 def timings(tree: Any, path: str = "") -> dict[str, float]:

@@ -164,8 +164,9 @@ class BitFitLayer(BaseTunerLayer):
     def drop_precomputed_bias(self) -> None:
         """Forget a staged ``base bias + delta``: it belongs to the adapter active when it was made. A staged
         :class:`MixedCall` stays (it does not depend on the active adapter)."""
-        if self._staged_call.__class__ is not MixedCall:
-            self.stage_call(None)
+        staged = self.__dict__  # a plain dict read and write: set_adapter calls this for every layer
+        if staged["_staged_call"].__class__ is not MixedCall:
+            staged["_staged_call"] = None
 
     def enable_adapters(self, enabled: bool) -> None:
         super().enable_adapters(enabled)
