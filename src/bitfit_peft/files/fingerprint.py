@@ -39,6 +39,10 @@ VERSION = 2
 SKETCH_SIZE = 16
 WEIGHT_SAMPLE = 16  # the 0.1.0 value; also used by format 2
 TOLERANCE = 0.005
+#: the weight tolerance when either side was dequantized from 4-bit or 8-bit: NF4 / FP4 / int8 copies of a base
+#: move its weight sketch by up to 0.17 / 0.26 / 0.012 of the norm, another base of the same shapes by about 2.0
+#: (a random base passes all 16 projections with probability ~1e-9). A fine-tune of the same base passes too.
+QUANTIZED_TOLERANCE = 0.5
 
 Entry = tuple[str, tuple[int, ...], "torch.Tensor | None", "torch.Tensor | None"]
 
@@ -57,8 +61,9 @@ def _signs(kind: str, n: int) -> torch.Tensor:
     return torch.randint(0, 2, (SKETCH_SIZE, n), generator=generator, dtype=torch.int8).to(torch.float32) * 2 - 1
 
 
-def compute(entries: Iterable[Entry]) -> dict[str, Any]:
-    """The format-2 fingerprint of ``entries`` (see the module docstring).
+def compute(entries: Iterable[Entry], *, quantized: bool = False) -> dict[str, Any]:
+    """The format-2 fingerprint of ``entries`` (see the module docstring); ``quantized``: the weight samples were
+    dequantized (stored as ``"weight_quantized": true``, which widens the weight tolerance on both sides).
 
     Values are concatenated in name order (the exact ``structure`` hash guarantees the same order on both sides)
     and projected at once.
@@ -71,6 +76,8 @@ def compute(entries: Iterable[Entry]) -> dict[str, Any]:
             if tensor is not None and tensor.numel():
                 values[kind].append(tensor.detach().reshape(-1).to("cpu", torch.float32))
     out: dict[str, Any] = {"version": VERSION, "structure": "sha256:" + structure.hexdigest()}
+    if quantized:
+        out["weight_quantized"] = True
     for kind, parts in values.items():
         flat = torch.cat(parts) if parts else torch.zeros(0)
         sketch = (_signs(kind, flat.numel()) @ flat).tolist() if flat.numel() else [0.0] * SKETCH_SIZE
@@ -84,9 +91,10 @@ def matches(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> bool:
     if expected.get("structure") != actual.get("structure"):
         return False
     try:
+        quantized = expected.get("weight_quantized") is True or actual.get("weight_quantized") is True
         for kind in ("bias", "weight"):
             norm = max(float(expected[f"{kind}_norm"]), float(actual[f"{kind}_norm"]))
-            bound = TOLERANCE * norm + 1e-12
+            bound = (QUANTIZED_TOLERANCE if kind == "weight" and quantized else TOLERANCE) * norm + 1e-12
             want, got = list(expected[f"{kind}_sketch"]), list(actual[f"{kind}_sketch"])
             if len(want) != SKETCH_SIZE or len(got) != SKETCH_SIZE:
                 return False
@@ -112,11 +120,11 @@ def legacy_fingerprint(entries: Iterable[Entry]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def check(expected: str | Mapping[str, Any], entries: list[Entry]) -> bool:
-    """Whether the model's ``entries`` match a stored fingerprint of either format."""
+def check(expected: str | Mapping[str, Any], entries: list[Entry], *, quantized: bool = False) -> bool:
+    """Whether the model's ``entries`` (``quantized``: dequantized weight samples) match a stored fingerprint."""
     if isinstance(expected, str):
         return legacy_fingerprint(entries) == expected
-    return matches(expected, compute(entries))
+    return matches(expected, compute(entries, quantized=quantized))
 
 
 def describe(fingerprint: str | Mapping[str, Any] | None) -> str:

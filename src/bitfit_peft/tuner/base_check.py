@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitfit_peft.compat.quantized import weight_sample
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.files.fingerprint import WEIGHT_SAMPLE, Entry, check, describe, relative_name
+from bitfit_peft.files.fingerprint import WEIGHT_SAMPLE, Entry, check, compute, describe, relative_name
 from bitfit_peft.tuner.base_modules import bias_shape
 from bitfit_peft.tuner.layer import BitFitLayer
 
@@ -44,8 +45,13 @@ def _materialize(module: nn.Module, tensor: Any, attr: str) -> torch.Tensor | No
 
 
 def module_entries(model: nn.Module, names: Iterable[str]) -> list[Entry]:
-    """``(name, bias shape, original bias, weight sample)`` of the modules ``names`` of a (partly) wrapped model."""
-    entries = []
+    """``(name, bias shape, original bias, weight sample)`` of the modules ``names`` of a (partly wrapped) model."""
+    return _entries(model, names)[0]
+
+
+def _entries(model: nn.Module, names: Iterable[str]) -> tuple[list[Entry], bool]:
+    """:func:`module_entries`, and whether any weight sample was dequantized (a quantized base)."""
+    entries, quantized = [], False
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, BitFitLayer):
@@ -53,9 +59,16 @@ def module_entries(model: nn.Module, names: Iterable[str]) -> list[Entry]:
         else:
             base, shape, bias = module, bias_shape(module), getattr(module, "bias", None)
         weight = _materialize(base, getattr(base, "weight", None), "weight")
-        sample = None if weight is None else weight.detach().reshape(-1)[:WEIGHT_SAMPLE]
+        sample, dequantized = (None, False) if weight is None else weight_sample(base, weight, WEIGHT_SAMPLE)
+        quantized = quantized or dequantized
         entries.append((relative_name(name), tuple(shape), _materialize(base, bias, "bias"), sample))
-    return entries
+    return entries, quantized
+
+
+def base_fingerprint(model: nn.Module, names: Iterable[str]) -> dict[str, Any]:
+    """The fingerprint of the modules ``names`` of ``model`` (what a save stores in the adapter config)."""
+    entries, quantized = _entries(model, names)
+    return compute(entries, quantized=quantized)
 
 
 def base_matches(config: Any, model: nn.Module, names: Iterable[str]) -> bool:
@@ -67,7 +80,8 @@ def base_matches(config: Any, model: nn.Module, names: Iterable[str]) -> bool:
     if stored is None or getattr(config, "_skip_fingerprint", False):
         return True
     try:
-        return check(stored, module_entries(model, names))
+        entries, quantized = _entries(model, names)
+        return check(stored, entries, quantized=quantized)
     except OffloadedValuesUnavailable as err:
         warnings.warn(f"Base fingerprint not checked: {err}", stacklevel=3)
         return True

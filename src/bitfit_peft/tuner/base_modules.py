@@ -52,6 +52,20 @@ def bias_shape(base: nn.Module) -> tuple[int, ...]:
     )
 
 
+def new_bias(base: nn.Module, shape: tuple[int, ...]) -> nn.Parameter:
+    """A zero, frozen bias for ``base``: its weight's dtype where that is a float, else float32.
+
+    A quantized weight (bitsandbytes ``Params4bit`` is ``uint8``, ``Int8Params`` is ``int8``) must not set the
+    bias dtype: a merged delta stored in it would be truncated. bitsandbytes casts a float bias to its compute
+    dtype in the forward.
+    """
+    weight = getattr(base, "weight", None)
+    floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+    dtype = weight.dtype if floating else torch.float32
+    device = weight.device if isinstance(weight, torch.Tensor) else None
+    return nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False)
+
+
 def in_out_features(base: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
     """``(in_features, out_features)`` of a base module, as PEFT's tuner layers expose them.
 

@@ -23,6 +23,7 @@ from bitfit_peft.tuner.base_modules import (
     execution_device,
     fused_op,
     in_out_features,
+    new_bias,
 )
 from bitfit_peft.tuner.routing import MixedCall
 
@@ -195,16 +196,12 @@ class BitFitLayer(BaseTunerLayer):
                 f"NaN/Inf in BitFit adapter(s) {adapter_names}; refusing to merge. Re-train or reload the adapter."
             )
         if base.bias is None:
-            weight = getattr(base, "weight", None)
-            ref = weight if isinstance(weight, torch.Tensor) else total
-            base.bias = nn.Parameter(
-                torch.zeros(self.bias_shape, dtype=ref.dtype, device=ref.device), requires_grad=False
-            )
+            base.bias = new_bias(base, self.bias_shape)
             self._created_bias = True
         if self._premerge_bias is None:
             self._premerge_bias = base.bias.detach().clone()
-        new_bias = base.bias.detach().float() + total.to(base.bias.device)
-        base.bias.data = new_bias.to(base.bias.dtype)
+        merged_bias = base.bias.detach().float() + total.to(base.bias.device)
+        base.bias.data = merged_bias.to(base.bias.dtype)
         self.merged_adapters.extend(adapter_names)
         self.stage_call(None)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitfit_peft.tuner.base_modules import bias_shape, can_merge_into
+from bitfit_peft.tuner.base_modules import bias_shape, can_merge_into, new_bias
 
 
 class MergeMixin:
@@ -90,8 +90,7 @@ def _sync_bias_config_flags(model: nn.Module, created: list[str]) -> None:
             continue
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in leaves and isinstance(module, nn.Linear) and module.bias is None:
-                ref = module.weight
-                module.bias = nn.Parameter(torch.zeros(bias_shape(module), dtype=ref.dtype, device=ref.device))
+                module.bias = new_bias(module, bias_shape(module))
         setattr(config, flag, True)
         leftover -= set(hits)
     if leftover:

@@ -12,9 +12,9 @@ from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_
 from torch import nn
 
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.files import delta_format, fingerprint
+from bitfit_peft.files import delta_format
 from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
-from bitfit_peft.tuner.base_check import base_matches, module_entries, other_base_error
+from bitfit_peft.tuner.base_check import base_fingerprint, base_matches, other_base_error
 from bitfit_peft.tuner.base_modules import execution_device
 from bitfit_peft.tuner.call_plan import CallPlanMixin, layers_and_heads
 from bitfit_peft.tuner.combine import combined_config, fill_weighted
@@ -392,7 +392,7 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
         """PEFT's selection, then the BitFit save options: fingerprint, pruning, ``save_dtype`` (overflow refused)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         names = sorted(layers_holding(model, adapter_name))
-        config.base_fingerprint = fingerprint.compute(module_entries(model, names))
+        config.base_fingerprint = base_fingerprint(model, names)
         dtype = SAVE_DTYPES[config.save_dtype]
         out = {}
         for name, tensor in selected.items():

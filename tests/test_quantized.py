@@ -1,0 +1,127 @@
+"""BitFit on bitsandbytes 4-bit (NF4, FP4) and 8-bit bases, on bitsandbytes' CPU backend.
+
+Two things that went wrong on quantized bases, each checked here on a tiny Llama (no biases, so
+``add_missing_bias=True`` as a QLoRA user would set it):
+
+- ``merge_and_unload`` created the missing biases in the *weight's* dtype, ``uint8`` / ``int8`` for a quantized
+  weight, so every merged delta was truncated (max logit error 0.4-0.7);
+- the base fingerprint sampled a 4-bit weight's raw bytes, which bitsandbytes repacks on a CPU's first no-grad
+  forward, so a load after the model had run was refused; and an adapter trained on the full-precision base
+  could never load onto its quantized copy (or the reverse).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+import bitfit_peft
+from bitfit_peft.compat.quantized import weight_sample
+from bitfit_peft.errors import BitFitError
+
+bnb = pytest.importorskip("bitsandbytes")
+
+SCHEMES = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "nf4-double-quant": {"load_in_4bit": True, "bnb_4bit_use_double_quant": True},
+    "int8": {"load_in_8bit": True},
+}
+CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _save_base(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    LlamaForCausalLM(CONFIG).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_base(tmp_path_factory.mktemp("llama"), 0)
+
+
+@pytest.fixture(scope="module")
+def other_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_base(tmp_path_factory.mktemp("other"), 1)
+
+
+def _load(path: Path, scheme: str | None) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if scheme is None:
+            return AutoModelForCausalLM.from_pretrained(path)
+        config = BitsAndBytesConfig(**SCHEMES[scheme])
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+
+
+def _adapted(base: torch.nn.Module) -> torch.nn.Module:
+    config = bitfit_peft.BitFitConfig(task_type="CAUSAL_LM", add_missing_bias=True, init_weights=False)
+    return get_peft_model(base, config)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=IDS).logits.float()
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_merge_into_a_quantized_base_is_exact(base_dir: Path, scheme: str) -> None:
+    model = _adapted(_load(base_dir, scheme))
+    before = _logits(model)  # the first forward: bitsandbytes may repack 4-bit weights for the CPU here
+    assert torch.equal(before, _logits(model)), "the base is not deterministic run to run"
+    model.merge_adapter()
+    assert torch.equal(_logits(model), before)
+    model.unmerge_adapter()
+    assert torch.equal(_logits(model), before)
+    merged = model.merge_and_unload()
+    q_proj = merged.model.layers[0].self_attn.q_proj
+    assert q_proj.bias is not None and q_proj.bias.is_floating_point(), q_proj.bias
+    assert torch.equal(_logits(merged), before)
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_fingerprint_sample_is_stable_and_reads_without_writing(base_dir: Path, scheme: str) -> None:
+    model = _load(base_dir, scheme)
+    linear = model.model.layers[0].mlp.down_proj
+    first, quantized = weight_sample(linear, linear.weight, 16)
+    assert quantized and first is not None and first.dtype == torch.float32
+    with torch.no_grad():
+        model(input_ids=IDS)  # may repack the weight (4-bit on an AVX512-BF16 CPU) or move int8 row scales
+    raw = linear.weight.data.clone()
+    again, _ = weight_sample(linear, linear.weight, 16)
+    assert torch.equal(linear.weight.data, raw), "reading the sample changed the weight"
+    torch.testing.assert_close(again, first, rtol=0.02, atol=1e-3)  # repacking rounds the scales to bf16
+    full = _load(base_dir, None).model.layers[0].mlp.down_proj.weight.detach().reshape(-1)[:16]
+    assert (first - full).norm() < 0.35 * full.norm()  # the dequantized values, not the packed bytes
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_adapter_moves_between_a_base_and_its_quantized_copy(
+    base_dir: Path, other_base_dir: Path, tmp_path: Path, scheme: str
+) -> None:
+    """Trained on the full-precision base, it loads onto the quantized copy, also after that has run (and the
+    reverse); a different base of the same shapes is still refused."""
+    full = _adapted(_load(base_dir, None))
+    full.save_pretrained(tmp_path / "from_full")
+    quantized = _adapted(_load(base_dir, scheme))
+    _logits(quantized)  # the model has served
+    quantized.save_pretrained(tmp_path / "from_quantized")
+
+    served = _load(base_dir, scheme)
+    _logits(served)
+    loaded = PeftModel.from_pretrained(served, tmp_path / "from_full")
+    _logits(loaded)
+    loaded.load_adapter(tmp_path / "from_quantized", adapter_name="again")  # a hot load after serving
+    PeftModel.from_pretrained(_load(base_dir, None), tmp_path / "from_quantized")
+    with pytest.raises(BitFitError, match="different base model"):
+        PeftModel.from_pretrained(_load(other_base_dir, scheme), tmp_path / "from_full")
+    with pytest.raises(BitFitError, match="different base model"):
+        PeftModel.from_pretrained(_load(other_base_dir, None), tmp_path / "from_quantized")
