@@ -12,12 +12,14 @@ Two things that went wrong on quantized bases, each checked here on a tiny Llama
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import bitfit_peft
@@ -38,8 +40,12 @@ IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 def _save_base(path: Path, seed: int) -> Path:
+    """A tiny Llama (+ the tiny tokenizer) whose shapes bitsandbytes' CPU kernels take (rows a multiple of 32)."""
+    from conftest import make_tiny_tokenizer
+
     torch.manual_seed(seed)
     LlamaForCausalLM(CONFIG).save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
     return path
 
 
@@ -125,3 +131,89 @@ def test_adapter_moves_between_a_base_and_its_quantized_copy(
         PeftModel.from_pretrained(_load(other_base_dir, scheme), tmp_path / "from_full")
     with pytest.raises(BitFitError, match="different base model"):
         PeftModel.from_pretrained(_load(other_base_dir, None), tmp_path / "from_quantized")
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_train_and_serve_on_a_quantized_base(tmp_path: Path, scheme: str) -> None:
+    """``train(quantize=...)`` / ``bitfit-peft train --quantize`` trains on the quantized base, and the adapter serves
+    from ``MultiTaskEngine(quantize=...)`` and from the full-precision base alike."""
+    from bitfit_peft.serving import MultiTaskEngine
+    from bitfit_peft.training import load_trained, train
+
+    model_dir = _save_base(tmp_path / "llama", 0)
+    data = tmp_path / "lm.csv"
+    data.write_text("text\n" + "".join(f"hello world number {i}\n" for i in range(16)))
+    result = train(model=str(model_dir), data=str(data), task="causal-lm", add_missing_bias=True, quantize=scheme,
+                   output_dir=tmp_path / "out", num_epochs=1, eval_before=False, batch_size=8, max_length=16,
+                   quiet=True)  # fmt: skip
+    assert result.bias_params > 0
+    summary = json.loads((tmp_path / "out" / "bitfit_training.json").read_text())
+    assert summary["quantize"] == scheme
+    trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for t in trained.values()), "nothing was trained"
+
+    engine = MultiTaskEngine(model_dir, task_type="CAUSAL_LM", device="cpu", quantize=scheme)
+    engine.add_adapter("lm", tmp_path / "out")
+    (mixed, base) = engine.generate([("lm", "hello world"), ("__base__", "hello world")], max_new_tokens=3)
+    single = engine.generate([("lm", "hello world")], max_new_tokens=3)[0]
+    assert mixed.token_ids == single.token_ids
+    engine.add_adapter("again", tmp_path / "out")  # a hot load after serving
+    assert engine.generate([("again", "hello world")], max_new_tokens=3)[0].token_ids == single.token_ids
+    model, _, _ = load_trained(tmp_path / "out")  # onto the full-precision base named in the summary
+    assert not getattr(model.base_model.model, "is_quantized", False)
+
+
+def test_quantize_options_fail_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bitfit_peft.cli import app
+    from bitfit_peft.serving import EngineError, MultiTaskEngine
+    from bitfit_peft.training import TrainArgs
+    from bitfit_peft.training.args import OptionError
+
+    with pytest.raises(OptionError, match="quantize must be one of nf4, fp4, int8"):
+        TrainArgs.create(quantize="q3")
+    model_dir = _save_base(tmp_path / "llama", 0)
+    res = CliRunner().invoke(app, ["serve", "--base", str(model_dir), "--task-type", "CAUSAL_LM", "--quantize", "q3"])
+    assert res.exit_code == 2 and "Unknown quantization scheme 'q3'" in res.output, res.output
+    res = CliRunner().invoke(app, ["serve", "--base", str(model_dir), "--task-type", "CAUSAL_LM", "--quantize", "nf4",
+                                   "--ray"])
+    assert res.exit_code == 2 and "--quantize is not available with --ray" in res.output, res.output
+    res = CliRunner().invoke(app, ["train", "--quantize", "q3"])
+    assert res.exit_code == 2 and "q3" in res.output, res.output
+    with pytest.raises(EngineError, match="quantize= applies to a base loaded by the engine"):
+        MultiTaskEngine(_load(model_dir, None), task_type="CAUSAL_LM", tokenizer=str(model_dir), quantize="nf4")
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_mixed_batches_hotswap_and_merged_reload(base_dir: Path, tmp_path: Path, scheme: str) -> None:
+    for name, seed in (("first", 1), ("second", 2)):
+        torch.manual_seed(seed)
+        _adapted(_load(base_dir, scheme)).save_pretrained(tmp_path / name)
+    model = PeftModel.from_pretrained(_load(base_dir, scheme), tmp_path / "first", adapter_name="first")
+    model.load_adapter(tmp_path / "second", adapter_name="second")
+    singles = {}
+    for name in ("first", "second"):
+        model.set_adapter(name)
+        singles[name] = _logits(model)
+    with torch.no_grad(), model.disable_adapter():
+        bare = _logits(model)
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_names=["first", "second"]).logits.float()
+        generated = model.generate(input_ids=IDS, adapter_names=["second", "first"], max_new_tokens=3, do_sample=False)
+    assert torch.equal(mixed[0], singles["first"][0]) and torch.equal(mixed[1], singles["second"][1])
+    assert not torch.equal(singles["first"], bare)
+    model.set_adapter("first")
+    with torch.no_grad():
+        alone = model.generate(input_ids=IDS[1:], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated[1], alone[0])
+
+    bitfit_peft.hotswap_adapter(model, tmp_path / "second", "first")
+    assert torch.equal(_logits(model), singles["second"])
+
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")  # with its quantization config
+    expected = _logits(merged)  # after the save: reading state_dict() unpacks a CPU-repacked 4-bit weight (lossy)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
+    assert getattr(reloaded, "is_quantized", False)
+    assert torch.equal(_logits(reloaded), expected)

@@ -29,6 +29,7 @@ from rich.console import Console
 
 from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import ADAPTER, MODEL, check_source, fail, with_flag_hint
+from bitfit_peft.errors import BitFitError
 
 __all__ = ["parse_adapter_specs", "register", "serve_command"]
 
@@ -109,6 +110,10 @@ def serve_command(
         None, "--ray-address", help="With --ray: a running cluster ('auto', 'ray://host:10001'); default: start one."
     ),
     cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", min=0.0, help="With --ray: CPUs per replica."),
+    quantize: str | None = typer.Option(
+        None, "--quantize", show_default=False, metavar="nf4|fp4|int8",
+        help="Load the base quantized with bitsandbytes (4-bit nf4 / fp4, or int8); adapters stay full precision.",
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
     max_length: int = typer.Option(512, "--max-length", min=1, help="Truncate inputs to this many tokens."),
@@ -128,6 +133,7 @@ def serve_command(
     if task_type == "auto":
         task_type = _infer_task_type(pairs)
     _check_serving_options(host, admin_token, no_admin, adapter_root, ray, max_resident)
+    _check_quantize(quantize, ray)
     if ray:
         _serve_ray(base, pairs, task_type=task_type, replicas=replicas, host=host, port=port,
                    max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_ms / 1000, adapter_roots=adapter_root,
@@ -139,7 +145,7 @@ def serve_command(
     engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
                            task_type=task_type, device=device, dtype=dtype, max_length=max_length,
                            normalize_embeddings=normalize_embeddings, max_resident=max_resident,
-                           adapter_roots=adapter_root)
+                           adapter_roots=adapter_root, quantize=quantize)
     app = create_app(
         engine,
         max_batch_size=max_batch_size,
@@ -169,6 +175,21 @@ def _check_serving_options(host: str, admin_token: str | None, no_admin: bool, a
             raise typer.BadParameter(f"--adapter-root {root} is not a directory.")
     if ray and max_resident is not None:
         fail("--max-resident is not available with --ray (every replica holds every adapter); drop one of them.")
+
+
+def _check_quantize(quantize: str | None, ray: bool) -> None:
+    """One line, before anything loads, when --quantize cannot work here."""
+    if quantize is None:
+        return
+    if ray:
+        fail("--quantize is not available with --ray yet; serve the quantized base without --ray.")
+    # deferred: reading the quantization options loads torch and transformers; --help needs only the options
+    from bitfit_peft.compat.quantized import quantization_config
+
+    try:
+        quantization_config(quantize)
+    except BitFitError as err:
+        fail(str(err))
 
 
 def _local_engine(base: str, pairs: list[tuple[str, str]], *, allow_hub: bool, allow_base_mismatch: bool,

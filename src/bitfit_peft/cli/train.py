@@ -67,7 +67,7 @@ def cli_type(f: Field) -> Any:
 
 def cli_default(f: Field) -> Any:
     """A field's default as the CLI shows and parses it (a choice's string, a tuple comma-separated)."""
-    if "choices" in f.metadata:
+    if "choices" in f.metadata and f.default is not None:  # None: the option is off unless given
         parse = f.metadata.get("parse", str)
         return next(c for c in f.metadata["choices"] if parse(c) == f.default)
     if isinstance(f.default, tuple):

@@ -1,6 +1,8 @@
-"""Reading quantized base weights (bitsandbytes 4-bit and 8-bit) without changing them.
+"""Quantized bases (bitsandbytes 4-bit and 8-bit): the ``--quantize`` schemes, and reading their weights unchanged.
 
-The one place that knows bitsandbytes' weight layouts. The base fingerprint samples the first values of each
+The one place that knows bitsandbytes' options and weight layouts. :func:`quantization_config` turns a scheme
+name (``nf4``, ``fp4``, ``int8``) into the ``BitsAndBytesConfig`` that ``bitfit-peft train`` / ``serve`` load the
+base with. The base fingerprint samples the first values of each
 targeted module's weight; on a quantized base those must be the *dequantized* values, read in a way that does
 not depend on the layout bitsandbytes keeps them in at the moment. (On a CPU with AVX512-BF16, bitsandbytes 0.50
 repacks a 4-bit weight on its first no-grad forward and unpacks it, lossily, on ``state_dict()``: the raw bytes of
@@ -17,10 +19,48 @@ Example:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import os
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
+
+from bitfit_peft.errors import BitFitError
+
+#: ``--quantize`` scheme -> ``BitsAndBytesConfig`` keywords (4-bit ones compute in bf16 on a GPU, fp32 on a CPU)
+SCHEMES: dict[str, dict[str, object]] = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "int8": {"load_in_8bit": True},
+}
+
+
+def quantization_config(scheme: str | None) -> BitsAndBytesConfig | None:
+    """The ``BitsAndBytesConfig`` of a scheme name (None: no quantization); a one-line error when unavailable.
+
+    Example:
+        >>> quantization_config("nf4").bnb_4bit_quant_type, quantization_config(None)
+        ('nf4', None)
+    """
+    if scheme is None:
+        return None
+    if scheme not in SCHEMES:
+        raise BitFitError(f"Unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BitFitError(f"Quantizing the base ({scheme}) needs bitsandbytes: pip install bitsandbytes.")
+    options = dict(SCHEMES[scheme])
+    if options.get("load_in_4bit"):
+        options["bnb_4bit_compute_dtype"] = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(**options)
+
+
+def device_map(device: torch.device | str | None = None) -> dict[str, int | str]:
+    """Where ``from_pretrained`` puts a quantized base (it cannot be moved with ``.to()`` afterwards)."""
+    if device is not None:
+        return {"": str(device)}
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from bitfit_peft.compat.quantized import device_map, quantization_config
 from bitfit_peft.names import DELTA_KEY
 from bitfit_peft.serving.errors import (
     AdapterNameError,
@@ -114,6 +115,8 @@ class MultiTaskEngine:
         max_resident: at most this many adapters in memory (least recently used evicted, reloaded on use; see
             ``residency.py``); None: no cap.
         adapter_roots: with ``max_resident``, a request for an unknown task ``name`` loads ``<root>/<name>``.
+        quantize: load the base quantized with bitsandbytes (``"nf4"``, ``"fp4"`` or ``"int8"``); adapters trained
+            on the full-precision base load onto it (see docs/quantized.md).
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class MultiTaskEngine:
         trust_remote_code: bool = False,
         max_resident: int | None = None,
         adapter_roots: Sequence[str | Path] = (),
+        quantize: str | None = None,
     ) -> None:
         residency = Residency(max_resident)  # a bad cap is refused before anything loads
         self.task_type: TaskType = normalize_task_type(task_type)
@@ -136,7 +140,7 @@ class MultiTaskEngine:
         if isinstance(base, PreTrainedModel) and tokenizer is None:
             raise EngineError("Pass tokenizer=... when the base is an already loaded model.")
         model, self.base_name = _load_base(base, self.task_type, self.device, _resolve_dtype(dtype), revision,
-                                           trust_remote_code)
+                                           trust_remote_code, quantize)
         tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else base, revision)
         # Never longer than the model can embed (a longer input would fail the forward: HTTP 500 on the server).
         limits = (getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
@@ -259,20 +263,25 @@ class MultiTaskEngine:
                                        top_p=top_p, top_k=top_k, seed=seed)
 
 
-def _load_base(base: str | Path | PreTrainedModel, task_type: str, device: torch.device,
-               dtype: torch.dtype | None, revision: str | None, trust_remote_code: bool) -> tuple[Any, str]:
+def _load_base(base: str | Path | PreTrainedModel, task_type: str, device: torch.device, dtype: torch.dtype | None,
+               revision: str | None, trust_remote_code: bool, quantize: str | None) -> tuple[Any, str]:
     """The frozen base model in eval mode on ``device`` (unless Accelerate dispatched it), and its name."""
     if isinstance(base, PreTrainedModel):
-        model = base if dtype is None else base.to(dtype)
+        if quantize is not None:
+            raise EngineError("quantize= applies to a base loaded by the engine; this model is loaded already.")
+        quantized = getattr(base, "is_quantized", False)  # bitsandbytes models cannot be cast or moved
+        model = base if dtype is None or quantized else base.to(dtype)
         name = str(getattr(base.config, "_name_or_path", "") or type(base).__name__)
     else:
         kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if quantize is not None:
+            kwargs.update(quantization_config=quantization_config(quantize), device_map=device_map(device))
         model = auto_model_class(task_type).from_pretrained(str(base), **kwargs)
         name = str(base)
-    if getattr(model, "hf_device_map", None):  # dispatched by Accelerate: keep its placement (offloaded
-        model = model.eval()  # modules cannot be moved; its hooks move inputs and weights)
+    if getattr(model, "hf_device_map", None) or getattr(model, "is_quantized", False):  # placed at load (Accelerate
+        model = model.eval()  # offload, bitsandbytes): its hooks move inputs and weights; it cannot be moved
     else:
         model = model.to(device).eval()
     for param in model.parameters():

@@ -36,6 +36,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from bitfit_peft.compat.quantized import SCHEMES as QUANT_SCHEMES
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.training.data import SEQUENCE_TASKS, TASKS, normalize_task
 from bitfit_peft.training.lr_finder import AUTO_LR_GRID, check_grid
@@ -152,6 +153,12 @@ class TrainArgs:
     )
     add_missing_bias: bool = _option(
         False, "Give targeted layers without a bias (Llama, T5, ...) a zero-initialised trainable bias.", MODEL
+    )
+    quantize: str | None = _option(
+        None,
+        "Load the base quantized with bitsandbytes: nf4 or fp4 (4-bit) or int8; the biases stay full precision.",
+        MODEL,
+        choices=tuple(QUANT_SCHEMES),
     )
     adapter_name: str = _option(
         "default", "PEFT adapter name (a name other than 'default' is saved in a sub-folder of --output-dir).", MODEL
@@ -375,6 +382,8 @@ def _check(a: TrainArgs) -> None:
              f"cls_attention_init applies to seq-cls and regression tasks, not {a.task!r}; drop it")  # fmt: skip
     _require(a.restore_best_epoch is not False or not a.early_stopping_patience, "restore_best_epoch",
              "early stopping keeps the best epoch: drop early_stopping_patience or restore_best_epoch")  # fmt: skip
+    _require(a.quantize is None or a.quantize in QUANT_SCHEMES, "quantize",
+             f"quantize must be one of {', '.join(QUANT_SCHEMES)} (or None), got {a.quantize!r}")  # fmt: skip
 
 
 def _check_ranges(a: TrainArgs) -> None:

@@ -24,21 +24,28 @@ from transformers import (
     PreTrainedModel,
 )
 
+from bitfit_peft.compat.quantized import device_map, quantization_config
 from bitfit_peft.names import SUMMARY_FILE
 from bitfit_peft.training.data import normalize_task
 
 
-def load_base_model(model_name_or_path: str, task: str, label_names: list[str] | None) -> PreTrainedModel:
-    """Load the base model with the right head for ``task`` (label maps stored in its config)."""
+def load_base_model(
+    model_name_or_path: str, task: str, label_names: list[str] | None, quantize: str | None = None
+) -> PreTrainedModel:
+    """Load the base model with the right head for ``task`` (label maps stored in its config), quantized with
+    bitsandbytes when ``quantize`` names a scheme (``nf4``, ``fp4``, ``int8``)."""
     task = normalize_task(task)
+    kwargs: dict[str, Any] = {}
+    if quantize is not None:
+        kwargs = {"quantization_config": quantization_config(quantize), "device_map": device_map()}
     if task == "causal-lm":
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path)
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
     if task == "regression":
         return AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, num_labels=1, problem_type="regression"
+            model_name_or_path, num_labels=1, problem_type="regression", **kwargs
         )
     names = label_names or []
-    kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     if task == "token-cls":
         return AutoModelForTokenClassification.from_pretrained(model_name_or_path, **kwargs)
     return AutoModelForSequenceClassification.from_pretrained(

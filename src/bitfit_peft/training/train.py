@@ -24,7 +24,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from torch.utils.data import DataLoader
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -188,7 +188,9 @@ def load_data(args: TrainArgs) -> tuple[TaskData, Any, EncodedDataset, EncodedDa
 def build_model(args: TrainArgs, task_data: TaskData, tokenizer: Any) -> PeftModel:
     """The base model with the task's head (seeded), wrapped with a BitFit adapter ``args.adapter_name``."""
     set_seed(args.seed)  # head init
-    base = load_base_model(args.model, args.task, task_data.label_names)
+    base = load_base_model(args.model, args.task, task_data.label_names, args.quantize)
+    if args.quantize is not None:  # PEFT's k-bit preparation (float norms, input grads), as for QLoRA
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     config = BitFitConfig(
@@ -369,6 +371,7 @@ def write_summary(args: TrainArgs, trainer: BitFitTrainer, task_data: TaskData, 
     scheduler = trainer.args.lr_scheduler_type
     summary = {
         "base_model": args.model,
+        "quantize": args.quantize,  # what the base was trained in (the adapter loads onto any precision of it)
         "task": args.task,
         "label_names": task_data.label_names,
         "text_column": args.text_column,
