@@ -1,4 +1,4 @@
-"""BitFit on bitsandbytes 4-bit (NF4, FP4) and 8-bit bases, on bitsandbytes' CPU backend.
+"""BitFit on bitsandbytes 4-bit (NF4, FP4) and 8-bit bases and torchao int8 weight-only bases, on CPU.
 
 Two things that went wrong on quantized bases, each checked here on a tiny Llama (no biases, so
 ``add_missing_bias=True`` as a QLoRA user would set it):
@@ -23,17 +23,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import bitfit_peft
-from bitfit_peft.compat.quantized import weight_sample
+from bitfit_peft.compat.quantized import SCHEMES as QUANT_SCHEMES
+from bitfit_peft.compat.quantized import quantization_config, weight_sample
 from bitfit_peft.errors import BitFitError
 
-bnb = pytest.importorskip("bitsandbytes")
-
-SCHEMES = {
-    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-    "nf4-double-quant": {"load_in_4bit": True, "bnb_4bit_use_double_quant": True},
-    "int8": {"load_in_8bit": True},
-}
+#: every --quantize scheme, plus single-quantized NF4 (the CLI's nf4 uses double quantization)
+SCHEME_NAMES = sorted([*QUANT_SCHEMES, "nf4-single"])
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -64,7 +59,12 @@ def _load(path: Path, scheme: str | None) -> torch.nn.Module:
         warnings.simplefilter("ignore")
         if scheme is None:
             return AutoModelForCausalLM.from_pretrained(path)
-        config = BitsAndBytesConfig(**SCHEMES[scheme])
+        if scheme == "nf4-single":
+            pytest.importorskip("bitsandbytes")
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        else:
+            pytest.importorskip(QUANT_SCHEMES[scheme][0])
+            config = quantization_config(scheme)
         return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
 
 
@@ -78,7 +78,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=IDS).logits.float()
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
 def test_merge_into_a_quantized_base_is_exact(base_dir: Path, scheme: str) -> None:
     model = _adapted(_load(base_dir, scheme))
     before = _logits(model)  # the first forward: bitsandbytes may repack 4-bit weights for the CPU here
@@ -93,7 +93,15 @@ def test_merge_into_a_quantized_base_is_exact(base_dir: Path, scheme: str) -> No
     assert torch.equal(_logits(merged), before)
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def _snapshot(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of what a weight holds: torchao's dequantized values, else the raw data and bitsandbytes' scales."""
+    if hasattr(type(weight), "dequantize") and type(weight).dequantize is not torch.Tensor.dequantize:
+        return [weight.dequantize().clone()]
+    state = getattr(weight, "quant_state", None)
+    return [weight.data.clone()] + ([state.absmax.clone()] if state is not None else [])
+
+
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
 def test_fingerprint_sample_is_stable_and_reads_without_writing(base_dir: Path, scheme: str) -> None:
     model = _load(base_dir, scheme)
     linear = model.model.layers[0].mlp.down_proj
@@ -101,15 +109,16 @@ def test_fingerprint_sample_is_stable_and_reads_without_writing(base_dir: Path, 
     assert quantized and first is not None and first.dtype == torch.float32
     with torch.no_grad():
         model(input_ids=IDS)  # may repack the weight (4-bit on an AVX512-BF16 CPU) or move int8 row scales
-    raw = linear.weight.data.clone()
+    raw = _snapshot(linear.weight)  # not state_dict(): bitsandbytes would unpack a CPU-packed weight for it
     again, _ = weight_sample(linear, linear.weight, 16)
-    assert torch.equal(linear.weight.data, raw), "reading the sample changed the weight"
+    after = _snapshot(linear.weight)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(raw, after, strict=True)), "weight changed"
     torch.testing.assert_close(again, first, rtol=0.02, atol=1e-3)  # repacking rounds the scales to bf16
     full = _load(base_dir, None).model.layers[0].mlp.down_proj.weight.detach().reshape(-1)[:16]
     assert (first - full).norm() < 0.35 * full.norm()  # the dequantized values, not the packed bytes
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
 def test_adapter_moves_between_a_base_and_its_quantized_copy(
     base_dir: Path, other_base_dir: Path, tmp_path: Path, scheme: str
 ) -> None:
@@ -133,13 +142,14 @@ def test_adapter_moves_between_a_base_and_its_quantized_copy(
         PeftModel.from_pretrained(_load(other_base_dir, None), tmp_path / "from_quantized")
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "torchao-int8"])
 def test_train_and_serve_on_a_quantized_base(tmp_path: Path, scheme: str) -> None:
     """``train(quantize=...)`` / ``bitfit-peft train --quantize`` trains on the quantized base, and the adapter serves
     from ``MultiTaskEngine(quantize=...)`` and from the full-precision base alike."""
     from bitfit_peft.serving import MultiTaskEngine
     from bitfit_peft.training import load_trained, train
 
+    pytest.importorskip(QUANT_SCHEMES[scheme][0])
     model_dir = _save_base(tmp_path / "llama", 0)
     data = tmp_path / "lm.csv"
     data.write_text("text\n" + "".join(f"hello world number {i}\n" for i in range(16)))
@@ -185,7 +195,7 @@ def test_quantize_options_fail_in_one_line(tmp_path: Path) -> None:
         MultiTaskEngine(_load(model_dir, None), task_type="CAUSAL_LM", tokenizer=str(model_dir), quantize="nf4")
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "torchao-int8"])
 def test_mixed_batches_hotswap_and_merged_reload(base_dir: Path, tmp_path: Path, scheme: str) -> None:
     for name, seed in (("first", 1), ("second", 2)):
         torch.manual_seed(seed)

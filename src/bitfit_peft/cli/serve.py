@@ -111,8 +111,9 @@ def serve_command(
     ),
     cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", min=0.0, help="With --ray: CPUs per replica."),
     quantize: str | None = typer.Option(
-        None, "--quantize", show_default=False, metavar="nf4|fp4|int8",
-        help="Load the base quantized with bitsandbytes (4-bit nf4 / fp4, or int8); adapters stay full precision.",
+        None, "--quantize", show_default=False, metavar="nf4|fp4|int8|torchao-int8",
+        help="Load the base quantized: nf4 / fp4 (bitsandbytes 4-bit), int8 (bitsandbytes), torchao-int8 (torchao "
+        "int8 weight-only); adapters stay full precision.",
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),

@@ -1,8 +1,8 @@
-"""Quantized bases (bitsandbytes 4-bit and 8-bit): the ``--quantize`` schemes, and reading their weights unchanged.
+"""Quantized bases (bitsandbytes 4-bit / 8-bit, torchao): the ``--quantize`` schemes, and reading weights unchanged.
 
-The one place that knows bitsandbytes' options and weight layouts. :func:`quantization_config` turns a scheme
-name (``nf4``, ``fp4``, ``int8``) into the ``BitsAndBytesConfig`` that ``bitfit-peft train`` / ``serve`` load the
-base with. The base fingerprint samples the first values of each
+The one place that knows the quantization libraries' options and weight layouts. :func:`quantization_config` turns
+a scheme name (``nf4``, ``fp4``, ``int8``, ``torchao-int8``) into the config that ``bitfit-peft train`` / ``serve``
+load the base with. The base fingerprint samples the first values of each
 targeted module's weight; on a quantized base those must be the *dequantized* values, read in a way that does
 not depend on the layout bitsandbytes keeps them in at the moment. (On a CPU with AVX512-BF16, bitsandbytes 0.50
 repacks a 4-bit weight on its first no-grad forward and unpacks it, lossily, on ``state_dict()``: the raw bytes of
@@ -22,23 +22,42 @@ import copy
 import importlib.util
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, TorchAoConfig
 
 from bitfit_peft.errors import BitFitError
 
-#: ``--quantize`` scheme -> ``BitsAndBytesConfig`` keywords (4-bit ones compute in bf16 on a GPU, fp32 on a CPU)
-SCHEMES: dict[str, dict[str, object]] = {
-    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-    "int8": {"load_in_8bit": True},
-}
+#: ``--quantize`` scheme -> (the package it needs, its ``from_pretrained`` quantization config)
+SCHEMES: dict[str, tuple[str, Callable[[], Any]]] = {
+    "nf4": ("bitsandbytes", lambda: BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=_compute()
+    )),
+    "fp4": ("bitsandbytes", lambda: BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=_compute()
+    )),
+    "int8": ("bitsandbytes", lambda: BitsAndBytesConfig(load_in_8bit=True)),
+    "torchao-int8": ("torchao", lambda: TorchAoConfig(_torchao().Int8WeightOnlyConfig())),
+}  # fmt: skip
 
 
-def quantization_config(scheme: str | None) -> BitsAndBytesConfig | None:
-    """The ``BitsAndBytesConfig`` of a scheme name (None: no quantization); a one-line error when unavailable.
+def _compute() -> torch.dtype:
+    """bitsandbytes 4-bit compute dtype: bf16 on a GPU, fp32 on a CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def _torchao() -> Any:
+    # deferred: torchao is optional, and only its scheme gets here
+    import torchao.quantization
+
+    return torchao.quantization
+
+
+def quantization_config(scheme: str | None) -> Any:
+    """The quantization config of a scheme name (None: no quantization); a one-line error when unavailable.
 
     Example:
         >>> quantization_config("nf4").bnb_4bit_quant_type, quantization_config(None)
@@ -48,12 +67,10 @@ def quantization_config(scheme: str | None) -> BitsAndBytesConfig | None:
         return None
     if scheme not in SCHEMES:
         raise BitFitError(f"Unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}.")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise BitFitError(f"Quantizing the base ({scheme}) needs bitsandbytes: pip install bitsandbytes.")
-    options = dict(SCHEMES[scheme])
-    if options.get("load_in_4bit"):
-        options["bnb_4bit_compute_dtype"] = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return BitsAndBytesConfig(**options)
+    package, make = SCHEMES[scheme]
+    if importlib.util.find_spec(package) is None:
+        raise BitFitError(f"Quantizing the base ({scheme}) needs {package}: pip install {package}.")
+    return make()
 
 
 def device_map(device: torch.device | str | None = None) -> dict[str, int | str]:
@@ -64,15 +81,25 @@ def device_map(device: torch.device | str | None = None) -> dict[str, int | str]
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` holds quantized values (bitsandbytes ``Params4bit`` / ``Int8Params``, or any non-float)."""
-    return getattr(weight, "quant_state", None) is not None or not weight.is_floating_point()
+    """Whether ``weight`` holds quantized values: bitsandbytes ``Params4bit`` / ``Int8Params``, a tensor subclass
+    with its own ``dequantize`` (torchao), or any non-float tensor."""
+    return (
+        getattr(weight, "quant_state", None) is not None
+        or _own_dequantize(weight)
+        or not weight.is_floating_point()
+    )
+
+
+def _own_dequantize(weight: torch.Tensor) -> bool:
+    return getattr(type(weight), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize
 
 
 def weight_sample(module: nn.Module, weight: torch.Tensor, n: int) -> tuple[torch.Tensor | None, bool]:
     """The first ``n`` values of ``module``'s ``weight`` (row-major) as floats, and whether they were dequantized.
 
     bitsandbytes 4-bit weights are dequantized from their canonical layout (a CPU-packed weight is unpacked into
-    a copy first); 8-bit weights are scaled by their row statistics. A quantized type this module does not know
+    a copy first); 8-bit weights are scaled by their row statistics; torchao tensors use their ``dequantize()``.
+    A quantized type this module does not know
     gives ``(None, True)``: no values to compare.
     """
     if not is_quantized(weight):
@@ -80,6 +107,8 @@ def weight_sample(module: nn.Module, weight: torch.Tensor, n: int) -> tuple[torc
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
         return _four_bit_sample(weight, quant_state, n), True
+    if _own_dequantize(weight):  # torchao's quantized tensors
+        return weight.dequantize().reshape(-1)[:n].float(), True
     scale = getattr(weight, "SCB", None)
     if scale is None:  # Linear8bitLt moves the row statistics to its state on the first forward
         scale = getattr(getattr(module, "state", None), "SCB", None)

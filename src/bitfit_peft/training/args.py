@@ -156,7 +156,8 @@ class TrainArgs:
     )
     quantize: str | None = _option(
         None,
-        "Load the base quantized with bitsandbytes: nf4 or fp4 (4-bit) or int8; the biases stay full precision.",
+        "Load the base quantized: nf4, fp4 (bitsandbytes 4-bit), int8 (bitsandbytes 8-bit) or torchao-int8 (torchao "
+        "int8 weight-only); the biases stay full precision.",
         MODEL,
         choices=tuple(QUANT_SCHEMES),
     )
