@@ -227,3 +227,22 @@ def test_mixed_batches_hotswap_and_merged_reload(base_dir: Path, tmp_path: Path,
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
     assert getattr(reloaded, "is_quantized", False)
     assert torch.equal(_logits(reloaded), expected)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_gradient_checkpointing_after_kbit_preparation_gives_the_same_gradients(base_dir: Path, scheme: str) -> None:
+    """QLoRA's recipe with BitFit: ``prepare_model_for_kbit_training`` (with gradient checkpointing) changes no
+    gradient, and every delta gets one."""
+    from peft import prepare_model_for_kbit_training
+
+    grads = {}
+    for checkpointing in (False, True):
+        base = prepare_model_for_kbit_training(_load(base_dir, scheme), use_gradient_checkpointing=checkpointing)
+        model = get_peft_model(base, bitfit_peft.BitFitConfig(task_type="CAUSAL_LM", add_missing_bias=True))
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert grads[checkpointing] and all(g.abs().sum() > 0 for g in grads[checkpointing].values())
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=1e-4, atol=1e-6)
