@@ -186,9 +186,6 @@ def test_quantize_options_fail_in_one_line(tmp_path: Path) -> None:
     model_dir = _save_base(tmp_path / "llama", 0)
     res = CliRunner().invoke(app, ["serve", "--base", str(model_dir), "--task-type", "CAUSAL_LM", "--quantize", "q3"])
     assert res.exit_code == 2 and "Unknown quantization scheme 'q3'" in res.output, res.output
-    res = CliRunner().invoke(app, ["serve", "--base", str(model_dir), "--task-type", "CAUSAL_LM", "--quantize", "nf4",
-                                   "--ray"])
-    assert res.exit_code == 2 and "--quantize is not available with --ray" in res.output, res.output
     res = CliRunner().invoke(app, ["train", "--quantize", "q3"])
     assert res.exit_code == 2 and "q3" in res.output, res.output
     with pytest.raises(EngineError, match="quantize= applies to a base loaded by the engine"):

@@ -134,14 +134,14 @@ def serve_command(
     if task_type == "auto":
         task_type = _infer_task_type(pairs)
     _check_serving_options(host, admin_token, no_admin, adapter_root, ray, max_resident)
-    _check_quantize(quantize, ray)
+    _check_quantize(quantize)
     if ray:
         _serve_ray(base, pairs, task_type=task_type, replicas=replicas, host=host, port=port,
                    max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_ms / 1000, adapter_roots=adapter_root,
                    allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, admin=not no_admin,
                    admin_token=admin_token, device=device, dtype=dtype, max_length=max_length,
                    normalize_embeddings=normalize_embeddings, ray_address=ray_address,
-                   cpus_per_replica=cpus_per_replica)
+                   cpus_per_replica=cpus_per_replica, quantize=quantize)
         return
     engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
                            task_type=task_type, device=device, dtype=dtype, max_length=max_length,
@@ -178,12 +178,10 @@ def _check_serving_options(host: str, admin_token: str | None, no_admin: bool, a
         fail("--max-resident is not available with --ray (every replica holds every adapter); drop one of them.")
 
 
-def _check_quantize(quantize: str | None, ray: bool) -> None:
+def _check_quantize(quantize: str | None) -> None:
     """One line, before anything loads, when --quantize cannot work here."""
     if quantize is None:
         return
-    if ray:
-        fail("--quantize is not available with --ray yet; serve the quantized base without --ray.")
     # deferred: reading the quantization options loads torch and transformers; --help needs only the options
     from bitfit_peft.compat.quantized import quantization_config
 

@@ -342,11 +342,12 @@ def build_app(
     request_retries: int = 3,
     max_inputs_per_request: int = 256,
     max_new_tokens_limit: int = 512,
+    quantize: str | None = None,
 ) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...), route_prefix="/")``.
 
     Args:
-        base / adapters / task_type / device / dtype / max_length / normalize_embeddings: as for
+        base / adapters / task_type / device / dtype / max_length / normalize_embeddings / quantize: as for
             :class:`MultiTaskEngine` and ``bitfit-peft serve``; ``adapters`` maps names to folders (or Hub ids with
             ``allow_hub``), loaded by every replica at start.
         replicas: engine replicas (ignored when ``autoscaling_config`` is given, e.g.
@@ -369,7 +370,7 @@ def build_app(
     base_name = str(local_base.resolve()) if local_base.is_dir() else str(base)
     roots = [str(Path(r).expanduser().resolve()) for r in adapter_roots]
     engine = {"base": base_name, "task_type": task_type, "device": device, "dtype": dtype, "max_length": max_length,
-              "normalize_embeddings": normalize_embeddings}
+              "normalize_embeddings": normalize_embeddings, "quantize": quantize}
     settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "admin": admin,
                 "admin_token": admin_token, "request_retries": request_retries,
                 "max_inputs_per_request": max_inputs_per_request, "max_new_tokens_limit": max_new_tokens_limit}
