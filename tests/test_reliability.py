@@ -367,6 +367,39 @@ def test_safe_merge_refusal_leaves_nothing_merged(how: str) -> None:
     assert not any(getattr(m, "merged", False) for m in model.modules() if isinstance(m, bitfit_peft.BitFitLayer))
 
 
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
+def test_safe_merge_refuses_overflow_into_a_half_precision_base(how: str) -> None:
+    """Finite fp32 deltas that overflow an fp16 base bias are refused, naming the dtype; nothing changes."""
+    torch.manual_seed(0)
+    model = get_peft_model(_bert().half(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    deltas = [p for n, p in model.named_parameters() if ".bitfit_delta." in n]
+    with torch.no_grad():
+        deltas[-1][0] = 7e4  # finite in fp32, beyond fp16's 65,504
+    before = _snapshot(model)
+    with pytest.raises(ValueError) as err:
+        getattr(model, how)(safe_merge=True)
+    _clear(err.value, "overflows its torch.float16 bias", "nothing was merged")
+    assert before["modules"] == _snapshot(model)["modules"]
+    for name, was in before["state"].items():
+        assert torch.equal(model.state_dict()[name], was), name
+    merged = getattr(model, how)()  # the unsafe path merges as asked (documented)
+    assert merged is None or isinstance(merged, nn.Module)
+
+
+def test_safe_merge_refuses_a_non_finite_base_unless_allowed() -> None:
+    torch.manual_seed(0)
+    base = _bert()
+    with torch.no_grad():
+        base.bert.encoder.layer[0].attention.self.query.bias[0] = float("nan")
+    model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    with pytest.raises(ValueError) as err:
+        model.merge_and_unload(safe_merge=True)
+    _clear(err.value, "already holds NaN/Inf", "allow_nonfinite_base=True")
+    assert not any(getattr(m, "merged", False) for m in model.modules() if isinstance(m, bitfit_peft.BitFitLayer))
+    merged = model.merge_and_unload(safe_merge=True, allow_nonfinite_base=True)
+    assert torch.isnan(merged.bert.encoder.layer[0].attention.self.query.bias[0])
+
+
 def test_non_finite_deltas_warned_on_save(tmp_path: Path) -> None:
     model = _poisoned(float("nan"))
     with warnings.catch_warnings(record=True) as caught:

@@ -191,12 +191,14 @@ class BitFitLayer(BaseTunerLayer):
                 "Keep the adapter unmerged (exclude this module or set add_missing_bias=False)."
             )
         total = sum(self.delta_of(a).detach().float() for a in adapter_names)
-        if safe_merge and not torch.isfinite(total).all():
+        bias = base.bias if base.bias is not None else new_bias(base, self.bias_shape)
+        if safe_merge and not torch.isfinite((bias.detach().float() + total.to(bias.device)).to(bias.dtype)).all():
             raise ValueError(
-                f"NaN/Inf in BitFit adapter(s) {adapter_names}; refusing to merge. Re-train or reload the adapter."
+                f"Merging BitFit adapter(s) {adapter_names} gives NaN/Inf in a {bias.dtype} bias (NaN/Inf deltas, "
+                "overflow, or a non-finite base bias); refusing to merge. Keep the adapter unmerged."
             )
         if base.bias is None:
-            base.bias = new_bias(base, self.bias_shape)
+            base.bias = bias
             self._created_bias = True
         if self._premerge_bias is None:
             self._premerge_bias = base.bias.detach().clone()

@@ -2,7 +2,8 @@
 
 :class:`MergeMixin` is the part of :class:`~bitfit_peft.tuner.model.BitFitModel` behind ``merge_adapter`` and
 ``merge_and_unload``: every module must use a bias in its forward (else a merged delta would be ignored), with
-``safe_merge`` every delta is checked for NaN/Inf before any merge, and biases that merging created are described
+``safe_merge`` every module is checked before any merge (finite deltas, a finite result in the base's dtype, a
+finite base bias), and biases that merging created are described
 in the model's config where it can (so a plain transformers reload keeps them).
 
 Example:
@@ -43,30 +44,67 @@ class MergeMixin:
                     "would be ignored. Keep the adapter unmerged, or exclude this module from the adapter."
                 )
 
-    def _check_finite(self, adapter_names: list[str] | None) -> None:
+    def _check_finite(self, adapter_names: list[str] | None, allow_nonfinite_base: bool = False) -> None:
+        """``safe_merge``: refuse, before anything is merged, a delta with NaN/Inf, a merge whose result is not
+        finite in the base bias's dtype (e.g. fp32 deltas that overflow an fp16 base), and a base bias that is not
+        finite already (unless ``allow_nonfinite_base``)."""
         names = adapter_names if adapter_names is not None else list(self.active_adapters)
         for module_name, layer in self.bitfit_layers().items():
-            for adapter in names:
-                if adapter in layer.bitfit_delta and not torch.isfinite(layer.delta_of(adapter)).all():
-                    raise ValueError(
-                        f"NaN/Inf in BitFit adapter {adapter!r} ({module_name}); refusing to merge. Nothing was "
-                        "merged. Re-train or reload the adapter."
-                    )
+            present = [a for a in names if a in layer.bitfit_delta]
+            if not present:
+                continue
+            total = sum(layer.delta_of(a).detach().float() for a in present)
+            if not torch.isfinite(total).all():
+                raise ValueError(
+                    f"NaN/Inf in BitFit adapter(s) {present} ({module_name}); refusing to merge. Nothing was "
+                    "merged. Re-train or reload the adapter."
+                )
+            base = layer.get_base_layer()
+            bias = base.bias if getattr(base, "bias", None) is not None else new_bias(base, layer.bias_shape)
+            if not torch.isfinite(bias).all():
+                if allow_nonfinite_base:
+                    continue
+                raise ValueError(
+                    f"The base bias of {module_name} already holds NaN/Inf; refusing to merge into it. Nothing was "
+                    "merged. Fix the base, or pass allow_nonfinite_base=True to merge anyway."
+                )
+            merged = (bias.detach().float() + total.to(bias.device)).to(bias.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Merging {present} into {module_name} overflows its {bias.dtype} bias (a delta reaches "
+                    f"{float(total.abs().max()):.3g}); refusing to merge. Nothing was merged. Keep the adapter "
+                    "unmerged, or load the base in a wider dtype (float32 / bfloat16)."
+                )
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge adapter(s) into the base biases; with ``safe_merge`` every delta is checked before any merge."""
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False, allow_nonfinite_base: bool = False
+    ) -> None:
+        """Merge adapter(s) into the base biases. ``safe_merge`` checks every module first (see
+        :meth:`_check_finite`); without it nothing is checked: NaN/Inf deltas, overflow in a half-precision base
+        and a non-finite base bias all merge as they are."""
         if safe_merge:
-            self._check_finite(adapter_names)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            self._check_finite(adapter_names, allow_nonfinite_base)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None):
-        """Merge the deltas into the base biases (created where missing) and return the plain model."""
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Any = None,
+        allow_nonfinite_base: bool = False,
+    ):
+        """Merge the deltas into the base biases (created where missing) and return the plain model.
+
+        ``safe_merge`` refuses, before anything changes, NaN/Inf deltas, a result that is not finite in the base's
+        dtype and (unless ``allow_nonfinite_base``) a base bias that is not finite already. Without it nothing is
+        checked.
+        """
         if safe_merge:
-            self._check_finite(adapter_names)
+            self._check_finite(adapter_names, allow_nonfinite_base)
         created = [
             n for n, layer in self.bitfit_layers().items() if getattr(layer.get_base_layer(), "bias", None) is None
         ]
-        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=False, adapter_names=adapter_names)
         if created:
             _sync_bias_config_flags(model, created)
         return model
