@@ -16,7 +16,7 @@ from bitfit_peft.cli import app
 from bitfit_peft.cli.train import cli_default, cli_flags, flag_of, options_markdown
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.training import DataError, TrainArgs, load_task_data, load_trained, train
-from bitfit_peft.training.args import option_fields
+from bitfit_peft.training.args import OptionError, option_fields
 from bitfit_peft.training.data import demo_data_path, encode
 from bitfit_peft.training.train import SUMMARY_FILE, bitfit_param_groups
 
@@ -395,10 +395,11 @@ def test_docs_options_table_is_generated() -> None:
     )
 
 
-def test_train_takes_train_args_or_keywords(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_takes_train_args_or_keywords(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib
     from dataclasses import replace
 
+    monkeypatch.chdir(tmp_path)  # the default output_dir must not be an earlier run's (refused without overwrite)
     module = importlib.import_module("bitfit_peft.training.train")
     seen: list[TrainArgs] = []
 
@@ -464,3 +465,18 @@ def test_push_to_hub_uploads_adapter(
         assert result.hub_url
         files = set(HfApi(endpoint=hub.url).list_repo_files("user/spam-bitfit"))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files, files
+
+
+def test_a_non_empty_output_dir_is_refused_unless_overwrite(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Another run's adapter is never replaced silently: one line naming what the folder holds and the fix."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"another task's adapter")
+    data = _write_csv(tmp_path / "d.csv", [{"text": f"t {i}", "label": "ab"[i % 2]} for i in range(12)])
+    with pytest.raises(OptionError, match=r"is not empty \(it holds adapter_model.safetensors\).*--overwrite"):
+        train(model=str(tiny_bert_dir), data=data, output_dir=out, num_epochs=1, **FAST)
+    assert (out / "adapter_model.safetensors").read_bytes() == b"another task's adapter"
+    res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(data), "-o", str(out), "--epochs", "1"])
+    assert res.exit_code == 2 and "--overwrite" in res.output and "Traceback" not in res.output, res.output
+    result = train(model=str(tiny_bert_dir), data=data, output_dir=out, num_epochs=1, overwrite=True, **FAST)
+    assert result.bias_params > 0 and (out / "adapter_model.safetensors").read_bytes() != b"another task's adapter"

@@ -84,6 +84,7 @@ def test_cli_runs_the_recipe(tmp_path: Path, tiny_bert_dir: Path, spam_csv: Path
     assert probe["enable"] is False and probe["num_dev"] < probe["min_dev"] and opt["cls_attention_init"] is False
     assert opt["restore_best_epoch"] is RECIPE.restore_best_epoch is False  # the last epoch is kept
     res = runner.invoke(app, ["train", "-m", str(tiny_bert_dir), "-d", str(spam_csv), "-o", str(out), "--best-epoch",
+                              "--overwrite",
                               "--epochs", "1", "--batch-size", "8", "--max-length", "24", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert _optimisation(out)["restore_best_epoch"] is True

@@ -247,6 +247,9 @@ class TrainArgs:
         "Resume from a checkpoint dir, or 'latest' (API: also True) for the newest one in OUTPUT_DIR/checkpoints.",
         OUTPUT,
     )
+    overwrite: bool = _option(
+        False, "Replace what OUTPUT_DIR holds (a non-empty OUTPUT_DIR is refused without it, unless resuming).", OUTPUT
+    )
     keep_checkpoints: bool = _option(False, "Keep OUTPUT_DIR/checkpoints after a successful run.", OUTPUT)
     save_total_limit: int = _option(2, "Checkpoints kept while training (the best one is always kept).", OUTPUT)
     push_to_hub: bool = _option(False, "Upload the adapter and tokenizer to the Hub (needs a login).", OUTPUT)

@@ -33,7 +33,7 @@ from bitfit_peft.files import hub as bitfit_hub
 from bitfit_peft.files.atomic_save import save_pretrained
 from bitfit_peft.names import SUMMARY_FILE
 from bitfit_peft.tasks import peft_task_type
-from bitfit_peft.training.args import TrainArgs
+from bitfit_peft.training.args import OptionError, TrainArgs
 from bitfit_peft.training.cls_init import auto_cls_init, initialize_cls_attention
 from bitfit_peft.training.data import EncodedDataset, TaskData, encode, load_task_data
 from bitfit_peft.training.loading import (  # noqa: F401 - default_model_path and load_trained are part of this module's API
@@ -141,6 +141,7 @@ def train(
     args = TrainArgs.create(**options) if args is None else replace(args, **options)
     if args.model is None:
         args = replace(args, model=default_model_path())
+    check_output_dir(args)
     start = time.perf_counter()
     task_data, tokenizer, train_ds, dev_ds = load_data(args)
     trainer = build_trainer(args, build_model(args, task_data, tokenizer), tokenizer, train_ds, dev_ds, callbacks)
@@ -157,6 +158,24 @@ def train(
     if args.push_to_hub and trainer.is_world_process_zero():
         result.hub_url = push_adapter(args, trainer)
     return result
+
+
+def check_output_dir(args: TrainArgs) -> None:
+    """Refuse to train into a non-empty ``output_dir`` (another run's adapter would be replaced) unless
+    ``overwrite`` or resuming from its checkpoints."""
+    out = args.output_dir
+    if args.overwrite or args.resume_from_checkpoint is not None or not out.exists():
+        return
+    if not out.is_dir():
+        raise OptionError("output_dir", f"output_dir {out} exists and is not a directory; choose another one.")
+    held = sorted(entry.name for entry in out.iterdir())
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise OptionError(
+            "output_dir",
+            f"output_dir {out} is not empty (it holds {shown}); pass overwrite=True (--overwrite) to replace it, "
+            "or choose another output_dir.",
+        )
 
 
 def load_data(args: TrainArgs) -> tuple[TaskData, Any, EncodedDataset, EncodedDataset]:
