@@ -166,6 +166,8 @@ def check_output_dir(args: TrainArgs) -> None:
     out = args.output_dir
     if args.overwrite or args.resume_from_checkpoint is not None or not out.exists():
         return
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 decides (a later rank may see rank 0's first files);
+        return  # the launcher stops the other ranks when it refuses
     if not out.is_dir():
         raise OptionError("output_dir", f"output_dir {out} exists and is not a directory; choose another one.")
     held = sorted(entry.name for entry in out.iterdir())
