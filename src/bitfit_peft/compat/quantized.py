@@ -80,17 +80,8 @@ def device_map(device: torch.device | str | None = None) -> dict[str, int | str]
     return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}
 
 
-def is_quantized(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` holds quantized values: bitsandbytes ``Params4bit`` / ``Int8Params``, a tensor subclass
-    with its own ``dequantize`` (torchao), or any non-float tensor."""
-    return (
-        getattr(weight, "quant_state", None) is not None
-        or _own_dequantize(weight)
-        or not weight.is_floating_point()
-    )
-
-
 def _own_dequantize(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a tensor subclass with its own ``dequantize`` (torchao's quantized tensors)."""
     return getattr(type(weight), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize
 
 
@@ -99,16 +90,15 @@ def weight_sample(module: nn.Module, weight: torch.Tensor, n: int) -> tuple[torc
 
     bitsandbytes 4-bit weights are dequantized from their canonical layout (a CPU-packed weight is unpacked into
     a copy first); 8-bit weights are scaled by their row statistics; torchao tensors use their ``dequantize()``.
-    A quantized type this module does not know
-    gives ``(None, True)``: no values to compare.
+    A quantized type this module does not know gives ``(None, True)``: no values to compare.
     """
-    if not is_quantized(weight):
-        return weight.detach().reshape(-1)[:n], False
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
+    if quant_state is not None:  # bitsandbytes Params4bit
         return _four_bit_sample(weight, quant_state, n), True
-    if _own_dequantize(weight):  # torchao's quantized tensors
+    if _own_dequantize(weight):
         return weight.dequantize().reshape(-1)[:n].float(), True
+    if weight.is_floating_point():
+        return weight.detach().reshape(-1)[:n], False
     scale = getattr(weight, "SCB", None)
     if scale is None:  # Linear8bitLt moves the row statistics to its state on the first forward
         scale = getattr(getattr(module, "state", None), "SCB", None)

@@ -11,17 +11,14 @@ See ``docs/serving.md``.
 
 from __future__ import annotations
 
-from bitfit_peft.serving.engine import (
-    AdapterInfo,
+from bitfit_peft.serving.engine import AdapterInfo, Generation, MultiTaskEngine, Prediction
+from bitfit_peft.serving.errors import (
     AdapterNameError,
     AdapterNotFoundError,
     AdapterPathError,
     BadAdapterPathError,
     DuplicateAdapterError,
     EngineError,
-    Generation,
-    MultiTaskEngine,
-    Prediction,
     UnknownTaskError,
 )
 from bitfit_peft.training.collator import MultiTaskCollator

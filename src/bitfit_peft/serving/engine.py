@@ -33,10 +33,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from bitfit_peft.compat.quantized import device_map, quantization_config
 from bitfit_peft.names import DELTA_KEY
 from bitfit_peft.serving.errors import (
-    AdapterNameError,
-    AdapterNotFoundError,
     AdapterPathError,
-    BadAdapterPathError,
     DuplicateAdapterError,
     EngineError,
     UnknownTaskError,
@@ -50,10 +47,7 @@ from bitfit_peft.utils import DTYPES
 
 __all__ = [
     "AdapterInfo",
-    "AdapterNameError",
-    "AdapterNotFoundError",
     "AdapterPathError",
-    "BadAdapterPathError",
     "DuplicateAdapterError",
     "EngineError",
     "Generation",

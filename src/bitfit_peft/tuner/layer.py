@@ -25,6 +25,7 @@ from bitfit_peft.tuner.base_modules import (
     in_out_features,
     new_bias,
 )
+from bitfit_peft.tuner.merging import check_merge
 from bitfit_peft.tuner.routing import MixedCall
 
 
@@ -190,15 +191,11 @@ class BitFitLayer(BaseTunerLayer):
                 f"Cannot merge a BitFit delta into {type(base).__name__}: its forward has no bias term. "
                 "Keep the adapter unmerged (exclude this module or set add_missing_bias=False)."
             )
+        if safe_merge:
+            check_merge(self, adapter_names, type(base).__name__)
         total = sum(self.delta_of(a).detach().float() for a in adapter_names)
-        bias = base.bias if base.bias is not None else new_bias(base, self.bias_shape)
-        if safe_merge and not torch.isfinite((bias.detach().float() + total.to(bias.device)).to(bias.dtype)).all():
-            raise ValueError(
-                f"Merging BitFit adapter(s) {adapter_names} gives NaN/Inf in a {bias.dtype} bias (NaN/Inf deltas, "
-                "overflow, or a non-finite base bias); refusing to merge. Keep the adapter unmerged."
-            )
         if base.bias is None:
-            base.bias = bias
+            base.bias = new_bias(base, self.bias_shape)
             self._created_bias = True
         if self._premerge_bias is None:
             self._premerge_bias = base.bias.detach().clone()

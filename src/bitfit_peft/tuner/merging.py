@@ -45,36 +45,12 @@ class MergeMixin:
                 )
 
     def _check_finite(self, adapter_names: list[str] | None, allow_nonfinite_base: bool = False) -> None:
-        """``safe_merge``: refuse, before anything is merged, a delta with NaN/Inf, a merge whose result is not
-        finite in the base bias's dtype (e.g. fp32 deltas that overflow an fp16 base), and a base bias that is not
-        finite already (unless ``allow_nonfinite_base``)."""
+        """``safe_merge``: :func:`check_merge` of every module, before anything is merged."""
         names = adapter_names if adapter_names is not None else list(self.active_adapters)
         for module_name, layer in self.bitfit_layers().items():
             present = [a for a in names if a in layer.bitfit_delta]
-            if not present:
-                continue
-            total = sum(layer.delta_of(a).detach().float() for a in present)
-            if not torch.isfinite(total).all():
-                raise ValueError(
-                    f"NaN/Inf in BitFit adapter(s) {present} ({module_name}); refusing to merge. Nothing was "
-                    "merged. Re-train or reload the adapter."
-                )
-            base = layer.get_base_layer()
-            bias = base.bias if getattr(base, "bias", None) is not None else new_bias(base, layer.bias_shape)
-            if not torch.isfinite(bias).all():
-                if allow_nonfinite_base:
-                    continue
-                raise ValueError(
-                    f"The base bias of {module_name} already holds NaN/Inf; refusing to merge into it. Nothing was "
-                    "merged. Fix the base, or pass allow_nonfinite_base=True to merge anyway."
-                )
-            merged = (bias.detach().float() + total.to(bias.device)).to(bias.dtype)
-            if not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"Merging {present} into {module_name} overflows its {bias.dtype} bias (a delta reaches "
-                    f"{float(total.abs().max()):.3g}); refusing to merge. Nothing was merged. Keep the adapter "
-                    "unmerged, or load the base in a wider dtype (float32 / bfloat16)."
-                )
+            if present:
+                check_merge(layer, present, module_name, allow_nonfinite_base)
 
     def merge_adapter(
         self, adapter_names: list[str] | None = None, safe_merge: bool = False, allow_nonfinite_base: bool = False
@@ -108,6 +84,33 @@ class MergeMixin:
         if created:
             _sync_bias_config_flags(model, created)
         return model
+
+
+def check_merge(layer: Any, adapters: list[str], where: str, allow_nonfinite_base: bool = False) -> None:
+    """Refuse (``ValueError``, nothing changed) to merge ``adapters`` into ``layer`` (named ``where``) when a delta
+    holds NaN/Inf, when the result is not finite in the base bias's dtype (e.g. fp32 deltas that overflow an fp16
+    base), or when the base bias is not finite already (unless ``allow_nonfinite_base``)."""
+    total = sum(layer.delta_of(a).detach().float() for a in adapters)
+    if not torch.isfinite(total).all():
+        raise ValueError(
+            f"NaN/Inf in BitFit adapter(s) {adapters} ({where}); refusing to merge. Nothing was merged. Re-train or "
+            "reload the adapter."
+        )
+    base = layer.get_base_layer()
+    bias = base.bias if getattr(base, "bias", None) is not None else new_bias(base, layer.bias_shape)
+    if not torch.isfinite(bias).all():
+        if allow_nonfinite_base:
+            return
+        raise ValueError(
+            f"The base bias of {where} already holds NaN/Inf; refusing to merge into it. Nothing was merged. Fix "
+            "the base, or pass allow_nonfinite_base=True to merge anyway."
+        )
+    if not torch.isfinite((bias.detach().float() + total.to(bias.device)).to(bias.dtype)).all():
+        raise ValueError(
+            f"Merging {adapters} into {where} overflows its {bias.dtype} bias (a delta reaches "
+            f"{float(total.abs().max()):.3g}); refusing to merge. Nothing was merged. Keep the adapter unmerged, or "
+            "load the base in a wider dtype (float32 / bfloat16)."
+        )
 
 
 def _sync_bias_config_flags(model: nn.Module, created: list[str]) -> None:
