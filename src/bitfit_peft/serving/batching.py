@@ -94,6 +94,10 @@ class DynamicBatcher:
         """Items waiting to be batched."""
         return len(self._pending)
 
+    def waiting_tasks(self) -> list[str]:
+        """Task names of the waiting items (with ``task_of``; for metrics)."""
+        return [self.task_of(it.payload) for it in list(self._pending)] if self.task_of is not None else []
+
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitfit-batcher")

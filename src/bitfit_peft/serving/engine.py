@@ -246,15 +246,17 @@ class MultiTaskEngine:
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
+        streamer: Any = None,
     ) -> list[Generation]:
         """Continue each ``(task, prompt)`` with its own adapter, all prompts in ONE ``generate`` call.
 
         Sampling with ``seed`` is reproducible for the same batch; results of a sample depend on the other
-        samples of its batch (they share the random stream).
+        samples of its batch (they share the random stream). ``streamer``: a ``generate`` streamer (with
+        ``num_beams=1``), given every row's new tokens as they are made (``openai_engine.BatchStreamer``).
         """
         return self.inference.generate(requests, max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                                        num_return_sequences=num_return_sequences, temperature=temperature,
-                                       top_p=top_p, top_k=top_k, seed=seed)
+                                       top_p=top_p, top_k=top_k, seed=seed, streamer=streamer)
 
 
 def _load_base(base: str | Path | PreTrainedModel, task_type: str, device: torch.device, dtype: torch.dtype | None,

@@ -194,6 +194,7 @@ class Inference:
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
+        streamer: Any = None,
     ) -> list[Generation]:
         """Continue each ``(task, prompt)`` with its own adapter, all prompts in ONE ``generate`` call.
 
@@ -214,7 +215,7 @@ class Inference:
             "num_return_sequences": int(num_return_sequences),
             "pad_token_id": self.tokenizer.pad_token_id,
         }
-        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("streamer", streamer)):
             if value is not None:
                 gen_kwargs[key] = value
         self.registry.ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked

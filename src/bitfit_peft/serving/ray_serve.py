@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ from ray.serve.handle import DeploymentHandle
 
 from bitfit_peft.serving.engine import MultiTaskEngine, normalize_task_type
 from bitfit_peft.serving.errors import EngineError, UnknownTaskError
+from bitfit_peft.serving.openai_api import ApiOptions
+from bitfit_peft.serving.ray_openai import ReplicaMetrics, StreamingReplica
 from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app, run_engine_batch, unknown_tasks
 
 __all__ = ["AdapterRegistry", "AdapterReplica", "BitFitIngress", "build_app"]
@@ -88,7 +90,7 @@ class AdapterRegistry:
 
 
 @serve.deployment(max_ongoing_requests=64)
-class AdapterReplica:
+class AdapterReplica(StreamingReplica):
     """One engine holding the base and every registered adapter."""
 
     async def __init__(self, registry: DeploymentHandle, engine: dict[str, Any], roots: list[str], allow_hub: bool,
@@ -111,6 +113,8 @@ class AdapterReplica:
         self._sync_lock = asyncio.Lock()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.batches = self.items = self.mixed = self.ongoing = 0
+        self.metrics = ReplicaMetrics()
+        self.engine.registry.events.subscribe(self.metrics.adapter_event)
         await self._sync(force=True)
 
     # ------------------------------------------------------------------ registry sync
@@ -160,6 +164,8 @@ class AdapterReplica:
             self.batches += 1
             self.items += len(idx)
             self.mixed += len({p[0] for p in payloads}) > 1
+            self.metrics.batch(kind, len(idx), out)
+        self.metrics.resident.set(len(self.engine.tasks()))
         return results
 
     async def handle(self, kind: str, settings: tuple, payloads: list[tuple]) -> Result:
@@ -255,6 +261,14 @@ class RayBackend:
     async def run(self, kind: str, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> list[dict]:
         return await self._call("handle", kind, settings, payloads)
 
+    async def stream(self, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> AsyncIterator[tuple]:
+        """A replica's stream events (not retried on another replica once it has started)."""
+        async for event in self.replicas.options(stream=True).stream.remote(settings, payloads):
+            if event[0] == "error":
+                _, status, detail, code = event
+                raise ApiError(status, detail, code)
+            yield event
+
     async def adapters(self) -> list[dict[str, Any]]:
         return await self._call("adapters")
 
@@ -296,7 +310,7 @@ class BitFitIngress:
         backend = RayBackend(self._replicas, s["task_type"], s["base_name"], s["request_retries"])
         return make_app(backend, admin=s["admin"],
                         admin_token=s["admin_token"], max_inputs_per_request=s["max_inputs_per_request"],
-                        max_new_tokens_limit=s["max_new_tokens_limit"],
+                        max_new_tokens_limit=s["max_new_tokens_limit"], api_options=s["api_options"],
                         title="bitfit-peft multi-task server (Ray Serve)")
 
 
@@ -343,6 +357,7 @@ def build_app(
     max_inputs_per_request: int = 256,
     max_new_tokens_limit: int = 512,
     quantize: str | None = None,
+    api_options: ApiOptions | None = None,
 ) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...), route_prefix="/")``.
 
@@ -361,6 +376,7 @@ def build_app(
         sync_interval_s: how stale a replica's adapter set may be before it asks the registry again (an unload
             reaches every replica at once through a broadcast, at the latest after this long).
         request_retries: retries on another replica when one dies under a request (then 503 + ``Retry-After``).
+        api_options: the OpenAI-compatible API's served model name, metrics prefixes and label cap.
     """
     if replicas < 1:
         raise ValueError(f"replicas={replicas}: need at least 1 replica.")
@@ -373,7 +389,8 @@ def build_app(
               "normalize_embeddings": normalize_embeddings, "quantize": quantize}
     settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "admin": admin,
                 "admin_token": admin_token, "request_retries": request_retries,
-                "max_inputs_per_request": max_inputs_per_request, "max_new_tokens_limit": max_new_tokens_limit}
+                "max_inputs_per_request": max_inputs_per_request, "max_new_tokens_limit": max_new_tokens_limit,
+                "api_options": api_options}
     options: dict[str, Any] = {"ray_actor_options": ray_actor_options or {"num_cpus": 1},
                                "max_ongoing_requests": max(64, 2 * max_batch_size)}
     if autoscaling_config is not None:

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from bitfit_peft.serving.errors import (
     EngineError,
     UnknownTaskError,
 )
+from bitfit_peft.serving.events import AdapterEvents
 from bitfit_peft.serving.heads_shape import head_shapes_as, sync_linear_sizes
 from bitfit_peft.serving.layouts import Layout, capture_layout
 from bitfit_peft.serving.loaded import AdapterInfo, LoadedAdapter, LoadRequest, describe, tensor_bytes
@@ -93,6 +95,7 @@ class Registry:
         self._loaded: dict[str, LoadedAdapter] = {}  #: by user name, in load order
         self._retired: set[str] = set()  #: removed, but kept until another adapter is loaded (PEFT needs >= 1)
         self._serial = 0
+        self.events = AdapterEvents()  #: every load, unload, eviction and refused load (logged; metrics listen)
 
     @property
     def model(self) -> nn.Module:
@@ -145,6 +148,18 @@ class Registry:
         return self._add(name, request, keep=())
 
     def _add(self, name: str, request: LoadRequest, keep: Sequence[str]) -> AdapterInfo:
+        """:meth:`add`, reported to :attr:`events` (a load, or a refused load with the error as reason)."""
+        started, reason = time.perf_counter(), "first use" if keep else "requested"
+        try:
+            info = self._add_now(name, request, keep)
+        except Exception as err:
+            self.events.emit("load_failed", str(name)[:_NAME_MAX], reason=f"{type(err).__name__}: {err}",
+                             seconds=time.perf_counter() - started)
+            raise
+        self.events.emit("load", name, reason=reason, seconds=time.perf_counter() - started)
+        return info
+
+    def _add_now(self, name: str, request: LoadRequest, keep: Sequence[str]) -> AdapterInfo:
         """:meth:`add`; ``keep``: adapters an eviction this load causes must not touch (a batch's)."""
         validate_adapter_name(name)
         self._refuse_duplicate(name)  # before reading any file
@@ -157,6 +172,8 @@ class Registry:
             self.residency.remember(name, request)
             for victim in self.residency.take_victims(self._loaded, keep=[*keep, name]):
                 self._unload(victim)
+                self.events.emit("evict", victim, reason=f"least recently used; max_resident="
+                                                         f"{self.residency.capacity} reached loading {name!r}")
             for old in sorted(self._retired):
                 self._detach(old, None)
             self._retired.clear()
@@ -231,6 +248,7 @@ class Registry:
                 raise UnknownTaskError(f"No adapter named {name!r} is loaded; loaded: {sorted(self._loaded)[:20]}.")
             self._unload(name)
             self.residency.forget(name)
+        self.events.emit("unload", name, reason="requested")
 
     def _unload(self, name: str) -> None:
         """Take ``name`` out of memory (under the lock); an eviction keeps it known."""

@@ -46,6 +46,8 @@ from bitfit_peft.serving.errors import (
     EngineError,
     UnknownTaskError,
 )
+from bitfit_peft.serving.openai_api import ApiOptions, install_api
+from bitfit_peft.serving.openai_engine import KINDS, stream_completion
 from bitfit_peft.serving.schemas import (
     GenerateRequest,
     LoadAdapterRequest,
@@ -103,6 +105,7 @@ class Backend(Protocol):
     async def unload(self, name: str) -> list[str]: ...
     async def stats(self) -> dict[str, Any]: ...
     async def health(self) -> dict[str, Any]: ...
+    def stream(self, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> AsyncIterator[tuple]: ...
 
 
 # ---------------------------------------------------------------------------------------------------- hot loads
@@ -155,6 +158,8 @@ def run_engine_batch(engine: MultiTaskEngine, kind: str, settings: tuple, payloa
         subset = [payloads[i] for i in live]
         if kind == "predict":
             outputs: list[Any] = engine.predict(subset)
+        elif kind in KINDS:  # the OpenAI-compatible API's kinds (openai_engine.py)
+            outputs = list(KINDS[kind](engine, settings, subset))
         else:
             outputs = engine.generate([(t, x) for t, x in subset], **dict(settings))
         for i, out in zip(live, outputs, strict=True):
@@ -195,6 +200,14 @@ class LocalBackend:
             raise missing
         key: Hashable = (kind, settings)
         return [r.to_dict() for r in await self.batcher.submit(key, payloads)]
+
+    async def stream(self, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> AsyncIterator[tuple]:
+        missing = unknown_tasks(self.engine, [p[0] for p in payloads])
+        if missing is not None:
+            raise missing
+        submit = lambda items: self.batcher.submit(("oai_stream", settings), items)  # noqa: E731
+        async for event in stream_completion(submit, self.engine.tokenizer, payloads):
+            yield event
 
     async def adapters(self) -> list[dict[str, Any]]:
         return [i.to_dict() for i in await asyncio.to_thread(self.engine.adapters)]
@@ -297,6 +310,7 @@ def make_app(
     max_new_tokens_limit: int = 512,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     title: str = "bitfit-peft multi-task server",
+    api_options: ApiOptions | None = None,
 ) -> FastAPI:
     """The FastAPI app of both servers over ``backend`` (see :func:`create_app` for the arguments; the backend holds
     the adapter roots and the Hub setting, and its engines check hot loads against them)."""
@@ -308,6 +322,8 @@ def make_app(
     install_error_handlers(app)
     _add_inference_routes(app, backend, max_inputs_per_request, max_new_tokens_limit)
     _add_adapter_routes(app, backend, Depends(_admin_guard(admin, admin_token)))
+    install_api(app, backend, Depends(_admin_guard(admin, admin_token)), api_options or ApiOptions(),
+                max_new_tokens_limit, lambda name, path: AdapterSpec(name, path, False))
 
     @app.get("/v1/stats", summary="Batching statistics")
     async def stats() -> dict[str, Any]:
@@ -393,6 +409,7 @@ def create_app(
     admin_token: str | None = None,
     max_inputs_per_request: int = 256,
     max_new_tokens_limit: int = 512,
+    api_options: ApiOptions | None = None,
 ) -> FastAPI:
     """Build the FastAPI app serving ``engine`` in this process.
 
@@ -408,11 +425,12 @@ def create_app(
         admin_token: when set, those endpoints need ``Authorization: Bearer <admin_token>`` (else 401).
         max_inputs_per_request: most inputs in one request (HTTP 413 beyond it).
         max_new_tokens_limit: most new tokens one generation may ask for (HTTP 413 beyond it).
+        api_options: the OpenAI-compatible API's served model name and the metrics' prefixes and label cap.
     """
     roots = [Path(r).expanduser().resolve() for r in adapter_roots]
     backend = LocalBackend(engine, max_batch_size, max_wait_ms, max_queue, roots, allow_hub)
     app = make_app(backend, admin=admin, admin_token=admin_token,
                    max_inputs_per_request=max_inputs_per_request, max_new_tokens_limit=max_new_tokens_limit,
-                   lifespan=backend.lifespan)
+                   lifespan=backend.lifespan, api_options=api_options)
     app.state.engine, app.state.batcher = engine, backend.batcher
     return app
