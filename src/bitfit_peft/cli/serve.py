@@ -120,12 +120,20 @@ def serve_command(
     max_length: int = typer.Option(512, "--max-length", min=1, help="Truncate inputs to this many tokens."),
     normalize_embeddings: bool = typer.Option(False, "--normalize", help="L2-normalise embeddings."),
     log_level: str = typer.Option("info", "--log-level"),
+    log_json: bool = typer.Option(False, "--log-json", help="Request and adapter-event logs as JSON lines."),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="The base's model name in the OpenAI API (default: --base)."),
+    metrics_prefix: str = typer.Option("bitfit_peft:", "--metrics-prefix", help="Prefix of the /metrics series."),
+    max_adapter_labels: int = typer.Option(
+        100, "--max-adapter-labels", min=0, help="Most adapter names as metric labels; more count as 'other'."),
 ) -> None:
     """Serve several BitFit adapters of one base model; inputs of different tasks share one forward."""
     import uvicorn
 
     # deferred: serving loads torch, transformers and FastAPI; --help needs only the options
     from bitfit_peft.serving import create_app
+    from bitfit_peft.serving.openai_api import ApiOptions
+    from bitfit_peft.serving.request_log import configure_logging
 
     pairs = parse_adapter_specs(adapter)
     check_source(base, MODEL)
@@ -135,13 +143,16 @@ def serve_command(
         task_type = _infer_task_type(pairs)
     _check_serving_options(host, admin_token, no_admin, adapter_root, ray, max_resident)
     _check_quantize(quantize)
+    configure_logging(json_lines=log_json, level=log_level.upper())
+    api = ApiOptions(served_model_name=served_model_name, metrics_prefix=metrics_prefix,
+                     max_adapter_labels=max_adapter_labels)
     if ray:
         _serve_ray(base, pairs, task_type=task_type, replicas=replicas, host=host, port=port,
                    max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_ms / 1000, adapter_roots=adapter_root,
                    allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, admin=not no_admin,
                    admin_token=admin_token, device=device, dtype=dtype, max_length=max_length,
                    normalize_embeddings=normalize_embeddings, ray_address=ray_address,
-                   cpus_per_replica=cpus_per_replica, quantize=quantize)
+                   cpus_per_replica=cpus_per_replica, quantize=quantize, api_options=api)
         return
     engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
                            task_type=task_type, device=device, dtype=dtype, max_length=max_length,
@@ -156,6 +167,7 @@ def serve_command(
         allow_hub=allow_hub,
         admin=not no_admin,
         admin_token=admin_token,
+        api_options=api,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

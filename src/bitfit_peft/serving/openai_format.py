@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -124,7 +124,7 @@ def embedding_body(model: str, results: Sequence[dict[str, Any]], encoding: str)
     for i, result in enumerate(results):
         vector: Any = result["embedding"]
         if encoding == "base64":
-            vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": vector})
     return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": sum(r["prompt_tokens"] for r in results),
