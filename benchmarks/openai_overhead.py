@@ -3,7 +3,8 @@
 Two real ``bitfit-peft serve`` servers in child processes (1 torch thread each, loopback): a ``SEQ_CLS`` random
 BERT and a ``CAUSAL_LM`` random GPT-2 (hidden 128, 2 layers, the MiniLM tokenizer), 8 BitFit adapters each.
 ``--clients`` async httpx clients send single-input requests for ``--duration`` seconds per run; the variants of
-a comparison alternate in ``--rounds`` rounds (A B A B ...) so that drift in the shared machine's load hits both.
+a comparison alternate in ``--rounds`` rounds (A B, then B A, ...) so that drift in the shared machine's load hits
+both; ``vs_first`` is the median over rounds of the round's requests/s ratio.
 
 Comparisons (the same work on both sides):
 
@@ -14,7 +15,7 @@ Comparisons (the same work on both sides):
 
 Usage::
 
-    python benchmarks/openai_overhead.py [--duration 6] [--rounds 2] [--clients 16] [--json out.json]
+    python benchmarks/openai_overhead.py [--duration 3] [--rounds 4] [--clients 16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,9 +164,11 @@ def compare(url: str, runs: list[tuple[str, str, list[str]]], args: argparse.Nam
                      "req_per_s": round(total["requests"] / total["seconds"], 2),
                      "req_per_s_rounds": [round(x, 2) for x in total["rps"]],
                      "p50_ms": round(1000 * percentile(lat, 50), 2), "p99_ms": round(1000 * percentile(lat, 99), 2)})
-    for row in rows[1:]:
-        row["vs_first"] = round(row["req_per_s"] / rows[0]["req_per_s"], 3)
-    rows[0]["vs_first"] = 1.0
+    first = totals[runs[0][0]]["rps"]
+    for row, (label, _, _) in zip(rows, runs, strict=True):  # paired by round: drift hits both sides of a pair
+        ratios = [x / y for x, y in zip(totals[label]["rps"], first, strict=True)]
+        row["vs_first_rounds"] = [round(x, 3) for x in ratios]
+        row["vs_first"] = round(statistics.median(ratios), 3)
     return rows
 
 
@@ -220,8 +224,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per run")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)

@@ -176,7 +176,7 @@ class _Api:
         sample = temperature > 0
         settings = (("max_new_tokens", max_tokens), ("do_sample", sample),
                     ("temperature", temperature if sample else None), ("top_p", body.top_p if sample else None),
-                    ("top_k", body.top_k if sample and body.top_k else None),
+                    ("top_k", body.top_k if sample and body.top_k and body.top_k > 0 else None),
                     ("seed", body.seed if sample else None), ("num_return_sequences", body.n if sample else 1))
         return settings, (body.n if sample else 1)
 

@@ -51,7 +51,7 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, le=10_000_000, description="vLLM extension: -1/0 = off.")
+    top_k: int | None = Field(default=None, ge=-1, le=10_000_000, description="vLLM extension: -1 or 0 = off.")
     n: int = Field(default=1, ge=1, le=8)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: Annotated[Text, Field(min_length=1, max_length=200)] | list[

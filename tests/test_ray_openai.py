@@ -1,0 +1,99 @@
+"""The OpenAI-compatible API through the Ray Serve deployment: the real ``openai`` client (sync and streaming)
+against a local Ray instance with 1 CPU replica of a tiny GPT-2 (chat template set) and 2 adapters; the vLLM
+adapter aliases and the ingress's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from conftest import make_tiny_tokenizer, save_tiny_model  # noqa: E402
+from ray import serve  # noqa: E402
+from test_openai_api import CHAT_TEMPLATE  # noqa: E402
+from test_serving import _free_port, _save_adapter  # noqa: E402
+
+from bitfit_peft.serving import MultiTaskEngine  # noqa: E402
+from bitfit_peft.serving.openai_api import ApiOptions  # noqa: E402
+from bitfit_peft.serving.ray_serve import build_app  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
+TOKEN = "ray-openai-token"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("ray-openai")
+    base = save_tiny_model(tmp / "gpt2", "gpt2", task="causal_lm")
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(base)
+    root = tmp / "adapters"
+    root.mkdir()
+    for i, name in enumerate(("one", "two", "three")):
+        _save_adapter(base, root / name, task_type="CAUSAL_LM", seed=i + 1)
+    return {"base": base, "root": root}
+
+
+@pytest.fixture(scope="module")
+def url(world: dict[str, Path]) -> Iterator[str]:
+    os.environ["RAY_DEDUP_LOGS"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(str(world["base"]), {n: str(world["root"] / n) for n in ("one", "two")}, task_type="CAUSAL_LM",
+                    replicas=1, max_batch_size=16, batch_wait_timeout_s=0.2, adapter_roots=[world["root"]],
+                    admin_token=TOKEN, device="cpu", dtype="float32", torch_threads=1,
+                    ray_actor_options={"num_cpus": 1}, api_options=ApiOptions(served_model_name="tiny"))
+    serve.run(app, name="bitfit-openai-test", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_openai_client_through_ray(url: str, world: dict[str, Path]) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    reference = MultiTaskEngine(str(world["base"]), task_type="CAUSAL_LM", device="cpu", dtype="float32")
+    reference.add_adapter("one", world["root"] / "one")
+    assert {(m.id, m.parent) for m in client.models.list()} == {  # type: ignore[attr-defined]
+        ("tiny", None), ("one", "tiny"), ("two", "tiny")}
+    answer = client.completions.create(model="one", prompt="a b c", max_tokens=5, temperature=0)
+    expected = reference.generate([("one", "a b c")], max_new_tokens=5)[0]
+    assert answer.choices[0].text == expected.texts[0]
+    assert answer.usage.completion_tokens == len(expected.token_ids[0])
+    chunks = list(client.chat.completions.create(model="one", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reference.generate([("one", "user: hi assistant:")], max_new_tokens=5)[0].texts[0]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", stream=True)
+    missing = httpx.post(f"{url}/v1/chat/completions", json={"model": "nope", "messages": [
+        {"role": "user", "content": "x"}]})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_vllm_aliases_and_metrics_through_ray(url: str) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "three", "lora_path": "three"}
+                      ).status_code == 401
+    loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "three", "lora_path": "three"},
+                        headers=auth, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert client.completions.create(model="three", prompt="a", max_tokens=2, temperature=0).choices
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "three"}, headers=auth,
+                      timeout=60).status_code == 200
+    text = httpx.get(f"{url}/metrics").text
+    assert 'bitfit_peft:requests_total{adapter="three",endpoint="/v1/completions",status="200"} 1.0' in text
+    assert "vllm:lora_requests_info" in text
