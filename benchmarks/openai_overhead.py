@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import REPO_ROOT, ensure_bitfit_importable, format_table, log, write_json  # noqa: E402
-from server_load import SENTENCES, free_port, make_adapters, make_base, percentile  # noqa: E402
+from server_load import SENTENCES, cpu_seconds, free_port, make_adapters, make_base, percentile  # noqa: E402
 
 ADAPTERS = [f"a{i:03d}" for i in range(8)]
 NEW_TOKENS = 8
@@ -141,16 +141,20 @@ async def _traffic(url: str, variant: str, tasks: list[str], duration: float, cl
     return {"latencies": latencies, "elapsed": elapsed}
 
 
-def compare(url: str, runs: list[tuple[str, str, list[str]]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``runs``: (label, variant, tasks); alternated over ``args.rounds`` rounds after a short warm-up each."""
+def compare(url: str, pid: int, runs: list[tuple[str, str, list[str]]], args: argparse.Namespace
+            ) -> list[dict[str, Any]]:
+    """``runs``: (label, variant, tasks); alternated over ``args.rounds`` rounds after a short warm-up each. Also
+    the server process's CPU seconds per request (less sensitive to other jobs on the machine than requests/s)."""
     for _, variant, tasks in runs:
         asyncio.run(_traffic(url, variant, tasks, 1.0, args.clients, seed=0))
-    totals: dict[str, dict[str, Any]] = {label: {"latencies": [], "requests": 0, "seconds": 0.0, "rps": []}
+    totals: dict[str, dict[str, Any]] = {label: {"latencies": [], "requests": 0, "seconds": 0.0, "rps": [], "cpu": 0.0}
                                          for label, _, _ in runs}
     for r in range(args.rounds):
         for label, variant, tasks in (runs if r % 2 == 0 else runs[::-1]):
+            cpu = cpu_seconds(pid)
             out = asyncio.run(_traffic(url, variant, tasks, args.duration, args.clients, seed=r + 1))
             total = totals[label]
+            total["cpu"] += cpu_seconds(pid) - cpu
             total["latencies"] += out["latencies"]
             total["requests"] += len(out["latencies"])
             total["seconds"] += out["elapsed"]
@@ -163,12 +167,14 @@ def compare(url: str, runs: list[tuple[str, str, list[str]]], args: argparse.Nam
         rows.append({"setting": label, "requests": total["requests"],
                      "req_per_s": round(total["requests"] / total["seconds"], 2),
                      "req_per_s_rounds": [round(x, 2) for x in total["rps"]],
-                     "p50_ms": round(1000 * percentile(lat, 50), 2), "p99_ms": round(1000 * percentile(lat, 99), 2)})
+                     "p50_ms": round(1000 * percentile(lat, 50), 2), "p99_ms": round(1000 * percentile(lat, 99), 2),
+                     "server_cpu_ms_per_req": round(1000 * total["cpu"] / max(total["requests"], 1), 3)})
     first = totals[runs[0][0]]["rps"]
     for row, (label, _, _) in zip(rows, runs, strict=True):  # paired by round: drift hits both sides of a pair
         ratios = [x / y for x, y in zip(totals[label]["rps"], first, strict=True)]
         row["vs_first_rounds"] = [round(x, 3) for x in ratios]
         row["vs_first"] = round(statistics.median(ratios), 3)
+        row["cpu_vs_first"] = round(row["server_cpu_ms_per_req"] / rows[0]["server_cpu_ms_per_req"], 3)
     return rows
 
 
@@ -195,19 +201,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         proc, url = start(cls_base, work / "cls", "SEQ_CLS", work / "cls.log")
         procs.append(proc)
         log("classification: /v1/predict vs /classify (random adapter of 8)")
-        results["classify_vs_predict"] = compare(url, [("/v1/predict", "predict", ADAPTERS),
+        results["classify_vs_predict"] = compare(url, proc.pid, [("/v1/predict", "predict", ADAPTERS),
                                                        ("/classify", "classify", ADAPTERS)], args)
         log("classification: /classify, 8 adapters mixed vs all one adapter")
-        results["classify_tenancy"] = compare(url, [("/classify, one adapter", "classify", one),
+        results["classify_tenancy"] = compare(url, proc.pid, [("/classify, one adapter", "classify", one),
                                                     ("/classify, 8 adapters mixed", "classify", ADAPTERS)], args)
         proc.terminate()
         proc, url = start(lm_base, work / "lm", "CAUSAL_LM", work / "lm.log")
         procs.append(proc)
         log("generation: /v1/generate vs /v1/completions (random adapter of 8)")
-        results["completions_vs_generate"] = compare(url, [("/v1/generate", "generate", ADAPTERS),
+        results["completions_vs_generate"] = compare(url, proc.pid, [("/v1/generate", "generate", ADAPTERS),
                                                            ("/v1/completions", "completions", ADAPTERS)], args)
         log("generation: /v1/completions, 8 adapters mixed vs all one adapter")
-        results["completions_tenancy"] = compare(url, [("/v1/completions, one adapter", "completions", one),
+        results["completions_tenancy"] = compare(url, proc.pid, [("/v1/completions, one adapter", "completions", one),
                                                        ("/v1/completions, 8 adapters mixed", "completions",
                                                         ADAPTERS)], args)
         results["pressure_after"] = pressure()
@@ -236,7 +242,8 @@ def main() -> None:
     results = benchmark(args)
     for key in ("classify_vs_predict", "classify_tenancy", "completions_vs_generate", "completions_tenancy"):
         log(f"\n{key}")
-        cols = ["setting", "requests", "req_per_s", "vs_first", "p50_ms", "p99_ms"]
+        cols = ["setting", "requests", "req_per_s", "vs_first", "p50_ms", "p99_ms", "server_cpu_ms_per_req",
+                "cpu_vs_first"]
         log(format_table(cols, [[row[c] for c in cols] for row in results[key]]))
     write_json(args.json, {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results})
 

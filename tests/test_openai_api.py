@@ -417,3 +417,16 @@ def test_loads_unloads_evictions_and_refused_loads_are_logged(lm_world: dict[str
     reasons = {r.fields["event"]: r.fields["reason"] for r in caplog.records  # type: ignore[attr-defined]
                if r.name == "bitfit_peft.serving.adapters"}
     assert "max_resident=1" in reasons["adapter_evict"] and reasons["adapter_load_failed"]
+
+
+def test_queue_full_is_a_429_rate_limit_error_with_retry_after(lm_engine: MultiTaskEngine) -> None:
+    with LiveServer(create_app(lm_engine, max_queue=1)) as live:
+        response = httpx.post(f"{live.url}/v1/completions", json={"model": "one", "prompt": ["a", "b"]})
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_chat_without_a_chat_template_is_refused_in_one_line(tiny_tokenizer: Any) -> None:
+    with pytest.raises(EngineError, match="no chat template"):
+        render_prompt(tiny_tokenizer, (("user", "hi"),))
+    assert render_prompt(tiny_tokenizer, "plain prompt") == "plain prompt"
