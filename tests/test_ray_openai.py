@@ -96,4 +96,4 @@ def test_vllm_aliases_and_metrics_through_ray(url: str) -> None:
                       timeout=60).status_code == 200
     text = httpx.get(f"{url}/metrics").text
     assert 'bitfit_peft:requests_total{adapter="three",endpoint="/v1/completions",status="200"} 1.0' in text
-    assert "vllm:lora_requests_info" in text
+    assert 'vllm:lora_requests_info{max_lora="16",running_lora_adapters="",waiting_lora_adapters=""}' in text

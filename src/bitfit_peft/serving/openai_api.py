@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +88,8 @@ def install_api(app: FastAPI, backend: Any, admin: Any, options: ApiOptions, max
     app.state.metrics = metrics
     router = APIRouter(route_class=OpenAIRoute)
     api = _Api(backend, options, metrics, max_new_tokens_limit)
+    if not hasattr(backend, "batcher"):  # Ray's ingress: what it sees of the adapters' traffic
+        metrics.state = EngineState(running=lambda: list(api.active), max_lora=lambda: getattr(backend, "max_lora", 0))
     router.add_api_route("/v1/models", api.models, methods=["GET"], summary="The base and every adapter")
     router.add_api_route("/v1/completions", api.completions, methods=["POST"], summary="OpenAI completions")
     router.add_api_route("/v1/chat/completions", api.chat, methods=["POST"], summary="OpenAI chat completions")
@@ -145,6 +149,17 @@ class _Api:
         self.backend, self.metrics, self.max_new_tokens = backend, metrics, max_new_tokens
         self.base_id = options.served_model_name or backend.base_name
         self.created = int(time.time())
+        self.active: Counter[str] = Counter()  #: requests in flight per task (``lora_requests_info`` on Ray)
+
+    @contextmanager
+    def _in_flight(self, task: str) -> Iterator[None]:
+        self.active[task] += 1
+        try:
+            yield
+        finally:
+            self.active[task] -= 1
+            if self.active[task] <= 0:
+                del self.active[task]
 
     def _task(self, request: Request, model: str | None) -> str:
         request.state.model = model
@@ -197,7 +212,8 @@ class _Api:
         settings, computed = self._settings(body, default_max)
         if body.stream:
             return await self._stream(request, body, settings, payloads, chat)
-        results = await self.backend.run("oai_complete", settings, payloads)
+        with self._in_flight(payloads[0][0]):
+            results = await self.backend.run("oai_complete", settings, payloads)
         answer = fmt.completion_body(chat, body.model, results, body.n)
         self._record(request, body.model, answer["usage"])
         return answer
@@ -211,7 +227,8 @@ class _Api:
                       payloads: list[tuple], chat: bool) -> StreamingResponse:
         started = time.perf_counter()
         events = self.backend.stream(settings, payloads)
-        first = await anext(events)  # errors before the first token are HTTP errors, not a broken stream
+        with self._in_flight(payloads[0][0]):
+            first = await anext(events)  # errors before the first token are HTTP errors, not a broken stream
         return StreamingResponse(self._events(request, body, chat, first, events, started),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -265,7 +282,8 @@ class _Api:
         self._need(("FEATURE_EXTRACTION",), "POST /v1/embeddings needs a FEATURE_EXTRACTION server (use /classify)")
         model = body.model or self.base_id
         task = self._task(request, model)
-        results = await self.backend.run("oai_pool", (), [(task, t) for t in body.texts()])
+        with self._in_flight(task):
+            results = await self.backend.run("oai_pool", (), [(task, t) for t in body.texts()])
         answer = fmt.embedding_body(model, results, body.encoding_format)
         self._record(request, model, {"prompt_tokens": answer["usage"]["prompt_tokens"], "completion_tokens": 0})
         return answer
@@ -274,7 +292,8 @@ class _Api:
         self._need(("SEQ_CLS",), "/classify needs a SEQ_CLS server (use POST /v1/embeddings)")
         model = body.model or self.base_id
         task = self._task(request, model)
-        results = await self.backend.run("oai_pool", (), [(task, t) for t in body.texts()])
+        with self._in_flight(task):
+            results = await self.backend.run("oai_pool", (), [(task, t) for t in body.texts()])
         answer = fmt.classify_body(model, results)
         self._record(request, model, answer["usage"])
         return answer

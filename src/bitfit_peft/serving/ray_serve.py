@@ -308,6 +308,7 @@ class BitFitIngress:
     def __serve_build_asgi_app__(self) -> Any:
         s = self._settings
         backend = RayBackend(self._replicas, s["task_type"], s["base_name"], s["request_retries"])
+        backend.max_lora = s["max_batch_size"]  # type: ignore[attr-defined]  # most adapters one batch can mix
         return make_app(backend, admin=s["admin"],
                         admin_token=s["admin_token"], max_inputs_per_request=s["max_inputs_per_request"],
                         max_new_tokens_limit=s["max_new_tokens_limit"], api_options=s["api_options"],
@@ -390,7 +391,7 @@ def build_app(
     settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "admin": admin,
                 "admin_token": admin_token, "request_retries": request_retries,
                 "max_inputs_per_request": max_inputs_per_request, "max_new_tokens_limit": max_new_tokens_limit,
-                "api_options": api_options}
+                "api_options": api_options, "max_batch_size": max_batch_size}
     options: dict[str, Any] = {"ray_actor_options": ray_actor_options or {"num_cpus": 1},
                                "max_ongoing_requests": max(64, 2 * max_batch_size)}
     if autoscaling_config is not None:
