@@ -430,3 +430,9 @@ def test_a_chat_without_a_chat_template_is_refused_in_one_line(tiny_tokenizer: A
     with pytest.raises(EngineError, match="no chat template"):
         render_prompt(tiny_tokenizer, (("user", "hi"),))
     assert render_prompt(tiny_tokenizer, "plain prompt") == "plain prompt"
+
+
+def test_the_servers_input_limit_holds_on_the_openai_routes(cls_engine: MultiTaskEngine) -> None:
+    with LiveServer(create_app(cls_engine, max_inputs_per_request=2)) as live:
+        response = httpx.post(f"{live.url}/classify", json={"model": "sentiment", "input": ["a", "b", "c"]})
+        assert response.status_code == 400 and "Too many inputs: 3 > 2" in response.json()["error"]["message"]

@@ -78,16 +78,17 @@ class OpenAIRoute(APIRoute):
         return route
 
 
-def install_api(app: FastAPI, backend: Any, admin: Any, options: ApiOptions, max_new_tokens_limit: int,
+def install_api(app: FastAPI, backend: Any, admin: Any, options: ApiOptions, limits: tuple[int, int],
                 spec: Callable[[str, str], Any]) -> ServerMetrics:
     """Add the routes, ``/metrics`` and the request observer to ``app`` (``admin``: the admin dependency of
-    ``/v1/adapters``; ``spec(name, path)``: the hot-load spec of a path)."""
+    ``/v1/adapters``; ``limits``: most inputs per request and most new tokens; ``spec(name, path)``: the hot-load
+    spec of a path)."""
     metrics = ServerMetrics(options.metrics_prefix, options.compat_metrics_prefix, options.max_adapter_labels)
     if hasattr(backend, "batcher") and hasattr(backend, "engine"):
         watch_local(backend.engine, backend.batcher, metrics)
     app.state.metrics = metrics
     router = APIRouter(route_class=OpenAIRoute)
-    api = _Api(backend, options, metrics, max_new_tokens_limit)
+    api = _Api(backend, options, metrics, limits)
     if not hasattr(backend, "batcher"):  # Ray's ingress: what it sees of the adapters' traffic
         metrics.state = EngineState(running=lambda: list(api.active), max_lora=lambda: getattr(backend, "max_lora", 0))
     router.add_api_route("/v1/models", api.models, methods=["GET"], summary="The base and every adapter")
@@ -145,8 +146,9 @@ def watch_local(engine: Any, batcher: Any, metrics: ServerMetrics) -> None:
 class _Api:
     """The route handlers over one backend."""
 
-    def __init__(self, backend: Any, options: ApiOptions, metrics: ServerMetrics, max_new_tokens: int) -> None:
-        self.backend, self.metrics, self.max_new_tokens = backend, metrics, max_new_tokens
+    def __init__(self, backend: Any, options: ApiOptions, metrics: ServerMetrics, limits: tuple[int, int]) -> None:
+        self.backend, self.metrics = backend, metrics
+        self.max_inputs, self.max_new_tokens = limits
         self.base_id = options.served_model_name or backend.base_name
         self.created = int(time.time())
         self.active: Counter[str] = Counter()  #: requests in flight per task (``lora_requests_info`` on Ray)
@@ -166,6 +168,11 @@ class _Api:
         if model is None or model in (self.base_id, self.backend.base_name, BASE_ADAPTER_NAME):
             return BASE_ADAPTER_NAME
         return model
+
+    def _inputs(self, texts: list[str]) -> list[str]:
+        if len(texts) > self.max_inputs:
+            raise ValueError(f"Too many inputs: {len(texts)} > {self.max_inputs} per request; split it.")
+        return texts
 
     def _need(self, types: tuple[str, ...], what: str) -> None:
         if self.backend.task_type not in types:
@@ -198,7 +205,7 @@ class _Api:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._need(_GENERATE_TYPES, "use POST /v1/embeddings or /classify")
         task = self._task(request, body.model)
-        payloads = [(task, p, body.stops()) for p in body.prompts()]
+        payloads = [(task, p, body.stops()) for p in self._inputs(body.prompts())]
         return await self._generate(request, body, payloads, chat=False, default_max=16)
 
     async def chat(self, body: ChatRequest, request: Request) -> Any:
@@ -283,7 +290,7 @@ class _Api:
         model = body.model or self.base_id
         task = self._task(request, model)
         with self._in_flight(task):
-            results = await self.backend.run("oai_pool", (), [(task, t) for t in body.texts()])
+            results = await self.backend.run("oai_pool", (), [(task, t) for t in self._inputs(body.texts())])
         answer = fmt.embedding_body(model, results, body.encoding_format)
         self._record(request, model, {"prompt_tokens": answer["usage"]["prompt_tokens"], "completion_tokens": 0})
         return answer
@@ -293,7 +300,7 @@ class _Api:
         model = body.model or self.base_id
         task = self._task(request, model)
         with self._in_flight(task):
-            results = await self.backend.run("oai_pool", (), [(task, t) for t in body.texts()])
+            results = await self.backend.run("oai_pool", (), [(task, t) for t in self._inputs(body.texts())])
         answer = fmt.classify_body(model, results)
         self._record(request, model, answer["usage"])
         return answer

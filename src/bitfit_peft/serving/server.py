@@ -323,7 +323,7 @@ def make_app(
     _add_inference_routes(app, backend, max_inputs_per_request, max_new_tokens_limit)
     _add_adapter_routes(app, backend, Depends(_admin_guard(admin, admin_token)))
     install_api(app, backend, Depends(_admin_guard(admin, admin_token)), api_options or ApiOptions(),
-                max_new_tokens_limit, lambda name, path: AdapterSpec(name, path, False))
+                (max_inputs_per_request, max_new_tokens_limit), lambda name, path: AdapterSpec(name, path, False))
 
     @app.get("/v1/stats", summary="Batching statistics")
     async def stats() -> dict[str, Any]:
