@@ -132,8 +132,8 @@ def serve_command(
 
     # deferred: serving loads torch, transformers and FastAPI; --help needs only the options
     from bitfit_peft.serving import create_app
-    from bitfit_peft.serving.openai_api import ApiOptions
-    from bitfit_peft.serving.request_log import configure_logging
+    from bitfit_peft.serving.openai_api import ApiOptions  # deferred: as above (FastAPI, prometheus_client)
+    from bitfit_peft.serving.request_log import configure_logging  # deferred: as above
 
     pairs = parse_adapter_specs(adapter)
     check_source(base, MODEL)
