@@ -23,9 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_serving import LiveServer, _save_adapter
 
 from bitfit_peft.serving import EngineError, MultiTaskEngine, create_app
+from bitfit_peft.serving.events import AdapterEvents
 from bitfit_peft.serving.openai_api import ApiOptions
 from bitfit_peft.serving.openai_engine import ChoiceText, render_prompt
-from bitfit_peft.serving.request_log import JsonFormatter
+from bitfit_peft.serving.request_log import JsonFormatter, configure_logging
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
@@ -436,3 +437,33 @@ def test_the_servers_input_limit_holds_on_the_openai_routes(cls_engine: MultiTas
     with LiveServer(create_app(cls_engine, max_inputs_per_request=2)) as live:
         response = httpx.post(f"{live.url}/classify", json={"model": "sentiment", "input": ["a", "b", "c"]})
         assert response.status_code == 400 and "Too many inputs: 3 > 2" in response.json()["error"]["message"]
+
+
+def test_streams_with_n_choices_and_a_stop_string_equal_the_plain_answers(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model="one", prompt="the cat sat", max_tokens=8, temperature=0, stop=[" s s"])
+    chunks = list(client.completions.create(model="one", prompt="the cat sat", max_tokens=8, temperature=0,
+                                            stop=[" s s"], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [
+        plain.choices[0].finish_reason]
+    kwargs: dict[str, Any] = {"model": "two", "prompt": "hello world", "max_tokens": 4, "temperature": 1.0,
+                              "n": 2, "seed": 3}
+    sampled = client.completions.create(**kwargs)
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert [texts[0], texts[1]] == [c.text for c in sampled.choices]  # same seed, same batch: same samples
+
+
+def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    names = ("bitfit_peft.serving.requests", "bitfit_peft.serving.adapters")
+    saved = [(log.handlers, log.level, log.propagate) for log in map(logging.getLogger, names)]
+    try:
+        configure_logging(json_lines=True)
+        AdapterEvents().emit("evict", "sst2", reason="least recently used")
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert line["event"] == "adapter_evict" and line["adapter"] == "sst2" and line["level"] == "INFO"
+    finally:
+        for log, (handlers, level, propagate) in zip(map(logging.getLogger, names), saved, strict=True):
+            log.handlers, log.level, log.propagate = handlers, level, propagate
