@@ -467,3 +467,19 @@ def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         for log, (handlers, level, propagate) in zip(map(logging.getLogger, names), saved, strict=True):
             log.handlers, log.level, log.propagate = handlers, level, propagate
+
+
+def test_classify_requests_for_different_adapters_share_a_forward(cls_engine: MultiTaskEngine) -> None:
+    with LiveServer(create_app(cls_engine, max_wait_ms=300)) as live:
+        answers: dict[str, Any] = {}
+
+        def ask(model: str) -> None:
+            answers[model] = httpx.post(f"{live.url}/classify", json={"model": model, "input": "a fine film"}).json()
+
+        threads = [threading.Thread(target=ask, args=(m,)) for m in ("sentiment", "topic")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers["sentiment"]["data"][0]["num_classes"] == 2 and answers["topic"]["data"][0]["num_classes"] == 3
+        assert httpx.get(f"{live.url}/v1/stats").json()["mixed_task_batches"] == 1
