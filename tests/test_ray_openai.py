@@ -1,11 +1,12 @@
 """The OpenAI-compatible API through the Ray Serve deployment: the real ``openai`` client (sync and streaming)
 against a local Ray instance with 1 CPU replica of a tiny GPT-2 (chat template set) and 2 adapters; the vLLM
-adapter aliases and the ingress's ``/metrics``.
+adapter aliases, the ingress's ``/metrics`` and the replicas' series on Ray's own metrics endpoint.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,11 +42,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": base, "root": root}
 
 
+RAY_METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def url(world: dict[str, Path]) -> Iterator[str]:
     os.environ["RAY_DEDUP_LOGS"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, _metrics_export_port=RAY_METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 500})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(str(world["base"]), {n: str(world["root"] / n) for n in ("one", "two")}, task_type="CAUSAL_LM",
@@ -97,3 +102,22 @@ def test_vllm_aliases_and_metrics_through_ray(url: str) -> None:
     text = httpx.get(f"{url}/metrics").text
     assert 'bitfit_peft:requests_total{adapter="three",endpoint="/v1/completions",status="200"} 1.0' in text
     assert 'vllm:lora_requests_info{max_lora="16",running_lora_adapters="",waiting_lora_adapters=""}' in text
+
+
+def test_replica_series_reach_rays_metrics_endpoint(url: str) -> None:
+    """The replica's batch and adapter series (``ray.util.metrics``) are exported by Ray's metrics agent."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert client.completions.create(model="two", prompt="a b", max_tokens=2, temperature=0).choices
+    wanted = ("ray_bitfit_peft_batch_size_bucket", "ray_bitfit_peft_resident_adapters")
+    text = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        time.sleep(1)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"Ray's metrics endpoint lacks {missing}"
