@@ -121,3 +121,15 @@ def test_trl_checkpoints_get_the_bitfit_card(
     bitfit_peft.save_pretrained(trainer.model, out)  # the final adapter: BitFit card, TRL's text kept
     card = (out / "README.md").read_text()
     assert "- bitfit" in card and "import bitfit_peft" in card and "TRL" in card
+
+
+def test_llm_page_shows_each_trl_trainer_with_bitfit() -> None:
+    """docs/llm.md (in the nav, linked from the README and the docs index) has a runnable block per trainer;
+    tests/test_docs.py runs them."""
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "llm.md").read_text()
+    for trainer in ("SFTTrainer", "DPOTrainer", "GRPOTrainer"):
+        assert f"trainer = {trainer}(" in page
+    assert page.count("peft_config=bitfit()") >= 3 and "use_cpu=True" in page
+    assert "llm.md" in (root / "mkdocs.yml").read_text()
+    assert "docs/llm.md" in (root / "README.md").read_text() and "(llm.md)" in (root / "docs" / "index.md").read_text()
