@@ -46,6 +46,7 @@ PYTHON_INFO = {"python", "py", "python3"}
 # transformers and PEFT is 3.7 s).
 SLOW_PAGES = {
     "docs/hub-and-accelerate.md",
+    "docs/llm.md",  # TRL's import and three tiny trainings: 10-40 s
     "docs/serving.md",
     "docs/training.md",
 }
@@ -60,6 +61,7 @@ HUB_MODELS: dict[str, tuple[str, str, int]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("bert", "base", 2),
     "google/bert_uncased_L-2_H-128_A-2": ("bert", "base", 3),
     "Qwen/Qwen2.5-0.5B": ("qwen2", "causal_lm", 0),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llama", "causal_lm", 0),
 }
 
 
@@ -336,6 +338,7 @@ def _child_env(home: Path) -> dict[str, str]:
         MPLBACKEND="Agg",
         PYTHONUNBUFFERED="1",
         PYTHONDONTWRITEBYTECODE="1",
+        PYTHONPATH=str(ROOT / "src"),  # this checkout's package (a worktree's, not the one installed in the venv)
     )
     return env
 

@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from bitfit_peft.compat.gguf import GgufNameError, split_gguf
 from bitfit_peft.files.paths import describe_missing
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "EXIT_CODE",
     "MISMATCH_HINT",
     "MODEL",
+    "check_base",
     "check_source",
     "fail",
     "hub_problem",
@@ -135,3 +137,16 @@ def check_source(
         hf_hub_download(source, required, revision=revision)
     except Exception as err:  # noqa: BLE001 - every Hub failure becomes one line naming the id
         fail(prefix + hub_problem(source, err, required, what, revision))
+
+
+def check_base(name: str) -> None:
+    """:func:`check_source` for a base model; a name ending in ``.gguf`` must be a local GGUF file or
+    ``<repo id>/<file>.gguf`` on the Hub (:mod:`bitfit_peft.compat.gguf`)."""
+    try:
+        folder, gguf_file = split_gguf(name)
+    except GgufNameError as err:
+        fail(err)
+    if gguf_file is None:
+        check_source(name, MODEL)
+    elif not Path(folder, gguf_file).is_file():
+        check_source(folder, (gguf_file, "a GGUF model repository"))

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from bitfit_peft import training
 from bitfit_peft.cli import SwitchCommand, app
-from bitfit_peft.cli._errors import MODEL, check_source, fail
+from bitfit_peft.cli._errors import check_base, fail
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.training import DataError
 from bitfit_peft.training.args import GROUPS, OUTPUT, OptionError, TrainArgs, option_fields
@@ -130,7 +130,7 @@ def train_command(ctx: typer.Context, *, as_json: bool = False, verbose: bool = 
     except OptionError as err:
         _fail(err, given)
     if args.model is not None:
-        check_source(args.model, MODEL)
+        check_base(args.model)  # a folder / Hub id, or a .gguf file
     if not verbose:
         _quiet_libraries()
 

@@ -5,6 +5,7 @@ the options of a run (:class:`TrainArgs`, :mod:`.args`), the default recipe (:mo
 from __future__ import annotations
 
 from bitfit_peft.training.args import OptionError, TrainArgs
+from bitfit_peft.training.callbacks import BitFitCardCallback
 from bitfit_peft.training.data import TaskData, demo_data_path, load_task_data
 from bitfit_peft.training.distributed import (
     block_classes,
@@ -25,6 +26,7 @@ from bitfit_peft.training.train import (
 
 __all__ = [
     "AUTO_LR_GRID",
+    "BitFitCardCallback",
     "DEMO_DEFAULTS",
     "RECIPE",
     "BitFitTrainer",

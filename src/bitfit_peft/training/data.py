@@ -5,7 +5,7 @@ Rows are read into plain ``dict`` records (:mod:`bitfit_peft.training.sources`),
 small in-memory datasets.
 
 Tasks: ``seq-cls`` (single sentences or pairs), ``regression`` (a float target, pairs allowed),
-``token-cls`` (per-word tags) and ``causal-lm`` (plain text).
+``token-cls`` (per-word tags) and ``causal-lm`` (plain text, or chat ``messages``: :mod:`.chat_data`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bitfit_peft.training.chat_data import CHAT_COLUMN, chat_examples, encode_chat, is_chat
 from bitfit_peft.training.sources import DataError, RawData, load_raw
 
 TASKS: tuple[str, ...] = ("seq-cls", "regression", "token-cls", "causal-lm")
@@ -187,7 +188,8 @@ def build_examples(
     """
     task = normalize_task(task)
     records = raw.records
-    required = {"--text-column": text_column}
+    chat = task == "causal-lm" and is_chat(records, text_column)
+    required = {"--text-column": CHAT_COLUMN if chat else text_column}
     if text_pair_column:
         if task not in SEQUENCE_TASKS:
             raise DataError("--text-pair-column is only supported for --task seq-cls / regression")
@@ -197,6 +199,8 @@ def build_examples(
             raise DataError(f"--task {task} needs a --label-column")
         required["--label-column"] = label_column
     _check_columns(records, required, raw.source)
+    if chat:
+        return chat_examples(records), None
 
     if task == "token-cls":
         declared = label_names or raw.label_names.get(label_column or "")
@@ -367,6 +371,8 @@ def encode(examples: Sequence[dict[str, Any]], tokenizer: Any, task: str, max_le
                 previous = wid
             features.append({k: enc[k][i] for k in enc.keys()} | {"labels": labels})
         return EncodedDataset(features)
+    if "messages" in examples[0]:  # causal-lm chat data
+        return EncodedDataset(encode_chat(examples, tokenizer, max_length))
     texts = [ex["text"] for ex in examples]
     pairs = [ex["text_pair"] for ex in examples] if "text_pair" in examples[0] else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from bitfit_peft.compat.gguf import gguf_load_kwargs, gguf_tokenizer_kwargs, split_gguf
 from bitfit_peft.compat.quantized import device_map, quantization_config
 from bitfit_peft.names import SUMMARY_FILE
 from bitfit_peft.training.data import normalize_task
@@ -33,11 +34,14 @@ def load_base_model(
     model_name_or_path: str, task: str, label_names: list[str] | None, quantize: str | None = None
 ) -> PreTrainedModel:
     """Load the base model with the right head for ``task`` (label maps stored in its config), quantized with
-    bitsandbytes when ``quantize`` names a scheme (``nf4``, ``fp4``, ``int8``)."""
+    bitsandbytes when ``quantize`` names a scheme (``nf4``, ``fp4``, ``int8``). A name ending in ``.gguf`` is a GGUF
+    file (local, or ``<repo id>/<file>.gguf``), dequantized (:mod:`bitfit_peft.compat.gguf`)."""
     task = normalize_task(task)
-    kwargs: dict[str, Any] = {}
+    model_name_or_path, gguf_file = split_gguf(model_name_or_path)
+    kwargs: dict[str, Any] = gguf_load_kwargs(gguf_file)
     if quantize is not None:
         kwargs = {"quantization_config": quantization_config(quantize), "device_map": device_map()}
+        kwargs.update({"gguf_file": gguf_file} if gguf_file else {})  # dequantized on load, then quantized
     if task == "causal-lm":
         return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
     if task == "regression":
@@ -55,12 +59,15 @@ def load_base_model(
 
 def load_tokenizer(model_name_or_path: str, task: str) -> Any:
     """Load the tokenizer; add a pad token for decoder-only models, a prefix space for BPE word tagging."""
-    tok = AutoTokenizer.from_pretrained(model_name_or_path)
+    model_name_or_path, gguf_file = split_gguf(model_name_or_path)
+    tok = AutoTokenizer.from_pretrained(model_name_or_path, **gguf_tokenizer_kwargs(gguf_file))
     if task == "token-cls":
         try:
             tok(["a"], is_split_into_words=True)
         except Exception:  # noqa: BLE001 - BPE tokenizers (GPT-2, RoBERTa) need add_prefix_space
-            tok = AutoTokenizer.from_pretrained(model_name_or_path, add_prefix_space=True)
+            tok = AutoTokenizer.from_pretrained(
+                model_name_or_path, add_prefix_space=True, **gguf_tokenizer_kwargs(gguf_file)
+            )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
