@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bitfit_peft.bias_report import (
@@ -59,6 +60,12 @@ def print_report(report: BiasChangeReport, console: Console | None = None, max_l
     totals.add_column("what", style="bold")
     totals.add_column("value")
     totals.add_row("adapter", report.adapter_name)
+    if report.task_type:
+        totals.add_row("task", report.task_type)
+    if report.labels:
+        shown = ", ".join(escape(label) for label in report.labels[:max_listed])
+        more = f" (+{len(report.labels) - max_listed} more)" if len(report.labels) > max_listed else ""
+        totals.add_row("labels", f"{len(report.labels)}: {shown}{more}")
     totals.add_row("bias vectors", str(report.n_vectors))
     totals.add_row("delta parameters", f"{report.n_params:,}")
     totals.add_row("delta size", f"{human_bytes(report.nbytes)} ({report.nbytes:,} bytes)")

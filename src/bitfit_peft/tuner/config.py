@@ -42,6 +42,9 @@ class BitFitConfig(PeftConfig):
             file and load as zero (the paper finds changes concentrate in a few vectors). ``None`` keeps all.
         base_fingerprint: filled in on save: identifies the base model the deltas were trained on (any dtype of
             it); see ``bitfit_peft.files.fingerprint``.
+        num_labels, id2label: filled in on save for a task with a head (``SEQ_CLS``, ``TOKEN_CLS``): the head's
+            size and label names (``{"0": "ham", "1": "spam"}``), so that the adapter folder describes its task.
+            ``PeftModel.from_pretrained`` sizes the base's head from them (see ``bitfit_peft.compat.task_head``).
 
     Example:
         >>> from bitfit_peft import BitFitConfig
@@ -81,6 +84,13 @@ class BitFitConfig(PeftConfig):
     )
     base_fingerprint: dict | str | None = field(
         default=None, metadata={"help": "Fingerprint of the base model's targeted modules (set on save)."}
+    )
+
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Size of the task head the adapter was trained with (set on save)."}
+    )
+    id2label: dict[str, str] | None = field(
+        default=None, metadata={"help": "Label names of the task head, by index (set on save)."}
     )
 
     def __post_init__(self) -> None:
@@ -154,6 +164,13 @@ class BitFitConfig(PeftConfig):
         tol = self.prune_tolerance
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
             fail("prune_tolerance", f"must be a number >= 0 or None, got {tol!r}", "")
+        n = self.num_labels
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            fail("num_labels", f"must be a positive int or None, got {n!r}", "")
+        if self.id2label is not None:
+            if not isinstance(self.id2label, dict) or not all(str(k).isdigit() for k in self.id2label):
+                fail("id2label", f"must map label indices to names, got {str(self.id2label)[:60]!r}", "")
+            self.id2label = {str(k): str(v) for k, v in sorted(self.id2label.items(), key=lambda kv: int(kv[0]))}
         fp = self.base_fingerprint
         if fp is not None and not (
             isinstance(fp, str)
