@@ -129,3 +129,17 @@ def test_the_card_names_data_labels_and_metrics_without_local_paths(tmp_path: Pa
     assert "my spam corpus" in card and "| 0 | ham |" in card and "| 1 | spam |" in card
     assert "### Dev results" in card and "majority-class accuracy" in card and "% of" in card
     assert f"`{tiny_bert_dir.name}` (a local model)" in card and "local folder" in card
+
+
+def test_the_cli_imports_neither_torch_nor_transformers() -> None:
+    """``bitfit-peft --help`` starts at once: the CLI modules load torch, peft and transformers only for a run."""
+    code = "import sys, bitfit_peft.cli; print(sorted({'torch', 'peft', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_import_bitfit_peft_still_registers_with_peft_when_peft_comes_later() -> None:
+    code = ("import bitfit_peft, sys; assert 'torch' not in sys.modules; from peft import PeftConfig, PeftType; "
+            "print(PeftType.BITFIT.value, type(bitfit_peft.BitFitConfig()).__name__)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["BITFIT", "BitFitConfig"], out

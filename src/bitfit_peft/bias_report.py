@@ -36,7 +36,7 @@ from transformers import AutoModel
 
 from bitfit_peft.files.delta_format import from_legacy
 from bitfit_peft.files.paths import check_confined, is_hub_id
-from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
+from bitfit_peft.names import DEFAULT_TOLERANCE, DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.tuner.groups import BIAS_GROUPS, layer_index, primary_group
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,6 @@ __all__ = [
 
 #: Row order of the report and heatmap (fused groups such as ``query/key/value`` go just before ``other``).
 BIAS_KINDS: tuple[str, ...] = (*BIAS_GROUPS, "other")
-DEFAULT_TOLERANCE = 1e-4
 ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
 _DELTA_SUFFIX = f".{DELTA_KEY}"
 

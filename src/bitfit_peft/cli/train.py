@@ -29,16 +29,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bitfit_peft import training
 from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import MODEL, check_source, fail
-from bitfit_peft.cli.epochs import EpochTable, print_plan, warn_if_no_better_than_majority
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.training import DataError
+from bitfit_peft.fmt import human_bytes
 from bitfit_peft.training.args import GROUPS, OUTPUT, OptionError, TrainArgs, option_fields
-from bitfit_peft.training.metrics import MAIN_METRIC
-from bitfit_peft.training.plan import EpochLog
-from bitfit_peft.utils import human_bytes
+from bitfit_peft.training.sources import DataError
 
 _HELP = (
     "Fine-tune a model with BitFit (bias-only fine-tuning) and save the adapter.\n\n"
@@ -143,6 +139,11 @@ def train_command(ctx: typer.Context, *, as_json: bool = False, verbose: bool = 
         f"[bold]BitFit[/bold] training: model=[cyan]{escape(args.model or 'packaged MiniLM-L6')}[/cyan] "
         f"data=[cyan]{escape(args.data or 'packaged SMS Spam demo')}[/cyan] task=[cyan]{args.task}[/cyan]"
     )
+    from bitfit_peft import training  # deferred: torch and transformers load only when a run starts
+    from bitfit_peft.cli.epochs import EpochTable, print_plan, warn_if_no_better_than_majority  # deferred: as above
+    from bitfit_peft.training.metrics import MAIN_METRIC  # deferred: as above
+    from bitfit_peft.training.plan import EpochLog  # deferred: as above
+
     quiet = args.quiet or as_json
     epochs = [] if quiet else [EpochLog(EpochTable(console, MAIN_METRIC[args.task]))]
     try:

@@ -29,9 +29,9 @@ from safetensors import safe_open
 from bitfit_peft.files import fingerprint as _fingerprint
 from bitfit_peft.files.delta_format import LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX
 from bitfit_peft.files.paths import is_hub_id
+from bitfit_peft.fmt import human_bytes
 from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.tasks import task_of
-from bitfit_peft.utils import human_bytes
 
 BEGIN = "<!-- bitfit-peft:begin -->"
 END = "<!-- bitfit-peft:end -->"

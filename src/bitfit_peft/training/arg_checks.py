@@ -17,12 +17,11 @@ from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
-from bitfit_peft.compat.quantized import SCHEMES as QUANT_SCHEMES
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.training.data import SEQUENCE_TASKS, normalize_task
+from bitfit_peft.names import QUANT_SCHEMES
 from bitfit_peft.training.lr_finder import check_grid
 from bitfit_peft.training.sources import DataError
-from bitfit_peft.tuner.config import BitFitConfig
+from bitfit_peft.training.task_names import SEQUENCE_TASKS, normalize_task
 
 
 class OptionError(BitFitError):
@@ -129,6 +128,8 @@ def _check_ranges(a: Any) -> None:
 
 def _check_targets(a: Any) -> None:
     """The checks ``BitFitConfig`` will make of ``bias_terms`` / ``target_modules``, before anything is loaded."""
+    from bitfit_peft.tuner.config import BitFitConfig  # deferred: peft and torch load when a run is checked
+
     terms, modules = a.bias_terms, a.target_modules
     _require(modules is None or terms == "all", "target_modules",
              "target_modules replaces bias_terms: pass one of --bias-terms and --target-modules")  # fmt: skip

@@ -1,4 +1,5 @@
-"""Every option of one BitFit training run, defined once: :class:`TrainArgs`.
+"""Every option of one BitFit training run, defined once: :class:`TrainArgs` (light: no torch import, so that
+``bitfit-peft train --help`` starts at once).
 
 Each field carries its name, type, default and help text (``field(metadata={"help": ...})``, as transformers'
 ``HfArgumentParser`` and TRL do). :func:`bitfit_peft.training.train` runs a :class:`TrainArgs`, and the
@@ -34,12 +35,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from bitfit_peft.compat.quantized import SCHEMES as QUANT_SCHEMES
+from bitfit_peft.names import QUANT_SCHEMES, SAVE_DTYPE_NAMES
 from bitfit_peft.training.arg_checks import OptionError, check, coerce
-from bitfit_peft.training.data import TASKS
 from bitfit_peft.training.lr_finder import AUTO_LR_GRID
 from bitfit_peft.training.recipe import DEMO_DEFAULTS, RECIPE
-from bitfit_peft.tuner.config import SAVE_DTYPES
+from bitfit_peft.training.task_names import TASKS
 from bitfit_peft.tuner.groups import BIAS_GROUPS
 
 __all__ = ["GROUPS", "OptionError", "TrainArgs", "option_fields"]
@@ -161,14 +161,14 @@ class TrainArgs:
         "Load the base quantized: nf4, fp4 (bitsandbytes 4-bit), int8 (bitsandbytes 8-bit) or torchao-int8 (torchao "
         "int8 weight-only); the biases stay full precision.",
         MODEL,
-        choices=tuple(QUANT_SCHEMES),
+        choices=QUANT_SCHEMES,
     )
     adapter_name: str = _option(
         "default", "PEFT adapter name (a name other than 'default' is saved in a sub-folder of --output-dir).", MODEL
     )
     save_dtype: str = _option(
         "float32", "Dtype of the saved bias deltas (bfloat16 / float16: half the file).", MODEL,
-        choices=tuple(SAVE_DTYPES),
+        choices=SAVE_DTYPE_NAMES,
     )
     cls_attention_init: bool | str = _option(
         RECIPE.cls_attention_init,

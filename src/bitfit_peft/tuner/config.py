@@ -9,12 +9,13 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from bitfit_peft.names import SAVE_DTYPE_NAMES
 from bitfit_peft.tuner.groups import BIAS_GROUPS
 from bitfit_peft.tuner.targets import check_config
 from bitfit_peft.utils import DTYPES
 
 BiasTerms = Literal["all"] | list[str]
-SAVE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
+SAVE_DTYPES = {name: DTYPES[name] for name in SAVE_DTYPE_NAMES}
 
 
 @dataclass
