@@ -328,6 +328,8 @@ def test_the_cards_loading_snippets_run_as_written(hub: HubServer) -> None:
     repo = _repo()
     bhub.push_to_hub(model, repo)
 
+    uploaded = json.loads(hub.files(repo)["adapter_config.json"])  # the labels travel to the Hub with the adapter
+    assert uploaded["num_labels"] == 3 and uploaded["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
     card = hub.files(repo)["README.md"].decode()
     meta = _front_matter(card)
     assert meta["base_model"] == base_repo and f"base_model:adapter:{base_repo}" in meta["tags"]

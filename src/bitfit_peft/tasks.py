@@ -88,7 +88,8 @@ def head_labels(model_config: Any, adapter_config: Any) -> tuple[int | None, dic
         return None, None
     num = getattr(model_config, "num_labels", None)
     id2label = getattr(model_config, "id2label", None) or {}
-    names = {str(k): str(v) for k, v in id2label.items()} if len(id2label) == num else None
+    regression = num == 1 or getattr(model_config, "problem_type", None) == "regression"  # a value, not labels
+    names = {str(k): str(v) for k, v in id2label.items()} if len(id2label) == num and not regression else None
     return (num if isinstance(num, int) else None), names
 
 

@@ -207,7 +207,7 @@ def _result_table(result: Any) -> Any:
         table.add_row("learning rate (auto)", f"{search['learning_rate']:g} (dev loss {tried})")
     plan = result.extra.get("plan")
     if plan:
-        table.add_row("\\[CLS] init", escape(plan["cls_init"]))
+        table.add_row("\\[CLS] init" + (" (auto)" if "cls_probe" in result.extra else ""), escape(plan["cls_init"]))
     table.add_row("epochs run", f"{result.epochs_run:g}")
     table.add_row("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)")
     table.add_row("adapter saved to", result.output_dir)
