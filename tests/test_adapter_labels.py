@@ -103,3 +103,17 @@ def test_server_and_inspect_show_the_label_names(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "anger, joy, fear, love, surprise" in result.output and "SEQ_CLS" in result.output
 
+
+
+def test_a_head_of_another_input_size_is_refused_as_a_shape_mismatch(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _five_label_adapter(tmp_path)
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in state if k.endswith("classifier.weight"))
+    state[key] = torch.zeros(5, state[key].shape[1] + 1)
+    save_file(state, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = make_tiny_model("bert", task="seq_cls")
+    with pytest.raises(BitFitError, match=r"shape mismatch.*file \(5, 33\)") as info:
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert "num_labels" not in str(info.value) and base.classifier.out_features == 2 and base.config.num_labels == 2

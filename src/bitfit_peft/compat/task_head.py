@@ -90,6 +90,8 @@ def head_size_error(err: BaseException, auto_model: str) -> BitFitError | None:
     if found is None:
         return None
     wanted, have = int(found.group(1)), int(found.group(2))
+    if wanted == have:  # the head's input size differs: not a matter of num_labels
+        return None
     return BitFitError(
         f"The adapter's task head has {wanted} outputs but the base model's has {have}: {_fix(wanted, auto_model)}. "
         "The model is unchanged."
