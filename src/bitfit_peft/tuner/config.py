@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -165,13 +166,7 @@ class BitFitConfig(PeftConfig):
         tol = self.prune_tolerance
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
             fail("prune_tolerance", f"must be a number >= 0 or None, got {tol!r}", "")
-        n = self.num_labels
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            fail("num_labels", f"must be a positive int or None, got {n!r}", "")
-        if self.id2label is not None:
-            if not isinstance(self.id2label, dict) or not all(str(k).isdigit() for k in self.id2label):
-                fail("id2label", f"must map label indices to names, got {str(self.id2label)[:60]!r}", "")
-            self.id2label = {str(k): str(v) for k, v in sorted(self.id2label.items(), key=lambda kv: int(kv[0]))}
+        self._validate_labels(fail)
         fp = self.base_fingerprint
         if fp is not None and not (
             isinstance(fp, str)
@@ -182,6 +177,16 @@ class BitFitConfig(PeftConfig):
                 f"must be a fingerprint object (version 2) or a 0.1.0 'sha256:' string, got {str(fp)[:60]!r}",
                 "Remove it from adapter_config.json to skip the check.",
             )
+
+    def _validate_labels(self, fail: Callable[[str, str, str], None]) -> None:
+        """``num_labels`` a positive int, ``id2label`` index -> name (keys as strings, in index order)."""
+        n = self.num_labels
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            fail("num_labels", f"must be a positive int or None, got {n!r}", "")
+        if self.id2label is not None:
+            if not isinstance(self.id2label, dict) or not all(str(k).isdigit() for k in self.id2label):
+                fail("id2label", f"must map label indices to names, got {str(self.id2label)[:60]!r}", "")
+            self.id2label = {str(k): str(v) for k, v in sorted(self.id2label.items(), key=lambda kv: int(kv[0]))}
 
 
 def allow_base_mismatch(config: BitFitConfig) -> BitFitConfig:
