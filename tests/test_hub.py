@@ -7,6 +7,7 @@ Everything runs against ``tests/hub_server.py``, a local Hub-compatible server d
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import types
@@ -303,3 +304,62 @@ def test_write_model_card_from_model_saves_first(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="save the adapter first"):
         bhub.build_model_card(tmp_path / "empty")
+
+
+def _python_blocks(card: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card, flags=re.S)
+
+
+def test_the_cards_loading_snippets_run_as_written(hub: HubServer) -> None:
+    """A 3-label adapter of a base on the Hub: every snippet of its freshly pushed card loads it as trained."""
+    from transformers import AutoModelForSequenceClassification
+
+    base_repo = f"user/tiny-base-{uuid.uuid4().hex[:6]}"
+    make_tiny_model("bert", task="base").push_to_hub(base_repo)
+    names = {0: "neg", 1: "neutral", 2: "pos"}
+    base = AutoModelForSequenceClassification.from_pretrained(base_repo, num_labels=3, id2label=names)
+    torch.manual_seed(4)
+    model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param))
+    expected = _logits(model)
+    repo = _repo()
+    bhub.push_to_hub(model, repo)
+
+    uploaded = json.loads(hub.files(repo)["adapter_config.json"])  # the labels travel to the Hub with the adapter
+    assert uploaded["num_labels"] == 3 and uploaded["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
+    card = hub.files(repo)["README.md"].decode()
+    meta = _front_matter(card)
+    assert meta["base_model"] == base_repo and f"base_model:adapter:{base_repo}" in meta["tags"]
+    assert meta["library_name"] == "peft" and "bitfit" in meta["tags"] and meta["pipeline_tag"] == "text-classification"
+    assert "| 1 | neutral |" in card
+    blocks = _python_blocks(card)
+    assert len(blocks) == 2, card  # PeftModel.from_pretrained(base) and AutoPeftModelForSequenceClassification
+    for code in blocks:
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the card's own snippet, as a user runs it
+        loaded = scope["model"].eval()
+        torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=1e-6)
+        assert loaded.config.id2label[1] == "neutral"
+
+
+def test_a_local_base_is_named_by_hub_id_or_folder_name(tmp_path: Path) -> None:
+    from bitfit_peft.files.model_card import public_base_id
+
+    folder = tmp_path / "my-base"
+    make_tiny_model("bert", task="seq_cls").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["_name_or_path"] = "google-bert/bert-base-uncased"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert public_base_id(folder) == "google-bert/bert-base-uncased"
+    assert public_base_id(folder, "me/my-base") == "me/my-base"
+    config["_name_or_path"] = str(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert public_base_id(folder) is None
+    model = _bitfit_model()
+    bitfit_peft.save_pretrained(model, tmp_path / "adapter")
+    bhub.write_model_card(tmp_path / "adapter", base_model=str(folder))
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert str(tmp_path) not in card and "`my-base` (a local model)" in card and "local folder" in card

@@ -172,3 +172,68 @@ def test_add_adapter_leaves_the_base_weights_alone(kind: str) -> None:
     for key, value in before.items():
         match = [k for k in after if k == key or k.replace(".base_layer", "") == key]
         assert match and all(torch.equal(after[k], value) for k in match), key
+
+
+# ---------------------------------------------------------------------------------------------- the task head (#33)
+def _task_config(kind: str) -> PeftConfig:
+    if kind == "bitfit":
+        return BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "value"])
+    return LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+
+
+def _head_is_trained(model: nn.Module) -> bool:
+    return any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+
+
+def _train_steps(model: nn.Module, steps: int = 8) -> None:
+    """A few optimizer steps on fixed labels, so that deltas and head (when trainable) move."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    labels = torch.tensor([0, 1, 1])
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**_batch(), labels=labels).loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def test_add_adapter_trains_and_saves_the_task_head_as_get_peft_model_does(kind: str, tmp_path: Path) -> None:
+    """get_peft_model(task_type="SEQ_CLS") trains and saves the classifier; so must transformers' add_adapter.
+
+    LoRA (the control) shows the upstream behaviour: add_adapter ignores task_type, the head stays frozen."""
+    assert _head_is_trained(get_peft_model(_base(), _task_config(kind)))
+    model = _base()
+    model.add_adapter(_task_config(kind))
+    if kind == "lora":
+        assert not _head_is_trained(model), "upstream fixed: add_adapter now keeps LoRA's head; update the docs"
+        return
+    assert _head_is_trained(model)
+    _train_steps(model)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "classifier" in saved["modules_to_save"] and saved["num_labels"] == 2
+    fresh = _base()
+    fresh.load_adapter(str(tmp_path))
+    assert torch.allclose(_logits(fresh), trained, atol=1e-6), "the trained head was not saved"
+
+
+def test_disable_then_enable_adapters_round_trips_the_head(kind: str) -> None:
+    """disable_adapters() gives the base (its own head); enable_adapters() must bring the adapter's head back.
+
+    LoRA (the control): transformers' enable_adapters skips ModulesToSaveWrapper, so the head stays the base's
+    (upstream bug, not patched for other tuners)."""
+    config = _task_config(kind)
+    config.modules_to_save = ["classifier"]  # as add_adapter now gives BitFit, and LoRA users do by hand
+    model = _base()
+    base_logits = _logits(model)
+    model.add_adapter(config)
+    _train_steps(model)
+    trained = _logits(model)
+    model.disable_adapters()
+    assert torch.equal(_logits(model), base_logits)
+    model.enable_adapters()
+    if kind == "lora":
+        assert not torch.allclose(_logits(model), trained), "upstream fixed: enable_adapters restores LoRA's head"
+        return
+    assert torch.equal(_logits(model), trained)

@@ -2,7 +2,8 @@
 
 Importing this package registers ``PeftType.BITFIT`` with PEFT (idempotent), so ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``AutoPeftModelFor*`` and transformers' ``model.load_adapter`` resolve
-``"peft_type": "BITFIT"``.
+``"peft_type": "BITFIT"``. The import itself is light (no torch): the registration runs as soon as PEFT is
+imported, or a public object below is used (:mod:`bitfit_peft._lazy`).
 
 Example:
     >>> import torch, bitfit_peft
@@ -14,22 +15,11 @@ Example:
 
 from __future__ import annotations
 
-from bitfit_peft.compat import moved_modules as _moved_modules
-from bitfit_peft.compat import patches as _compat
-from bitfit_peft.compat import registration as _registration
-from bitfit_peft.errors import BitFitError
-from bitfit_peft.files.atomic_save import save_pretrained
-from bitfit_peft.names import __version__
-from bitfit_peft.tuner.config import BitFitConfig, allow_base_mismatch
-from bitfit_peft.tuner.hotswap import hotswap_adapter
-from bitfit_peft.tuner.layer import BiasDeltas, BitFitLayer
-from bitfit_peft.tuner.lowmem import cast_frozen_base
-from bitfit_peft.tuner.model import BitFitModel
-from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
+from typing import Any
 
-PEFT_TYPE = _registration.register()
-_compat.install()
-_moved_modules.install()  # 0.1.x module paths, with a DeprecationWarning, until 0.3.0
+from bitfit_peft import _lazy
+from bitfit_peft.errors import BitFitError
+from bitfit_peft.names import __version__
 
 __all__ = [
     "BASE_ADAPTER_NAME",
@@ -45,3 +35,20 @@ __all__ = [
     "save_pretrained",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The public objects (and sub-packages) load with the registration, on first use."""
+    api = _lazy.register()
+    if name in api.__all__ or name in ("_compat", "_registration", "_moved_modules"):  # the last: 0.2's private names
+        return getattr(api, name)
+    if name in globals():  # a sub-package the registration imported
+        return globals()[name]
+    raise AttributeError(f"module 'bitfit_peft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+_lazy.install()

@@ -36,7 +36,7 @@ from transformers import AutoModel
 
 from bitfit_peft.files.delta_format import from_legacy
 from bitfit_peft.files.paths import check_confined, is_hub_id
-from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
+from bitfit_peft.names import DEFAULT_TOLERANCE, DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.tuner.groups import BIAS_GROUPS, layer_index, primary_group
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,6 @@ __all__ = [
 
 #: Row order of the report and heatmap (fused groups such as ``query/key/value`` go just before ``other``).
 BIAS_KINDS: tuple[str, ...] = (*BIAS_GROUPS, "other")
-DEFAULT_TOLERANCE = 1e-4
 ADAPTER_FILE = SAFETENSORS_WEIGHTS_NAME
 _DELTA_SUFFIX = f".{DELTA_KEY}"
 
@@ -91,6 +90,8 @@ class BiasChangeReport:
     adapter_name: str
     tolerance: float
     vectors: list[VectorStat] = field(default_factory=list)
+    task_type: str | None = None  #: the adapter's task (``adapter_config.json``)
+    labels: list[str] | None = None  #: its head's label names, by index (``id2label`` of ``adapter_config.json``)
 
     # ---------------------------------------------------------------- totals
     @property
@@ -167,6 +168,8 @@ class BiasChangeReport:
         return {
             "source": self.source,
             "adapter_name": self.adapter_name,
+            "task_type": self.task_type,
+            "labels": self.labels,
             "tolerance": self.tolerance,
             "n_vectors": self.n_vectors,
             "n_params": self.n_params,
@@ -255,6 +258,17 @@ def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return from_legacy(load_file(str(file)))  # 0.1.0 files (stacked "layer.*." keys) -> PEFT's layout
 
 
+def _read_config(adapter_dir: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict ({} when missing, over 1 MiB or not a JSON object)."""
+    path = adapter_dir / CONFIG_NAME
+    try:
+        check_confined(adapter_dir, CONFIG_NAME)
+        data = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size < (1 << 20) else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _base_biases(base: str | nn.Module) -> dict[str, torch.Tensor]:
     """``{module path: bias}`` of a base model (a module, or a local path / Hub id loaded with AutoModel)."""
     if isinstance(base, (str, os.PathLike)):
@@ -280,7 +294,11 @@ def _report_from_file(
     tensors = _read_adapter_file(adapter_dir)
     base_biases = _base_biases(base) if base is not None else {}
     base_modules = dict(base.named_modules()) if base is not None and not isinstance(base, str) else {}
-    report = BiasChangeReport(source=source, adapter_name=adapter_name, tolerance=tolerance)
+    config = _read_config(adapter_dir)
+    id2label = config.get("id2label") if isinstance(config.get("id2label"), dict) else {}
+    labels = [str(v) for _, v in sorted(id2label.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)]
+    report = BiasChangeReport(source=source, adapter_name=adapter_name, tolerance=tolerance,
+                              task_type=config.get("task_type"), labels=labels or None)  # fmt: skip
     for key in sorted(tensors):
         if not key.endswith(_DELTA_SUFFIX):
             continue  # modules_to_save (classifier head) etc.

@@ -73,6 +73,26 @@ def task_of(task_type: Any) -> Task:
     return TASKS.get(None if key is None else str(key), TASKS[None])
 
 
+def with_task_heads(modules_to_save: list[str] | None, task_type: Any) -> list[str] | None:
+    """``modules_to_save`` plus the head modules of ``task_type`` that it lacks (as ``PeftModelFor<task>`` adds)."""
+    missing = [h for h in task_of(task_type).heads if h not in (modules_to_save or [])]
+    return [*(modules_to_save or []), *missing] if missing else modules_to_save
+
+
+def head_labels(model_config: Any, adapter_config: Any) -> tuple[int | None, dict[str, str] | None]:
+    """``(num_labels, id2label)`` an adapter records on save: its own when set (a loaded adapter), else the model
+    config's, for a task with a head (None, None otherwise)."""
+    if getattr(adapter_config, "num_labels", None) is not None:
+        return adapter_config.num_labels, adapter_config.id2label
+    if not task_of(getattr(adapter_config, "task_type", None)).heads or model_config is None:
+        return None, None
+    num = getattr(model_config, "num_labels", None)
+    id2label = getattr(model_config, "id2label", None) or {}
+    regression = num == 1 or getattr(model_config, "problem_type", None) == "regression"  # a value, not labels
+    names = {str(k): str(v) for k, v in id2label.items()} if len(id2label) == num and not regression else None
+    return (num if isinstance(num, int) else None), names
+
+
 def peft_task_type(name: str) -> str | None:
     """``"seq-cls"``, ``"SEQ_CLS"``, ``"embedding"``... -> PEFT's task type, or None if unknown."""
     key = str(name).strip()

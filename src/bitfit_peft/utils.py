@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from bitfit_peft.fmt import human_bytes  # noqa: F401 - its former home
+
 #: dtype names accepted anywhere (config ``save_dtype``, ``--dtype``), with their short forms
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -18,23 +20,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-def human_bytes(n: int | None) -> str:
-    """``1536 -> '1.5 KiB'``; ``None -> 'unknown'``.
-
-    Example:
-        >>> human_bytes(1536)
-        '1.5 KiB'
-    """
-    if n is None:
-        return "unknown"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ Errors: a problem the command can name (a missing model or adapter directory, a 
 that cannot be fetched, a bad option value) is ONE line ``error: ...`` on stderr and exit code 2, the code typer
 gives usage errors (see :mod:`bitfit_peft.cli._errors`). Exit code 1 with a traceback means a bug.
 
-``--help`` shows boolean options as switches (``--flag`` or ``--flag/--no-flag``), without a value type.
+``--help`` shows boolean options as switches (``--flag`` or ``--flag/--no-flag``), without a value type. It is
+click's plain layout, grouped by panel (``rich_help_panel``): it wraps to any width without cutting option names
+and prints help texts as written (Rich markup would eat ``[ray]``).
 """
 
 from __future__ import annotations
@@ -28,11 +30,27 @@ def _as_switches(params: list[Any]) -> list[Any]:
     return params
 
 
+def _format_by_panel(command: Any, ctx: Any, formatter: Any) -> None:
+    """Arguments, then the options of each help panel (typer's ``rich_help_panel``) in a section of its own."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    for param in command.get_params(ctx):
+        record = param.get_help_record(ctx)
+        if record is not None:
+            panel = "Arguments" if param.param_type_name == "argument" else getattr(param, "rich_help_panel", None)
+            sections.setdefault(panel or "Options", []).append(record)
+    for name, rows in sections.items():
+        with formatter.section(name):
+            formatter.write_dl(rows)
+
+
 class SwitchCommand(TyperCommand):
-    """A typer command whose ``--help`` shows boolean options as switches only."""
+    """A typer command whose ``--help`` shows boolean options as switches only, grouped by panel."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _as_switches(super().get_params(ctx))
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        _format_by_panel(self, ctx, formatter)
 
 
 class SwitchGroup(TyperGroup):
@@ -49,6 +67,7 @@ app = typer.Typer(
     "Errors (a missing model or adapter, a folder that is not one, an unreachable Hub id, a bad option value) are "
     "one line on stderr and exit with code 2.",
     cls=SwitchGroup,
+    rich_markup_mode=None,  # click's plain help: never cuts option names at 80 columns, keeps "[ray]" as written
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,

@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from bitfit_peft.bias_report import (
-    ADAPTER_FILE,
-    DEFAULT_TOLERANCE,
-    BiasChangeReport,
-    bias_change_report,
-    plot_bias_heatmap,
-)
 from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import MODEL, check_source, fail, hub_problem
 from bitfit_peft.files.paths import describe_missing, is_hub_id
-from bitfit_peft.utils import human_bytes
+from bitfit_peft.fmt import human_bytes
+from bitfit_peft.names import ADAPTER_FILE, DEFAULT_TOLERANCE
+
+if TYPE_CHECKING:
+    from bitfit_peft.bias_report import BiasChangeReport
 
 __all__ = ["inspect_command", "print_report", "register"]
 
@@ -59,6 +58,12 @@ def print_report(report: BiasChangeReport, console: Console | None = None, max_l
     totals.add_column("what", style="bold")
     totals.add_column("value")
     totals.add_row("adapter", report.adapter_name)
+    if report.task_type:
+        totals.add_row("task", report.task_type)
+    if report.labels:
+        shown = ", ".join(escape(label) for label in report.labels[:max_listed])
+        more = f" (+{len(report.labels) - max_listed} more)" if len(report.labels) > max_listed else ""
+        totals.add_row("labels", f"{len(report.labels)}: {shown}{more}")
     totals.add_row("bias vectors", str(report.n_vectors))
     totals.add_row("delta parameters", f"{report.n_params:,}")
     totals.add_row("delta size", f"{human_bytes(report.nbytes)} ({report.nbytes:,} bytes)")
@@ -110,6 +115,8 @@ def inspect_command(
     if base is not None:
         check_source(base, MODEL)
     try:
+        from bitfit_peft.bias_report import bias_change_report  # deferred: torch loads when a report is made
+
         report = bias_change_report(adapter, base=base, tolerance=tolerance, revision=revision)
     except _hub_errors() as err:
         fail(hub_problem(adapter, err, revision=revision) if is_hub_id(adapter) else err)
@@ -118,6 +125,8 @@ def inspect_command(
     console = Console()
     print_report(report, console)
     if plot is not None:
+        from bitfit_peft.bias_report import plot_bias_heatmap  # deferred: as above
+
         out = plot_bias_heatmap(report, plot)
         console.print(f"heatmap written to {out}")
     if json_path is not None:

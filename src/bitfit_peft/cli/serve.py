@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from peft.utils.constants import CONFIG_NAME
 from rich.console import Console
 
 from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import ADAPTER, MODEL, check_source, fail, with_flag_hint
 from bitfit_peft.errors import BitFitError
+from bitfit_peft.names import CONFIG_FILE as CONFIG_NAME
 
 __all__ = ["parse_adapter_specs", "register", "serve_command"]
 

@@ -27,14 +27,14 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from bitfit_peft import training
 from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import check_base, fail
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.training import DataError
+from bitfit_peft.fmt import human_bytes
 from bitfit_peft.training.args import GROUPS, OUTPUT, OptionError, TrainArgs, option_fields
-from bitfit_peft.utils import human_bytes
+from bitfit_peft.training.sources import DataError
 
 _HELP = (
     "Fine-tune a model with BitFit (bias-only fine-tuning) and save the adapter.\n\n"
@@ -134,21 +134,29 @@ def train_command(ctx: typer.Context, *, as_json: bool = False, verbose: bool = 
     if not verbose:
         _quiet_libraries()
 
-    console = Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # several ranks: rank 0 prints
-    if not as_json:
-        console.print(
-            f"[bold]BitFit[/bold] training: model=[cyan]{args.model or 'packaged MiniLM-L6'}[/cyan] "
-            f"data=[cyan]{args.data or 'packaged SMS Spam demo'}[/cyan] task=[cyan]{args.task}[/cyan]"
-        )
+    console = Console(quiet=int(os.environ.get("RANK", "0")) != 0 or as_json)  # several ranks: rank 0 prints
+    console.print(
+        f"[bold]BitFit[/bold] training: model=[cyan]{escape(args.model or 'packaged MiniLM-L6')}[/cyan] "
+        f"data=[cyan]{escape(args.data or 'packaged SMS Spam demo')}[/cyan] task=[cyan]{args.task}[/cyan]"
+    )
+    from bitfit_peft import training  # deferred: torch and transformers load only when a run starts
+    from bitfit_peft.cli.epochs import EpochTable, print_plan, warn_if_no_better_than_majority  # deferred: as above
+    from bitfit_peft.training.metrics import MAIN_METRIC  # deferred: as above
+    from bitfit_peft.training.plan import EpochLog  # deferred: as above
+
+    quiet = args.quiet or as_json
+    epochs = [] if quiet else [EpochLog(EpochTable(console, MAIN_METRIC[args.task]))]
     try:
-        result = training.train(replace(args, quiet=args.quiet or as_json))
+        result = training.train(replace(args, quiet=quiet), callbacks=epochs,
+                                on_plan=None if quiet else lambda plan: print_plan(plan, console))  # fmt: skip
     except (DataError, BitFitError) as err:
         _fail(err, given)
     if as_json:
         if int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+            typer.echo(json.dumps(result.to_dict(), indent=2, default=str))  # "beats_majority": false warns
         return
     console.print(_result_table(result))
+    warn_if_no_better_than_majority(result, console)
 
 
 train_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -197,25 +205,15 @@ def _result_table(result: Any) -> Any:
     if search:
         tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in search["dev_loss"].items())
         table.add_row("learning rate (auto)", f"{search['learning_rate']:g} (dev loss {tried})")
-    probe = result.extra.get("cls_probe")
-    if probe:
-        table.add_row("[CLS] init (auto)", _describe_probe(probe))
+    plan = result.extra.get("plan")
+    if plan:
+        table.add_row("\\[CLS] init" + (" (auto)" if "cls_probe" in result.extra else ""), escape(plan["cls_init"]))
     table.add_row("epochs run", f"{result.epochs_run:g}")
     table.add_row("wall time", f"{result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)")
     table.add_row("adapter saved to", result.output_dir)
     if result.hub_url:
         table.add_row("pushed to", result.hub_url)
     return table
-
-
-def _describe_probe(probe: dict) -> str:
-    """One line on what ``--cls-init auto`` decided and why."""
-    decision = "on" if probe["enable"] else "off"
-    if "reason" in probe:
-        return f"{decision}: {probe['reason']}"
-    return (f"{decision}: linear probe of the first token {probe['first_token']:.1f} %, mean-pooled "
-            f"{probe['mean_pooled']:.1f} % on {probe['num_dev']} dev examples (on above a {probe['min_gap']:g}-point "
-            f"gap, from {probe['min_dev']} dev examples)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- docs

@@ -21,6 +21,9 @@ signature, and shows that LoRA's save, load and errors are identical with and wi
 |   |                                    | the last key part); a ParameterDict tuner needs it after |
 | 5 | ``peft.utils.save_and_load._reshard_dtensor_values_for_load`` | an O(parameters) walk on every load; skipped |
 |   |                                    | for BitFit models that cannot hold DTensors (hot loads stay O(adapter)) |
+| 6 | ``transformers ... PeftAdapterMixin.enable_adapters`` | ``disable_adapters`` disables the task heads |
+|   |                                    | (``ModulesToSaveWrapper``) but ``enable_adapters`` re-enables only tuner |
+|   |                                    | layers, so the head stayed the base's (upstream, LoRA too): re-enable them |
 
 Per-sample heads in mixed batches (``heads.route_heads``) set ``forward`` on the ``ModulesToSaveWrapper`` instances of
 a BitFit model only (no class is changed). Every other tuner's behaviour is untouched: each wrapper passes through
@@ -38,18 +41,20 @@ from typing import Any
 
 import peft.peft_model as _peft_model
 from peft import PeftConfig
-from peft.utils import save_and_load
+from peft.utils import ModulesToSaveWrapper, save_and_load
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.peft_types import PeftType
 from safetensors import SafetensorError
 from transformers.integrations.peft import PeftAdapterMixin
 
 from bitfit_peft.compat import offload
+from bitfit_peft.compat.task_head import fit_head, head_size_error
 from bitfit_peft.compat.transformers_io import read_checked_state_dict
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.files.delta_format import from_legacy
 from bitfit_peft.files.paths import check_confined, local_folder
 from bitfit_peft.names import PEFT_TYPE_NAME, is_bitfit
+from bitfit_peft.tasks import auto_model_class
 from bitfit_peft.tuner.layer import BitFitLayer
 from bitfit_peft.tuner.model import _rollback
 from bitfit_peft.tuner.unwrap import strip_wrappers, unwrap_new, wrapper_ids
@@ -128,9 +133,9 @@ def _check_local_bitfit_folder(model_id: Any, kwargs: dict) -> None:
             check_confined(folder, name)
 
 
-def _load_error(err: Exception, what: str) -> BitFitError:
-    if isinstance(err, BitFitError):
-        return err
+def _load_error(err: Exception, what: str, config: Any = None) -> BitFitError:
+    if isinstance(err, BitFitError):  # a head of another size: which num_labels to pass
+        return head_size_error(err, auto_model_class(getattr(config, "task_type", None)).__name__) or err
     problem = f"{type(err).__name__}: {err}"
     if isinstance(err, SafetensorError):
         problem = f"adapter_model.safetensors is corrupt or truncated ({err}); re-save or re-download it"
@@ -140,6 +145,18 @@ def _load_error(err: Exception, what: str) -> BitFitError:
     return BitFitError(message.replace("\n", " "))
 
 
+def _bitfit_config(model_id: Any, args: tuple, kwargs: dict) -> Any:
+    """The adapter config ``PeftModel.from_pretrained`` will use, when it is BitFit's (else None)."""
+    config = kwargs.get("config", args[2] if len(args) > 2 else None)
+    if config is None:
+        hub_kwargs = {k: kwargs[k] for k in ("subfolder", "revision", "token", "cache_dir") if k in kwargs}
+        try:
+            config = PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
+        except Exception:  # PEFT reports it, as it would without bitfit_peft
+            return None
+    return config if is_bitfit(config) else None
+
+
 def _from_pretrained(original: Callable) -> Callable:
     def from_pretrained(cls, model, model_id, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
         if _has_bitfit_layers(model):
@@ -147,16 +164,21 @@ def _from_pretrained(original: Callable) -> Callable:
         _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(model)
         keep = offload.keeps_dispatch(model, kwargs) and offload.source_is_bitfit(model_id, kwargs)
+        config = _bitfit_config(model_id, args, kwargs)
+        undo_head = fit_head(model, config)  # the adapter's head size and labels; raises before any change
         try:
             with offload.kept_dispatch(model) if keep else contextlib.nullcontext():
                 return original(cls, model, model_id, *args, **kwargs)
         except Exception as err:
             if not (_has_bitfit_layers(model) or isinstance(err, BitFitError)):  # not a BitFit load: PEFT's error
+                undo_head()
                 raise
 
             strip_wrappers(model)
+            undo_head()
             _restore_training_state(model, state)
-            raise _load_error(err, f"the BitFit adapter from {str(model_id)!r}") from err
+            what = f"the BitFit adapter from {str(model_id)!r}"
+            raise _load_error(err, what, config) from err
 
     return from_pretrained
 
@@ -181,7 +203,7 @@ def _load_adapter(original: Callable) -> Callable:
             _rollback(self, adapter_name)
             unwrap_new(self, wrapped)  # modules this load wrapped (new targets) are put back as they were
             _restore_training_state(self, state)
-            raise _load_error(err, f"BitFit adapter {adapter_name!r} from {str(model_id)!r}") from err
+            raise _load_error(err, f"BitFit adapter {adapter_name!r} from {str(model_id)!r}", config) from err
 
     return load_adapter
 
@@ -214,6 +236,18 @@ def _transformers_load_adapter(original: Callable) -> Callable:
         )
 
     return load_adapter
+
+
+# ---------------------------------------------------------------------------------------------- 6: heads
+def _enable_adapters(original: Callable) -> Callable:
+    def enable_adapters(self):  # noqa: ANN001 - mirrors transformers' signature
+        original(self)
+        if any(is_bitfit(c) for c in (getattr(self, "peft_config", None) or {}).values()):
+            for module in self.modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.enable_adapters(True)
+
+    return enable_adapters
 
 
 # ---------------------------------------------------------------------------------------------- 4: offload keys
@@ -263,5 +297,6 @@ def install() -> None:
     _wrap(_peft_model.PeftModel, "load_adapter", _load_adapter)
     _wrap(PeftAdapterMixin, "load_adapter", _transformers_load_adapter)
     _wrap(_peft_model.PeftModel, "_update_offload", _update_offload)
+    _wrap(PeftAdapterMixin, "enable_adapters", _enable_adapters)
     if hasattr(save_and_load, "_reshard_dtensor_values_for_load"):  # absent before peft 0.21.1
         _wrap(save_and_load, "_reshard_dtensor_values_for_load", _reshard)

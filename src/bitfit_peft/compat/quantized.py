@@ -30,6 +30,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig, TorchAoConfig
 
 from bitfit_peft.errors import BitFitError
+from bitfit_peft.names import QUANT_SCHEMES
 
 #: ``--quantize`` scheme -> (the package it needs, its ``from_pretrained`` quantization config)
 SCHEMES: dict[str, tuple[str, Callable[[], Any]]] = {
@@ -42,6 +43,8 @@ SCHEMES: dict[str, tuple[str, Callable[[], Any]]] = {
     "int8": ("bitsandbytes", lambda: BitsAndBytesConfig(load_in_8bit=True)),
     "torchao-int8": ("torchao", lambda: TorchAoConfig(_torchao().Int8WeightOnlyConfig())),
 }  # fmt: skip
+if tuple(SCHEMES) != QUANT_SCHEMES:  # pragma: no cover - one list of names (light, for the CLI) and its builders
+    raise RuntimeError("bitfit_peft.names.QUANT_SCHEMES and compat.quantized.SCHEMES differ")
 
 
 def _compute() -> torch.dtype:

@@ -28,7 +28,7 @@ from bitfit_peft.tuner.layer import BitFitLayer
 from bitfit_peft.tuner.model import BitFitModel
 
 
-def _head_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
+def head_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
     """``{module name: module holding the original parameters}`` of the config's ``modules_to_save``."""
     wanted = [str(t) for t in (getattr(config, "modules_to_save", None) or [])]
     out = {}
@@ -50,7 +50,7 @@ def expected_checkpoint(model: nn.Module, config: Any) -> tuple[dict[str, tuple[
         deltas[f"{PEFT_PREFIX}{name}.{DELTA_KEY}"] = tuple(shape)
     heads = {
         f"{PEFT_PREFIX}{name}.{key}": tensor
-        for name, module in _head_modules(model, config).items()
+        for name, module in head_modules(model, config).items()
         for key, tensor in module.state_dict().items()
     }
     return deltas, heads
@@ -72,7 +72,7 @@ def read_checked_state_dict(
     if getattr(config, "prune_tolerance", None) is not None:
         weights = delta_format.fill_pruned(weights, deltas)
     delta_format.check_adapter_state_dict(weights, adapter_name, deltas, heads)
-    head_names = sorted(_head_modules(model, config), key=len, reverse=True)
+    head_names = sorted(head_modules(model, config), key=len, reverse=True)
     out = {}
     for key, value in weights.items():
         head = next((h for h in head_names if key.startswith(f"{PEFT_PREFIX}{h}.")), None)

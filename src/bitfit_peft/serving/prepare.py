@@ -35,7 +35,7 @@ from bitfit_peft.tuner.model import BitFitModel
 __all__ = ["Prepared", "Preparer"]
 
 #: config fields that do not change where an adapter's tensors go (the rest must be equal to share a layout)
-_LAYOUT_FREE = ("base_fingerprint", "base_model_name_or_path", "revision", "inference_mode")
+_LAYOUT_FREE = ("base_fingerprint", "base_model_name_or_path", "revision", "inference_mode", "num_labels", "id2label")
 
 
 @dataclass

@@ -4,25 +4,43 @@ the options of a run (:class:`TrainArgs`, :mod:`.args`), the default recipe (:mo
 
 from __future__ import annotations
 
-from bitfit_peft.training.args import OptionError, TrainArgs
-from bitfit_peft.training.callbacks import BitFitCardCallback
-from bitfit_peft.training.data import TaskData, demo_data_path, load_task_data
-from bitfit_peft.training.distributed import (
-    block_classes,
-    fsdp_auto_wrap_policy,
-    save_sharded_adapter,
-    shard_bitfit_model,
-)
-from bitfit_peft.training.lr_finder import AUTO_LR_GRID, LRSearchResult, find_learning_rate
-from bitfit_peft.training.recipe import DEMO_DEFAULTS, RECIPE, Recipe
-from bitfit_peft.training.sources import DataError
-from bitfit_peft.training.train import (
-    BitFitTrainer,
-    TrainResult,
-    bitfit_param_groups,
-    load_trained,
-    train,
-)
+import importlib
+import sys
+import types
+from typing import Any
+
+#: where each public name lives (loaded on first use: ``bitfit_peft.training.args`` stays light for the CLI)
+_HOMES = {
+    "OptionError": "args", "TrainArgs": "args",
+    "BitFitCardCallback": "callbacks",
+    "TaskData": "data", "demo_data_path": "data", "load_task_data": "data",
+    "block_classes": "distributed", "fsdp_auto_wrap_policy": "distributed", "save_sharded_adapter": "distributed",
+    "shard_bitfit_model": "distributed",
+    "AUTO_LR_GRID": "lr_finder", "LRSearchResult": "lr_finder", "find_learning_rate": "lr_finder",
+    "DEMO_DEFAULTS": "recipe", "RECIPE": "recipe", "Recipe": "recipe",
+    "DataError": "sources",
+    "BitFitTrainer": "train", "TrainResult": "train", "bitfit_param_groups": "train", "load_trained": "train",
+    "train": "train",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'bitfit_peft.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"bitfit_peft.training.{_HOMES[name]}"), name)
+
+
+class _Package(types.ModuleType):
+    """``bitfit_peft.training.train`` is the function: importing the submodule of that name must not replace it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "train" and isinstance(value, types.ModuleType):
+            value = value.train
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "AUTO_LR_GRID",

@@ -1,4 +1,5 @@
-"""Every option of one BitFit training run, defined once: :class:`TrainArgs`.
+"""Every option of one BitFit training run, defined once: :class:`TrainArgs` (light: no torch import, so that
+``bitfit-peft train --help`` starts at once).
 
 Each field carries its name, type, default and help text (``field(metadata={"help": ...})``, as transformers'
 ``HfArgumentParser`` and TRL do). :func:`bitfit_peft.training.train` runs a :class:`TrainArgs`, and the
@@ -21,28 +22,24 @@ Example:
     >>> TrainArgs(warmup_ratio=1.5)
     Traceback (most recent call last):
     ...
-    bitfit_peft.training.args.OptionError: warmup_ratio must be in [0, 1), got 1.5
+    bitfit_peft.training.arg_checks.OptionError: warmup_ratio must be in [0, 1), got 1.5
 """
 
 from __future__ import annotations
 
 import difflib
-import math
-import os
-import types
+import re
 import typing
 from dataclasses import Field, dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from bitfit_peft.compat.quantized import SCHEMES as QUANT_SCHEMES
-from bitfit_peft.errors import BitFitError
-from bitfit_peft.training.data import SEQUENCE_TASKS, TASKS, normalize_task
-from bitfit_peft.training.lr_finder import AUTO_LR_GRID, check_grid
+from bitfit_peft.names import QUANT_SCHEMES, SAVE_DTYPE_NAMES
+from bitfit_peft.training.arg_checks import OptionError, check, coerce
+from bitfit_peft.training.lr_finder import AUTO_LR_GRID
 from bitfit_peft.training.recipe import DEMO_DEFAULTS, RECIPE
-from bitfit_peft.training.sources import DataError
-from bitfit_peft.tuner.config import BitFitConfig
+from bitfit_peft.training.task_names import TASKS
 from bitfit_peft.tuner.groups import BIAS_GROUPS
 
 __all__ = ["GROUPS", "OptionError", "TrainArgs", "option_fields"]
@@ -51,14 +48,6 @@ DATA, MODEL, OPTIMISATION, EVALUATION, OUTPUT = "Data", "Model and adapter", "Op
 #: the sections of :class:`TrainArgs`, in order (``--help`` panels, the table in ``docs/training.md``)
 GROUPS = (DATA, MODEL, OPTIMISATION, EVALUATION, OUTPUT)
 _DEMO = DEMO_DEFAULTS
-
-
-class OptionError(BitFitError):
-    """A bad value of a :class:`TrainArgs` field; ``field`` names it, the message says what is wrong and the fix."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
 
 
 def _option(default: Any, help: str, group: str, **cli: Any) -> Any:
@@ -90,6 +79,12 @@ def _parse_terms(text: str) -> str | tuple[str, ...]:
 
 def _parse_switch(text: str) -> bool | str:
     return {"on": True, "off": False}.get(text, text)
+
+
+def _parse_modules(text: str) -> str | tuple[str, ...]:
+    """``query,value`` -> module names; one value with regex characters (``.*\\.query``) stays a regex."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    return text.strip() if len(names) == 1 and re.search(r"[\\^$*+?()\[\]{}|]", text) else names
 
 
 @dataclass(frozen=True)
@@ -146,10 +141,17 @@ class TrainArgs:
     )
     bias_terms: str | tuple[str, ...] = _option(
         "all",
-        f"'all', or comma-separated bias groups: {','.join(BIAS_GROUPS)} (e.g. 'query,intermediate' = the paper's "
-        "subset).",
+        f"'all', or comma-separated bias groups ({', '.join(BIAS_GROUPS)}), e.g. 'query,intermediate' (the paper's "
+        "b_q + b_m2 subset).",
         MODEL,
         parse=_parse_terms,
+    )
+    target_modules: str | tuple[str, ...] | None = _option(
+        None,
+        "Modules whose biases train, instead of --bias-terms: comma-separated names (exact or name suffix, e.g. "
+        "'query,value') or one regex (full match, e.g. '.*\\.attention\\..*').",
+        MODEL,
+        parse=_parse_modules,
     )
     add_missing_bias: bool = _option(
         False, "Give targeted layers without a bias (Llama, T5, ...) a zero-initialised trainable bias.", MODEL
@@ -159,10 +161,14 @@ class TrainArgs:
         "Load the base quantized: nf4, fp4 (bitsandbytes 4-bit), int8 (bitsandbytes 8-bit) or torchao-int8 (torchao "
         "int8 weight-only); the biases stay full precision.",
         MODEL,
-        choices=tuple(QUANT_SCHEMES),
+        choices=QUANT_SCHEMES,
     )
     adapter_name: str = _option(
         "default", "PEFT adapter name (a name other than 'default' is saved in a sub-folder of --output-dir).", MODEL
+    )
+    save_dtype: str = _option(
+        "float32", "Dtype of the saved bias deltas (bfloat16 / float16: half the file).", MODEL,
+        choices=SAVE_DTYPE_NAMES,
     )
     cls_attention_init: bool | str = _option(
         RECIPE.cls_attention_init,
@@ -217,6 +223,17 @@ class TrainArgs:
         "the label (as in the SMS Spam demo).",
         OPTIMISATION,
     )
+    gradient_accumulation_steps: int = _option(
+        1, "Batches whose gradients add up before each optimizer step (effective batch: this x --batch-size).",
+        OPTIMISATION,
+    )
+    gradient_checkpointing: bool = _option(
+        False, "Recompute activations in the backward pass: less memory for long inputs, about 30% slower.",
+        OPTIMISATION,
+    )
+    bf16: bool = _option(False, "Mixed precision in bfloat16 (GPUs with bf16, recent CPUs).", OPTIMISATION,
+                         flags=("--bf16",))  # fmt: skip
+    fp16: bool = _option(False, "Mixed precision in float16 (CUDA GPUs).", OPTIMISATION, flags=("--fp16",))
     seed: int = _option(42, "Seed of the split, the head initialisation and the data order.", OPTIMISATION)
 
     # ------------------------------------------------------------------------------------------------ evaluation
@@ -255,13 +272,26 @@ class TrainArgs:
     push_to_hub: bool = _option(False, "Upload the adapter and tokenizer to the Hub (needs a login).", OUTPUT)
     hub_model_id: str | None = _option(None, "Hub repo id for --push-to-hub. Default: OUTPUT_DIR's name.", OUTPUT)
     hub_private: bool = _option(False, "Create the Hub repo as private.", OUTPUT)
+    base_model_id: str | None = _option(
+        None,
+        "Hub id of the base model for the model card and adapter_config.json when --model is a local folder. "
+        "Default: the folder's config name_or_path if it is a Hub id, else the folder's name.",
+        OUTPUT,
+    )
+    data_name: str | None = _option(
+        None, "Name of the training data in the model card. Default: the Hub dataset id, or the file's name.", OUTPUT
+    )
+    report_to: str = _option(
+        "none", "Where the Trainer logs: none, all, or comma-separated integrations (tensorboard, wandb, ...).",
+        OUTPUT,
+    )
     quiet: bool = _option(False, "No progress bars or per-epoch logs.", OUTPUT, flags=("--quiet/--no-quiet", "-q"))
 
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in fields(self):
-            object.__setattr__(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
-        _check(self)
+            object.__setattr__(self, f.name, coerce(f, hints[f.name], getattr(self, f.name)))
+        check(self)
 
     @classmethod
     def create(cls, **options: Any) -> TrainArgs:
@@ -317,102 +347,3 @@ def _type_hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainArgs)
 
 
-# ------------------------------------------------------------------------------------------- coercion and checks
-def _coerce(f: Field, hint: Any, value: Any) -> Any:
-    """``value`` as the field's type (a CLI string parsed, a path as str, a list as tuple), or :class:`OptionError`."""
-    allowed = _members(hint)
-    if isinstance(value, str) and "parse" in f.metadata:
-        value = f.metadata["parse"](value)
-    if isinstance(value, os.PathLike) and str in allowed:
-        value = os.fspath(value)
-    elif isinstance(value, str) and Path in allowed:
-        value = Path(value)
-    elif isinstance(value, list) and any(typing.get_origin(h) is tuple for h in allowed):
-        value = tuple(value)
-    elif isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
-        value = float(value)
-    if not any(_conforms(value, h) for h in allowed):
-        raise OptionError(f.name, f"{f.name} must be {' or '.join(_describe(h) for h in allowed)}, got {value!r}")
-    return value
-
-
-def _members(hint: Any) -> tuple[Any, ...]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    if hint is type(None):
-        return value is None
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        return isinstance(value, tuple) and all(_conforms(v, item) for v in value)
-    if hint in (int, float):
-        return isinstance(value, hint) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        return f"a tuple of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "True or False", Path: "a path"}
-    return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise OptionError(name, message)
-
-
-def _check(a: TrainArgs) -> None:
-    """The rules between values and fields: one-line :class:`OptionError` naming the field and the fix."""
-    try:
-        object.__setattr__(a, "task", normalize_task(a.task))
-    except DataError as err:
-        raise OptionError("task", str(err)) from None
-    lr = a.learning_rate
-    _require(lr == "auto" or (isinstance(lr, float) and math.isfinite(lr) and lr > 0), "learning_rate",
-             f"learning_rate must be a positive number or 'auto', got {lr!r}; e.g. 1e-2")  # fmt: skip
-    try:
-        object.__setattr__(a, "auto_lr_grid", check_grid(a.auto_lr_grid))
-    except ValueError as err:
-        raise OptionError("auto_lr_grid", str(err)) from None
-    _check_ranges(a)
-    _check_bias_terms(a.bias_terms)
-    _require(a.cls_attention_init in (True, False, "auto"), "cls_attention_init",
-             f"cls_attention_init must be True, False or 'auto', got {a.cls_attention_init!r}")  # fmt: skip
-    _require(a.cls_attention_init is not True or a.task in SEQUENCE_TASKS, "cls_attention_init",
-             f"cls_attention_init applies to seq-cls and regression tasks, not {a.task!r}; drop it")  # fmt: skip
-    _require(a.restore_best_epoch is not False or not a.early_stopping_patience, "restore_best_epoch",
-             "early stopping keeps the best epoch: drop early_stopping_patience or restore_best_epoch")  # fmt: skip
-    _require(a.quantize is None or a.quantize in QUANT_SCHEMES, "quantize",
-             f"quantize must be one of {', '.join(QUANT_SCHEMES)} (or None), got {a.quantize!r}")  # fmt: skip
-
-
-def _check_ranges(a: TrainArgs) -> None:
-    from transformers import SchedulerType  # here, not at the top: the CLI's --help imports this module
-
-    _require(0.0 <= a.warmup_ratio < 1.0, "warmup_ratio", f"warmup_ratio must be in [0, 1), got {a.warmup_ratio}")
-    _require(a.num_epochs > 0, "num_epochs", f"num_epochs must be > 0, got {a.num_epochs}")
-    names = [t.value for t in SchedulerType]
-    _require(a.lr_scheduler_type in names, "lr_scheduler_type",
-             f"unknown lr_scheduler_type {a.lr_scheduler_type!r}; choose one of {', '.join(names)}")  # fmt: skip
-    _require(0.0 < a.dev_fraction < 1.0, "dev_fraction", f"dev_fraction must be in (0, 1), got {a.dev_fraction}")
-    positive: dict[str, Any] = {
-        "head_learning_rate": a.head_learning_rate, "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size,
-        "max_length": a.max_length, "max_train_samples": a.max_train_samples, "max_eval_samples": a.max_eval_samples,
-        "save_total_limit": a.save_total_limit,
-    }  # fmt: skip
-    for name, value in positive.items():
-        _require(value is None or value > 0, name, f"{name} must be > 0, got {value}")
-    for name in ("weight_decay", "early_stopping_patience"):
-        _require(getattr(a, name) >= 0, name, f"{name} must be >= 0, got {getattr(a, name)}")
-
-
-def _check_bias_terms(terms: str | tuple[str, ...]) -> None:
-    """The check ``BitFitConfig`` will make, before any data or model is loaded."""
-    try:
-        BitFitConfig(bias_terms=terms if isinstance(terms, str) else list(terms))
-    except ValueError as err:
-        raise OptionError("bias_terms", str(err)) from None

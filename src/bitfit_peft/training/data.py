@@ -23,26 +23,14 @@ import torch
 
 from bitfit_peft.training.chat_data import CHAT_COLUMN, chat_examples, encode_chat, is_chat
 from bitfit_peft.training.sources import DataError, RawData, load_raw
+from bitfit_peft.training.task_names import SEQUENCE_TASKS, TASKS, normalize_task  # noqa: F401 - this API too
 
-TASKS: tuple[str, ...] = ("seq-cls", "regression", "token-cls", "causal-lm")
-#: tasks with one label per sequence (a sequence head; text pairs allowed)
-SEQUENCE_TASKS: tuple[str, ...] = ("seq-cls", "regression")
 IGNORE_INDEX = -100
 
 
 def demo_data_path() -> Path:
     """Path of the packaged SMS Spam demo CSV (``text,label`` with labels ham/spam)."""
     return Path(str(resources.files("bitfit_peft").joinpath("data", "sms_spam_demo.csv")))
-
-
-def normalize_task(task: str) -> str:
-    """Accept ``seq-cls``/``seq_cls``/``SEQ_CLS``-style spellings; return the canonical dashed name."""
-    canon = task.strip().lower().replace("_", "-")
-    aliases = {"sequence-classification": "seq-cls", "token-classification": "token-cls", "clm": "causal-lm"}
-    canon = aliases.get(canon, canon)
-    if canon not in TASKS:
-        raise DataError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    return canon
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -43,9 +43,17 @@ class TrainResult:
         """Dev accuracy after training (the restored best checkpoint)."""
         return self.metrics_after.get("accuracy")
 
+    @property
+    def beats_majority(self) -> bool | None:
+        """Whether the final dev accuracy beats always predicting the majority class (None: not a seq-cls run)."""
+        if self.majority_accuracy is None or self.accuracy_after is None:
+            return None
+        return self.accuracy_after > self.majority_accuracy
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["accuracy_before"], d["accuracy_after"] = self.accuracy_before, self.accuracy_after
+        d["beats_majority"] = self.beats_majority
         return d
 
 

@@ -19,18 +19,21 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from torch.utils.data import DataLoader
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
 from bitfit_peft.files import hub as bitfit_hub
 from bitfit_peft.files.atomic_save import save_pretrained
+from bitfit_peft.files.model_card import TrainingFacts, public_base_id
+from bitfit_peft.files.paths import is_hub_id
 from bitfit_peft.names import SUMMARY_FILE
 from bitfit_peft.tasks import peft_task_type
 from bitfit_peft.training.args import OptionError, TrainArgs
@@ -45,7 +48,9 @@ from bitfit_peft.training.loading import (  # noqa: F401 - default_model_path an
 )
 from bitfit_peft.training.lr_finder import find_learning_rate, probe_steps_for
 from bitfit_peft.training.metrics import MAIN_METRIC, argmax_logits, clean_metrics, make_compute_metrics
+from bitfit_peft.training.plan import EpochLog, TrainPlan, make_plan, quiet_log_printing
 from bitfit_peft.training.result import TrainResult, count_params
+from bitfit_peft.training.trainer import BitFitTrainer, bitfit_param_groups  # noqa: F401 - part of this API
 from bitfit_peft.tuner.config import BitFitConfig
 from bitfit_peft.utils import preserved_random_state
 
@@ -54,62 +59,17 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Trainer with a separate head learning rate
-# ----------------------------------------------------------------------------------------------------
-
-
-def bitfit_param_groups(
-    model: torch.nn.Module, lr: float, head_lr: float | None, weight_decay: float = 0.0
-) -> list[dict[str, Any]]:
-    """Optimizer groups: bias deltas at ``lr``, task heads (``modules_to_save``) at ``head_lr``.
-
-    Weight decay applies to head weight matrices only, never to bias deltas.
-    """
-    deltas, head_decay, head_no_decay, other = [], [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if "modules_to_save" in name:
-            (head_decay if p.ndim >= 2 else head_no_decay).append(p)
-        elif "bitfit_delta" in name:
-            deltas.append(p)
-        else:
-            other.append(p)
-    head_lr = lr if head_lr is None else head_lr
-    groups = [
-        {"params": deltas, "lr": lr, "weight_decay": 0.0},
-        {"params": head_decay, "lr": head_lr, "weight_decay": weight_decay},
-        {"params": head_no_decay, "lr": head_lr, "weight_decay": 0.0},
-        {"params": other, "lr": lr, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-class BitFitTrainer(Trainer):
-    """:class:`transformers.Trainer` whose optimizer uses :func:`bitfit_param_groups`."""
-
-    def __init__(self, *args: Any, head_learning_rate: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.head_learning_rate = head_learning_rate
-
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            groups = bitfit_param_groups(
-                opt_model, self.args.learning_rate, self.head_learning_rate, self.args.weight_decay
-            )
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
-
-
-# ----------------------------------------------------------------------------------------------------
 # train(): the steps of one run
 # ----------------------------------------------------------------------------------------------------
 
 
 def train(
-    args: TrainArgs | None = None, /, *, callbacks: Sequence[TrainerCallback] = (), **options: Any
+    args: TrainArgs | None = None,
+    /,
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
+    on_plan: Callable[[TrainPlan], None] | None = None,
+    **options: Any,
 ) -> TrainResult:
     """Fine-tune a model with BitFit as ``args`` say and save the adapter to ``args.output_dir``.
 
@@ -118,7 +78,10 @@ def train(
             ``bitfit-peft train``). None: ``TrainArgs.create(**options)``, so ``train(model=..., data=...,
             num_epochs=4)`` works; with no ``data`` that is the packaged SMS Spam demo with
             :data:`~.recipe.DEMO_DEFAULTS`.
-        callbacks: extra ``transformers`` callbacks of the training run (logging, per-epoch probes, ...).
+        callbacks: extra ``transformers`` callbacks of the training run (logging, per-epoch probes, ...); an
+            :class:`~bitfit_peft.training.plan.EpochLog` among them replaces the Trainer's printed log dicts.
+        on_plan: called with the :class:`~bitfit_peft.training.plan.TrainPlan` (split sizes, labels, steps per
+            epoch, the ``[CLS]``-init decision) right before training starts; also in ``result.extra["plan"]``.
         **options: :class:`~bitfit_peft.training.args.TrainArgs` fields; with ``args`` given, they replace its
             values (``dataclasses.replace``).
 
@@ -146,6 +109,10 @@ def train(
     task_data, tokenizer, train_ds, dev_ds = load_data(args)
     trainer = build_trainer(args, build_model(args, task_data, tokenizer), tokenizer, train_ds, dev_ds, callbacks)
     extra = prepare_adapter(args, trainer)
+    plan = make_plan(args, task_data, trainer, extra)
+    extra["plan"] = plan.to_dict()
+    if on_plan is not None and trainer.is_world_process_zero():
+        on_plan(plan)
     metrics = {"before": clean_metrics(trainer.evaluate()) if args.eval_before else {}}
     if args.auto_lr:  # from the same initial adapter as the real run, which starts from it again
         extra["lr_search"] = search_learning_rate(args, trainer)
@@ -155,8 +122,10 @@ def train(
     result = make_result(args, trainer, task_data, metrics, train_time, best, extra)
     result.wall_time_s = time.perf_counter() - start
     write_summary(args, trainer, task_data, result)
+    if trainer.is_world_process_zero():  # the card, now with the data, labels and dev metrics of the run
+        bitfit_hub.write_model_card(args.output_dir, base_model=base_id(args), training=card_facts(args, result))
     if args.push_to_hub and trainer.is_world_process_zero():
-        result.hub_url = push_adapter(args, trainer)
+        result.hub_url = push_adapter(args, trainer, result)
     return result
 
 
@@ -214,9 +183,13 @@ def build_model(args: TrainArgs, task_data: TaskData, tokenizer: Any) -> PeftMod
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    base.name_or_path = base_id(args) or base.name_or_path  # PEFT's base_model_name_or_path: a Hub id, if known
+    modules = args.target_modules
     config = BitFitConfig(
         task_type=peft_task_type(args.task),
         bias_terms=args.bias_terms if isinstance(args.bias_terms, str) else list(args.bias_terms),
+        target_modules=list(modules) if isinstance(modules, tuple) else modules,
+        save_dtype=args.save_dtype,
         add_missing_bias=args.add_missing_bias,
         # PEFT adds the head to modules_to_save only after targeting for TOKEN_CLS: name it up front so
         # the head is not wrapped as a bias target first.
@@ -251,7 +224,12 @@ def training_arguments(args: TrainArgs) -> TrainingArguments:
         data_seed=args.seed,
         label_names=["labels"],
         remove_unused_columns=False,
-        report_to="none",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()],
         disable_tqdm=args.quiet,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
@@ -284,6 +262,8 @@ def build_trainer(
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+    elif any(isinstance(cb, EpochLog) for cb in callbacks):
+        quiet_log_printing(trainer)
     return trainer
 
 
@@ -419,9 +399,36 @@ def write_summary(args: TrainArgs, trainer: BitFitTrainer, task_data: TaskData, 
     (args.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def push_adapter(args: TrainArgs, trainer: BitFitTrainer) -> str:
+def push_adapter(args: TrainArgs, trainer: BitFitTrainer, result: TrainResult | None = None) -> str:
     """Upload the adapter and tokenizer to the Hub (``args.hub_model_id``, default: the output dir's name); its URL."""
     repo_id = args.hub_model_id or args.output_dir.resolve().name
-    url = bitfit_hub.push_to_hub(trainer.model, repo_id, private=args.hub_private)
+    facts = card_facts(args, result) if result is not None else None
+    url = bitfit_hub.push_to_hub(
+        trainer.model, repo_id, private=args.hub_private, base_model=base_id(args), training=facts
+    )
     trainer.processing_class.push_to_hub(repo_id, private=args.hub_private)
     return str(url)
+
+
+def base_id(args: TrainArgs) -> str | None:
+    """The base model's Hub id for the card and ``adapter_config.json`` (None: only a local folder is known)."""
+    return public_base_id(args.model, args.base_model_id)
+
+
+def card_facts(args: TrainArgs, result: TrainResult) -> TrainingFacts:
+    """What the model card says about the run: the data as the user names it (``data_name``, a Hub dataset id or
+    the file's name, never a local path), dev metrics before/after and the majority baseline, sizes."""
+    data = args.data_name or (args.data if is_hub_id(args.data) else Path(args.data).name if args.data else None)
+    return TrainingFacts(
+        data=data or "SMS Spam demo (packaged with bitfit-peft)",
+        metric_name=result.metric_name,
+        metrics_before=result.metrics_before,
+        metrics_after=result.metrics_after,
+        majority_accuracy=result.majority_accuracy,
+        num_train=result.num_train,
+        num_dev=result.num_dev,
+        epochs=result.epochs_run,
+        learning_rate=(result.extra.get("lr_search") or {}).get("learning_rate") or args.start_learning_rate,
+        trainable_params=result.trainable_params,
+        total_params=result.total_params,
+    )

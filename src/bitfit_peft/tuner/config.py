@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from bitfit_peft.names import SAVE_DTYPE_NAMES
 from bitfit_peft.tuner.groups import BIAS_GROUPS
 from bitfit_peft.tuner.targets import check_config
 from bitfit_peft.utils import DTYPES
 
 BiasTerms = Literal["all"] | list[str]
-SAVE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
+SAVE_DTYPES = {name: DTYPES[name] for name in SAVE_DTYPE_NAMES}
 
 
 @dataclass
@@ -42,6 +44,9 @@ class BitFitConfig(PeftConfig):
             file and load as zero (the paper finds changes concentrate in a few vectors). ``None`` keeps all.
         base_fingerprint: filled in on save: identifies the base model the deltas were trained on (any dtype of
             it); see ``bitfit_peft.files.fingerprint``.
+        num_labels, id2label: filled in on save for a task with a head (``SEQ_CLS``, ``TOKEN_CLS``): the head's
+            size and label names (``{"0": "ham", "1": "spam"}``), so that the adapter folder describes its task.
+            ``PeftModel.from_pretrained`` sizes the base's head from them (see ``bitfit_peft.compat.task_head``).
 
     Example:
         >>> from bitfit_peft import BitFitConfig
@@ -81,6 +86,13 @@ class BitFitConfig(PeftConfig):
     )
     base_fingerprint: dict | str | None = field(
         default=None, metadata={"help": "Fingerprint of the base model's targeted modules (set on save)."}
+    )
+
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Size of the task head the adapter was trained with (set on save)."}
+    )
+    id2label: dict[str, str] | None = field(
+        default=None, metadata={"help": "Label names of the task head, by index (set on save)."}
     )
 
     def __post_init__(self) -> None:
@@ -154,6 +166,7 @@ class BitFitConfig(PeftConfig):
         tol = self.prune_tolerance
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
             fail("prune_tolerance", f"must be a number >= 0 or None, got {tol!r}", "")
+        self._validate_labels(fail)
         fp = self.base_fingerprint
         if fp is not None and not (
             isinstance(fp, str)
@@ -164,6 +177,16 @@ class BitFitConfig(PeftConfig):
                 f"must be a fingerprint object (version 2) or a 0.1.0 'sha256:' string, got {str(fp)[:60]!r}",
                 "Remove it from adapter_config.json to skip the check.",
             )
+
+    def _validate_labels(self, fail: Callable[[str, str, str], None]) -> None:
+        """``num_labels`` a positive int, ``id2label`` index -> name (keys as strings, in index order)."""
+        n = self.num_labels
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            fail("num_labels", f"must be a positive int or None, got {n!r}", "")
+        if self.id2label is not None:
+            if not isinstance(self.id2label, dict) or not all(str(k).isdigit() for k in self.id2label):
+                fail("id2label", f"must map label indices to names, got {str(self.id2label)[:60]!r}", "")
+            self.id2label = {str(k): str(v) for k, v in sorted(self.id2label.items(), key=lambda kv: int(kv[0]))}
 
 
 def allow_base_mismatch(config: BitFitConfig) -> BitFitConfig:

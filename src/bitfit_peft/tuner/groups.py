@@ -27,8 +27,10 @@ Example:
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch loads lazily: the CLI's --help reads BIAS_GROUPS
+    from torch import nn
 
 BIAS_GROUPS: tuple[str, ...] = (
     "query",
@@ -80,6 +82,8 @@ def is_norm_module(name: str, module: nn.Module | None = None) -> bool:
         cls = type(module).__name__.lower()
         if "norm" in cls and "batchnorm" not in cls:
             return True
+        from torch import nn
+
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return False
     return bool(_NORM_NAME.search(name.rsplit(".", 1)[-1]))

@@ -14,6 +14,7 @@ from torch import nn
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.files import delta_format
 from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
+from bitfit_peft.tasks import head_labels, with_task_heads
 from bitfit_peft.tuner.base_check import base_fingerprint, base_matches, other_base_error
 from bitfit_peft.tuner.base_modules import execution_device
 from bitfit_peft.tuner.call_plan import CallPlanMixin, layers_and_heads
@@ -63,6 +64,8 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
     def _prepare_adapter_config(self, peft_config: BitFitConfig, model_config: dict) -> BitFitConfig:
         """Resolve the targets up front and check the fingerprint, so nothing changes if anything is wrong."""
         adapter_name = self._injecting or next(name for name, cfg in self.peft_config.items() if cfg is peft_config)
+        # transformers' add_adapter: the task head is trained and saved, as PeftModelFor<task> does
+        peft_config.modules_to_save = with_task_heads(peft_config.modules_to_save, peft_config.task_type)
         targets = self.resolve_targets(self.model, peft_config)
         if not base_matches(peft_config, self.model, sorted(targets)):
             raise other_base_error(adapter_name, peft_config.base_fingerprint)
@@ -89,8 +92,7 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
         return False
 
     def _check_tied_modules(self, model: nn.Module, peft_config: BitFitConfig) -> None:
-        """Nothing to tie: BitFit adapts no embedding (not a supported module type). Skipping PEFT's check also keeps
-        a config's regex out of Python's backtracking ``re`` (see ``bitfit_peft.tuner.targets``)."""
+        """Nothing to tie (BitFit adapts no embedding); skipping PEFT's check keeps a regex out of ``re``."""
 
     def _check_new_adapter_config(self, config: BitFitConfig) -> None:
         if not isinstance(config, BitFitConfig):
@@ -183,10 +185,8 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
         self._mark_only_adapters_as_trainable(self.model)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Activate adapter(s) in one pass over cached layer/head lists (no per-module PEFT bookkeeping).
-
-        The activated deltas become trainable unless ``inference_mode``; all others are frozen, as in PEFT.
-        """
+        """Activate adapter(s) in one pass over cached layer/head lists (no per-module PEFT bookkeeping); the
+        activated deltas become trainable unless ``inference_mode``, all others are frozen, as in PEFT."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -389,10 +389,10 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection, then the BitFit save options: fingerprint, pruning, ``save_dtype`` (overflow refused)."""
+        """PEFT's selection, then the BitFit save options: fingerprint, labels, pruning, ``save_dtype``."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        names = sorted(layers_holding(model, adapter_name))
-        config.base_fingerprint = base_fingerprint(model, names)
+        config.base_fingerprint = base_fingerprint(model, sorted(layers_holding(model, adapter_name)))
+        config.num_labels, config.id2label = head_labels(getattr(model, "config", None), config)
         dtype = SAVE_DTYPES[config.save_dtype]
         out = {}
         for name, tensor in selected.items():
