@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import peft.peft_model as _peft_model
 from peft import PeftConfig
 from peft.utils import save_and_load
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME
 from peft.utils.peft_types import PeftType
 from safetensors import SafetensorError
 from transformers.integrations.peft import PeftAdapterMixin
@@ -48,7 +46,7 @@ from bitfit_peft.compat import offload
 from bitfit_peft.compat.transformers_io import read_checked_state_dict
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.files.delta_format import from_legacy
-from bitfit_peft.files.paths import check_confined, local_folder
+from bitfit_peft.files.validate import check_adapter_folder, check_plain_file, local_adapter_folder, read_config
 from bitfit_peft.names import PEFT_TYPE_NAME, is_bitfit
 from bitfit_peft.tuner.layer import BitFitLayer
 from bitfit_peft.tuner.model import _rollback
@@ -111,21 +109,15 @@ def _has_bitfit_layers(model: Any) -> bool:
     return any(isinstance(m, BitFitLayer) for m in model.modules())
 
 
-def _check_local_bitfit_folder(model_id: Any, kwargs: dict) -> None:
-    """A local BitFit adapter folder must not point outside itself (symlinked config or weights)."""
-    folder = local_folder(model_id, kwargs.get("subfolder"))
-    if folder is None:
-        return
-    config_path = os.path.join(folder, CONFIG_NAME)
-    try:
-        check_confined(folder, CONFIG_NAME)
-        with open(config_path, encoding="utf-8") as handle:
-            peft_type = json.loads(handle.read(1 << 20)).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return  # not readable as ours: PEFT reports it as it would for any tuner
-    if peft_type == PEFT_TYPE_NAME:
-        for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
-            check_confined(folder, name)
+def _check_local_folder(model_id: Any, kwargs: dict) -> None:
+    """The file-level checks of a local adapter folder (``files.validate``): its config for every tuner (a hostile
+    config is refused whatever it claims to be), its weights files too when it is a BitFit adapter."""
+    folder = local_adapter_folder(model_id, kwargs.get("subfolder"))
+    if folder is None or check_plain_file(folder, CONFIG_NAME) is None:
+        return  # a Hub id (its files are checked when read), or no config: PEFT reports it as for any tuner
+    config = read_config(folder / CONFIG_NAME)
+    if is_bitfit(config):
+        check_adapter_folder(folder)
 
 
 def _load_error(err: Exception, what: str) -> BitFitError:
@@ -142,10 +134,11 @@ def _load_error(err: Exception, what: str) -> BitFitError:
 
 def _from_pretrained(original: Callable) -> Callable:
     def from_pretrained(cls, model, model_id, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        _check_local_folder(model_id, kwargs)
         if _has_bitfit_layers(model):
             return original(cls, model, model_id, *args, **kwargs)
-        _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(model)
+        attributes = set(vars(model))
         keep = offload.keeps_dispatch(model, kwargs) and offload.source_is_bitfit(model_id, kwargs)
         try:
             with offload.kept_dispatch(model) if keep else contextlib.nullcontext():
@@ -156,6 +149,8 @@ def _from_pretrained(original: Callable) -> Callable:
 
             strip_wrappers(model)
             _restore_training_state(model, state)
+            for name in set(vars(model)) - attributes:  # PEFT's traces on the base (``peft_config``...)
+                delattr(model, name)
             raise _load_error(err, f"the BitFit adapter from {str(model_id)!r}") from err
 
     return from_pretrained
@@ -163,9 +158,9 @@ def _from_pretrained(original: Callable) -> Callable:
 
 def _load_adapter(original: Callable) -> Callable:
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        _check_local_folder(model_id, kwargs)
         if adapter_name in self.peft_config:
             return original(self, model_id, adapter_name, *args, **kwargs)
-        _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(self)
 
         wrapped = wrapper_ids(self)
@@ -194,7 +189,7 @@ def _transformers_load_adapter(original: Callable) -> Callable:
             config = peft_config
             if config is None:
                 try:
-                    _check_local_bitfit_folder(peft_model_id, hub_kwargs)
+                    _check_local_folder(peft_model_id, hub_kwargs)
                     config = PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
                 except BitFitError:
                     raise
