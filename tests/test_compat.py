@@ -31,6 +31,7 @@ TARGETS = [
     (PeftAdapterMixin, "load_adapter", ["self", "peft_model_id", "adapter_name", "peft_config", "adapter_state_dict"]),
     (peft_model.PeftModel, "_update_offload", ["self", "offload_index", "adapters_weights"]),
     (save_and_load, "_reshard_dtensor_values_for_load", ["model", "state_dict"]),
+    (peft_model.PeftModel, "save_pretrained", ["self", "save_directory"]),
 ]
 # peft 0.21.0 (the GPU image) has no DTensor re-shard walk, so there is nothing to skip: _compat installs no wrapper
 TARGETS = [t for t in TARGETS if hasattr(t[0], t[1])]

@@ -21,6 +21,9 @@ signature, and shows that LoRA's save, load and errors are identical with and wi
 |   |                                    | the last key part); a ParameterDict tuner needs it after |
 | 5 | ``peft.utils.save_and_load._reshard_dtensor_values_for_load`` | an O(parameters) walk on every load; skipped |
 |   |                                    | for BitFit models that cannot hold DTensors (hot loads stay O(adapter)) |
+| 6 | ``peft.PeftModel.save_pretrained`` | PEFT writes ``README.md`` before the state dict, so a save the BitFit |
+|   |                                    | tuner refuses (fp16 overflow) left a card: a refused save of a BitFit |
+|   |                                    | model removes what it wrote and restores a card it changed |
 
 Per-sample heads in mixed batches (``heads.route_heads``) set ``forward`` on the ``ModulesToSaveWrapper`` instances of
 a BitFit model only (no class is changed). Every other tuner's behaviour is untouched: each wrapper passes through
@@ -31,7 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import peft.peft_model as _peft_model
@@ -251,6 +257,34 @@ def _reshard(original: Callable) -> Callable:
     return reshard
 
 
+# ---------------------------------------------------------------------------------------------- 6: refused saves
+def _save_pretrained(original: Callable) -> Callable:
+    def save_pretrained(self, save_directory, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        if not is_bitfit(self) or not isinstance(save_directory, (str, os.PathLike)):
+            return original(self, save_directory, *args, **kwargs)
+        folder = os.fspath(save_directory)
+        new_folder = not os.path.lexists(folder)
+        card = os.path.join(folder, "README.md")
+        old_card = None if new_folder or not os.path.isfile(card) else Path(card).read_bytes()
+        before = set() if new_folder or not os.path.isdir(folder) else set(os.listdir(folder))
+        try:
+            return original(self, save_directory, *args, **kwargs)
+        except Exception:
+            if new_folder:
+                shutil.rmtree(folder, ignore_errors=True)  # made by this save: nothing of it stays
+            elif os.path.isdir(folder):
+                for name in set(os.listdir(folder)) - before - {"README.md"}:
+                    path = os.path.join(folder, name)
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                if old_card is not None:
+                    Path(card).write_bytes(old_card)
+                elif "README.md" not in before and os.path.isfile(card):
+                    os.unlink(card)
+            raise
+
+    return save_pretrained
+
+
 def install() -> None:
     """Install every entry of the table above (idempotent)."""
     extend_peft_type()
@@ -258,5 +292,6 @@ def install() -> None:
     _wrap(_peft_model.PeftModel, "load_adapter", _load_adapter)
     _wrap(PeftAdapterMixin, "load_adapter", _transformers_load_adapter)
     _wrap(_peft_model.PeftModel, "_update_offload", _update_offload)
+    _wrap(_peft_model.PeftModel, "save_pretrained", _save_pretrained)
     if hasattr(save_and_load, "_reshard_dtensor_values_for_load"):  # absent before peft 0.21.1
         _wrap(save_and_load, "_reshard_dtensor_values_for_load", _reshard)

@@ -191,7 +191,7 @@ def read_header(path: str | os.PathLike, max_tensors: int = MAX_TENSORS) -> dict
     for key, entry in header.items():
         _check_entry(path, key, entry, data_size)
     check_keys(header, path, dtypes={k: e["dtype"] for k, e in header.items()})
-    _check_stacks(path, header)
+    _check_stacks(path, header, 8 + length)
     return header
 
 
@@ -214,14 +214,30 @@ def _check_entry(path: str | os.PathLike, key: str, entry: Any, data_size: int) 
         _refuse(path, f"declares {key[:80]!r} with a shape that does not match its data size")
 
 
-def _check_stacks(path: str | os.PathLike, header: dict[str, dict[str, Any]]) -> None:
-    """Every 0.1.0 stacked delta has a 1-D integer index of its first dimension's length, and vice versa."""
+def _check_stacks(path: str | os.PathLike, header: dict[str, dict[str, Any]], data_start: int) -> None:
+    """Every 0.1.0 stacked delta has a 1-D integer index of its first dimension's length, and vice versa; its rows
+    land on distinct layers that no other entry of the file names."""
+    taken = {k.removesuffix(LEGACY_DELTA) if k.endswith(LEGACY_DELTA) else k.removesuffix(f".{DELTA_KEY}")
+             for k in header if k.endswith((LEGACY_DELTA, f".{DELTA_KEY}"))}
     for key, entry in header.items():
         if ".*." not in key or not key.endswith(LEGACY_DELTA):
             continue
         index = header.get(key.removesuffix(LEGACY_DELTA) + LEGACY_INDEX)
         if index is None or len(index["shape"]) != 1 or not entry["shape"] or entry["shape"][0] != index["shape"][0]:
             _refuse(path, f"has a stacked delta {key[:80]!r} without a matching layer index")
+        begin, end = index["data_offsets"]
+        with open(path, "rb") as handle:
+            handle.seek(data_start + begin)
+            raw = handle.read(end - begin)
+        width = INT_DTYPES[index["dtype"]]
+        signed = index["dtype"].startswith("I")
+        rows = [int.from_bytes(raw[i:i + width], "little", signed=signed) for i in range(0, len(raw), width)]
+        for row in rows:
+            layer = key.removesuffix(LEGACY_DELTA).replace(".*.", f".{row}.", 1)
+            if row < 0 or layer in taken:
+                _refuse(path, f"has a stacked delta {key[:80]!r} whose layer {row} is negative or already has an "
+                              "entry (ambiguous)", "Keep one entry per layer and re-save the adapter.")
+            taken.add(layer)
 
 
 def check_keys(
