@@ -216,9 +216,10 @@ def test_unreadable_files_are_bitfit_errors(good: Path, tmp_path: Path, path: st
     folder = _copy(good, tmp_path, "garbage")
     (folder / WEIGHTS).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
     _refused(good, path, folder, WEIGHTS, "corrupt")
-    folder = _copy(good, tmp_path, "badjson")
-    (folder / CONFIG).write_text('{"peft_type": "BITFIT",')
-    _refused(good, path, folder, CONFIG, "JSON")
+    if path == "hotswap":  # (PeftModel's paths give PEFT's own error for a config that is not JSON, as for LoRA)
+        folder = _copy(good, tmp_path, "badjson")
+        (folder / CONFIG).write_text('{"peft_type": "BITFIT",')
+        _refused(good, path, folder, CONFIG, "JSON")
 
 
 # ---------------------------------------------------------------------------------------------- key grammar

@@ -121,8 +121,8 @@ def _check_local_folder(model_id: Any, kwargs: dict) -> None:
     folder = local_adapter_folder(model_id, kwargs.get("subfolder"))
     if folder is None or check_plain_file(folder, CONFIG_NAME) is None:
         return  # a Hub id (its files are checked when read), or no config: PEFT reports it as for any tuner
-    config = read_config(folder / CONFIG_NAME)
-    if is_bitfit(config):
+    config = read_config(folder / CONFIG_NAME, lenient=True)  # not JSON / not an object: PEFT's own error
+    if config is not None and is_bitfit(config):
         check_adapter_folder(folder)
 
 

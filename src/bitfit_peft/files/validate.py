@@ -109,8 +109,11 @@ def check_plain_file(folder: str | os.PathLike, name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------- config
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object in a config file, refused unless size, encoding, nesting and list/string sizes are bounded."""
+def read_config(path: str | os.PathLike, *, lenient: bool = False) -> dict[str, Any] | None:
+    """The JSON object in a config file, refused unless size, encoding, nesting and list/string sizes are bounded.
+
+    ``lenient``: a file that is merely not a JSON object (a syntax error, a list) gives None, for PEFT to report as
+    it does for any tuner; hostile sizes and nesting are refused all the same."""
     folder, name = os.path.split(os.fspath(path))
     file = check_plain_file(folder or ".", name)
     if file is None:
@@ -124,11 +127,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     except RecursionError:
         _refuse(path, f"is nested deeper than {MAX_DEPTH} levels")
     except (UnicodeDecodeError, ValueError) as err:
+        if lenient:
+            return None
         _refuse(path, f"is not valid UTF-8 JSON ({str(err)[:120]})")
     except OSError as err:
         _refuse(path, f"cannot be read ({err})")
     check_json_bounds(data, path)
     if not isinstance(data, dict):
+        if lenient:
+            return None
         _refuse(path, f"holds a JSON {type(data).__name__}, not an object")
     return data
 
@@ -307,6 +314,7 @@ def check_adapter_folder(folder: str | os.PathLike, *, max_tensors: int = MAX_TE
     if config_path is None:
         _refuse(folder / CONFIG_FILE, "does not exist", "Point at a saved adapter folder.")
     config = read_config(config_path)
+    assert config is not None
     weights = [check_plain_file(folder, name) for name in WEIGHTS_FILES]
     if weights[0] is not None:
         read_header(weights[0], max_tensors)
