@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from bitfit_peft.files.delta_format import from_legacy
-from bitfit_peft.files.paths import check_confined, is_hub_id
+from bitfit_peft.files.paths import is_hub_id
+from bitfit_peft.files.validate import check_plain_file, read_header
 from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.tuner.groups import BIAS_GROUPS, layer_index, primary_group
 
@@ -248,11 +249,11 @@ def resolve_adapter_dir(adapter: str | os.PathLike[str], revision: str | None = 
 
 
 def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    file = adapter_dir / ADAPTER_FILE
-    check_confined(adapter_dir, ADAPTER_FILE)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found (a BitFit adapter saves its deltas there)")
-    return from_legacy(load_file(str(file)))  # 0.1.0 files (stacked "layer.*." keys) -> PEFT's layout
+    file = check_plain_file(adapter_dir, ADAPTER_FILE)
+    if file is None:
+        raise FileNotFoundError(f"{adapter_dir / ADAPTER_FILE} not found (a BitFit adapter saves its deltas there)")
+    read_header(file)  # the bounds every load path checks
+    return from_legacy(load_file(str(file)), str(file))  # 0.1.0 files (stacked "layer.*." keys) -> PEFT's layout
 
 
 def _base_biases(base: str | nn.Module) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bitfit_peft.errors import BitFitError
+from bitfit_peft.files.paths import allowed_roots
 from bitfit_peft.names import DELTA_KEY
 
 CONFIG_FILE = "adapter_config.json"
@@ -74,14 +75,6 @@ def _refuse(path: str | os.PathLike, problem: str, fix: str = "Re-save or re-dow
 
 
 # ---------------------------------------------------------------------------------------------- confinement
-def _allowed_roots(folder: Path) -> list[Path]:
-    real = folder.resolve()
-    roots = [real]
-    if real.parent.name == "snapshots":  # huggingface_hub cache: <repo>/snapshots/<rev> -> <repo>/blobs
-        roots.append(real.parent.parent / "blobs")
-    return roots
-
-
 def check_plain_file(folder: str | os.PathLike, name: str) -> Path | None:
     """``folder/name`` if it is a plain file of the folder; None if absent. A symlink (but a Hub-cache blob link),
     a FIFO, a device or a folder is refused; nothing is opened."""
@@ -98,7 +91,7 @@ def check_plain_file(folder: str | os.PathLike, name: str) -> Path | None:
             info = os.stat(path)
         except (OSError, RuntimeError) as err:
             _refuse(path, f"is a broken or looping symlink ({err})", "Copy the real file into the folder.")
-        if not any(target.is_relative_to(root) for root in _allowed_roots(Path(folder))[1:]):
+        if not any(target.is_relative_to(root) for root in allowed_roots(Path(folder))[1:]):
             _refuse(path, f"is a symlink (to {target}); adapter files must be plain files of the folder",
                     "Copy the real file into the folder if you trust it.")
     else:
