@@ -105,7 +105,7 @@ def run(src: str, root: Path, case: str, path: str, timeout: float) -> dict:
         return {"seconds": None, "raised": f"not refused within {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        return {"seconds": None, "raised": f"crashed: {proc.stderr.strip().splitlines()[-1:]}"}
+        return {"seconds": None, "raised": f"crashed: {proc.stderr.strip().splitlines()[-1:]}"[:300]}
     return json.loads(lines[-1])
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
-    env = {**os.environ, "PYTHONPATH": args.after}
+    env = {**os.environ, "PYTHONPATH": args.before}  # an adapter (fingerprint format) both checkouts read
     subprocess.run([sys.executable, "-c", _SETUP, str(root)], env=env, check=True, capture_output=True)
     rows = []
     for case, path in CASES:
@@ -125,7 +125,7 @@ def main() -> None:
             row[label] = run(src, root, case, path, args.timeout)
         rows.append(row)
         print(f"{case:26s} {path:16s} before {row['before']['seconds']} s  after {row['after']['seconds']} s  "
-              f"({row['after']['raised']})", flush=True)
+              f"({row['before']['raised']} | {row['after']['raised']})", flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"before": args.before, "after": args.after, "rows": rows,
                                "note": "CPU, 2 cores shared with other jobs; one run each (fresh process)"},
