@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import struct
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,26 +164,21 @@ def test_a_weights_file_linked_to_another_adapters_file_is_refused(good: Path, t
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_fifo_weights_file_is_refused_without_blocking(good: Path, tmp_path: Path, path: str) -> None:
+    """In a child process: a reader blocked on a FIFO may hold the GIL, so no thread of this process could time out."""
     folder = _copy(good, tmp_path)
     (folder / WEIGHTS).unlink()
     os.mkfifo(folder / WEIGHTS)
-    outcome: list[BaseException | None] = []
-
-    def load() -> None:
-        try:
-            _refused(good, path, folder, WEIGHTS, "not a regular file")
-            outcome.append(None)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            outcome.append(err)
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    worker.join(60)
-    if worker.is_alive():  # unblock the reader so the thread can end, then fail
-        fd = os.open(folder / WEIGHTS, os.O_WRONLY | os.O_NONBLOCK)
-        os.close(fd)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
+              "import test_hostile_loads as t; "
+              f"t._refused(Path({str(good)!r}), {path!r}, Path({str(folder)!r}), {WEIGHTS!r}, 'not a regular file'); "
+              "print('refused')")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                              check=False)
+    except subprocess.TimeoutExpired:
         pytest.fail(f"{path}: loading a FIFO blocked")
-    assert outcome == [None], outcome
+    assert proc.returncode == 0 and "refused" in proc.stdout, proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------- bounds
