@@ -97,7 +97,7 @@ def test_legacy_fingerprint_still_refuses_another_base() -> None:
 def test_fingerprint_accepts_a_half_precision_copy_of_the_base(tmp_path: Path, dtype: torch.dtype) -> None:
     model = _trained()
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_fingerprint"]["version"] == 2
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_fingerprint"]["version"] == 3
     half = make_tiny_model("bert", task="seq_cls", seed=0).to(dtype)
     loaded = PeftModel.from_pretrained(half, tmp_path).eval()
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0.05, atol=0.05)
@@ -140,19 +140,19 @@ def test_a_file_carrying_a_foreign_key_is_refused_on_every_path(tmp_path: Path, 
     _poison(tmp_path, {key: torch.full(shape.shape if shape is not None else (32,), 7.0)})
     base = make_tiny_model("bert", task="seq_cls")
     snap = _snapshot(base)
-    with pytest.raises(BitFitError, match="neither a delta") as err:
+    with pytest.raises(BitFitError, match="neither a delta|but names one") as err:
         PeftModel.from_pretrained(base, tmp_path)
     assert key in str(err.value) and "\n" not in str(err.value)
     _assert_unchanged(base, snap)
     holder = _trained()
     snap = _snapshot(holder)
-    with pytest.raises(BitFitError, match="neither a delta"):
+    with pytest.raises(BitFitError, match="neither a delta|but names one"):
         holder.load_adapter(tmp_path, adapter_name="second")
     _assert_unchanged(holder, snap)
     assert list(holder.peft_config) == ["default"]
     plain = make_tiny_model("bert", task="seq_cls")
     snap = _snapshot(plain)
-    with pytest.raises(BitFitError, match="neither a delta"):
+    with pytest.raises(BitFitError, match="neither a delta|but names one"):
         plain.load_adapter(str(tmp_path))
     _assert_unchanged(plain, snap)
 
@@ -173,7 +173,7 @@ def test_broken_deltas_are_refused(tmp_path: Path, problem: str) -> None:
     save_file(tensors, tmp_path / WEIGHTS)
     base = make_tiny_model("bert", task="seq_cls")
     snap = _snapshot(base)
-    with pytest.raises(BitFitError, match="does not fit this model"):
+    with pytest.raises(BitFitError, match="does not fit this model|not a float type"):
         PeftModel.from_pretrained(base, tmp_path)
     _assert_unchanged(base, snap)
 
@@ -216,9 +216,9 @@ def test_symlinks_out_of_the_adapter_folder_are_refused(tmp_path: Path) -> None:
     evil.mkdir()
     shutil.copy(tmp_path / "real" / "adapter_config.json", evil / "adapter_config.json")
     os.symlink(tmp_path / "real" / WEIGHTS, evil / WEIGHTS)  # points outside the folder
-    with pytest.raises(BitFitError, match="outside the adapter folder"):
+    with pytest.raises(BitFitError, match="is a symlink"):
         PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), evil)
-    with pytest.raises(BitFitError, match="outside the adapter folder"):
+    with pytest.raises(BitFitError, match="is a symlink"):
         make_tiny_model("bert", task="seq_cls").load_adapter(str(evil))
     # the Hugging Face cache layout (snapshots/<rev>/file -> ../../blobs/<hash>) is allowed
     repo = tmp_path / "models--user--repo"
@@ -290,7 +290,7 @@ def test_corrupt_file_and_missing_head_are_named_on_every_path(tmp_path: Path) -
         lambda: PeftModel.from_pretrained(make_tiny_model("bert", task="seq_cls"), tmp_path / "corrupt"),
         lambda: make_tiny_model("bert", task="seq_cls").load_adapter(str(tmp_path / "corrupt")),
     ):
-        with pytest.raises(BitFitError, match="adapter_model.safetensors is corrupt or truncated"):
+        with pytest.raises(BitFitError, match="adapter_model.safetensors:? is corrupt or truncated"):
             load()
     _trained().save_pretrained(tmp_path / "headless")
     tensors = load_file(tmp_path / "headless" / WEIGHTS)

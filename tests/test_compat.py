@@ -32,6 +32,7 @@ TARGETS = [
     (peft_model.PeftModel, "_update_offload", ["self", "offload_index", "adapters_weights"]),
     (save_and_load, "_reshard_dtensor_values_for_load", ["model", "state_dict"]),
     (PeftAdapterMixin, "enable_adapters", ["self"]),
+    (peft_model.PeftModel, "save_pretrained", ["self", "save_directory"]),
 ]
 # peft 0.21.0 (the GPU image) has no DTensor re-shard walk, so there is nothing to skip: _compat installs no wrapper
 TARGETS = [t for t in TARGETS if hasattr(t[0], t[1])]

@@ -271,7 +271,7 @@ def test_delta_file_is_peft_layout(tmp_path: Path) -> None:
     read = load_peft_weights(str(tmp_path), device="cpu")
     assert all(torch.equal(read[k], expected[k]) for k in keys)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "BITFIT" and cfg["base_fingerprint"]["version"] == 2
+    assert cfg["peft_type"] == "BITFIT" and cfg["base_fingerprint"]["version"] == 3
 
 
 @pytest.mark.slow

@@ -196,7 +196,7 @@ def test_corrupt_safetensors_are_refused_clearly(adapter_dir: Path, tmp_path: Pa
         with pytest.raises((SafetensorError, BitFitError)) as err:
             PeftModel.from_pretrained(_bert(), path)
         text = str(err.value)
-        assert "deserializing header" in text or "does not fit this model" in text, text
+        assert any(w in text for w in ("corrupt or truncated", "deserializing header", "does not fit this model")), text
         _clear(err.value)
     assert len(cases) >= 30
 

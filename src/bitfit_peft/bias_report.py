@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from bitfit_peft.files.delta_format import from_legacy
-from bitfit_peft.files.paths import check_confined, is_hub_id
+from bitfit_peft.files.paths import is_hub_id
+from bitfit_peft.files.validate import check_plain_file, read_header
 from bitfit_peft.names import DEFAULT_TOLERANCE, DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.tuner.groups import BIAS_GROUPS, layer_index, primary_group
 
@@ -251,20 +252,19 @@ def resolve_adapter_dir(adapter: str | os.PathLike[str], revision: str | None = 
 
 
 def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    file = adapter_dir / ADAPTER_FILE
-    check_confined(adapter_dir, ADAPTER_FILE)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found (a BitFit adapter saves its deltas there)")
-    return from_legacy(load_file(str(file)))  # 0.1.0 files (stacked "layer.*." keys) -> PEFT's layout
+    file = check_plain_file(adapter_dir, ADAPTER_FILE)
+    if file is None:
+        raise FileNotFoundError(f"{adapter_dir / ADAPTER_FILE} not found (a BitFit adapter saves its deltas there)")
+    read_header(file)  # the bounds every load path checks
+    return from_legacy(load_file(str(file)), str(file))  # 0.1.0 files (stacked "layer.*." keys) -> PEFT's layout
 
 
 def _read_config(adapter_dir: Path) -> dict[str, Any]:
     """``adapter_config.json`` as a dict ({} when missing, over 1 MiB or not a JSON object)."""
-    path = adapter_dir / CONFIG_NAME
     try:
-        check_confined(adapter_dir, CONFIG_NAME)
-        data = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size < (1 << 20) else {}
-    except (OSError, ValueError):
+        path = check_plain_file(adapter_dir, CONFIG_NAME)
+        data = json.loads(path.read_text(encoding="utf-8")) if path and path.stat().st_size < (1 << 20) else {}
+    except (OSError, ValueError):  # BitFitError (a refused file) is a ValueError
         return {}
     return data if isinstance(data, dict) else {}
 

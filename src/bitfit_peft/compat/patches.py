@@ -24,6 +24,9 @@ signature, and shows that LoRA's save, load and errors are identical with and wi
 | 6 | ``transformers ... PeftAdapterMixin.enable_adapters`` | ``disable_adapters`` disables the task heads |
 |   |                                    | (``ModulesToSaveWrapper``) but ``enable_adapters`` re-enables only tuner |
 |   |                                    | layers, so the head stayed the base's (upstream, LoRA too): re-enable them |
+| 7 | ``peft.PeftModel.save_pretrained`` | PEFT writes ``README.md`` before the state dict, so a save the BitFit |
+|   |                                    | tuner refuses (fp16 overflow) left a card: a refused save of a BitFit |
+|   |                                    | model removes what it wrote and restores a card it changed |
 
 Per-sample heads in mixed batches (``heads.route_heads``) set ``forward`` on the ``ModulesToSaveWrapper`` instances of
 a BitFit model only (no class is changed). Every other tuner's behaviour is untouched: each wrapper passes through
@@ -34,15 +37,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import peft.peft_model as _peft_model
 from peft import PeftConfig
 from peft.utils import ModulesToSaveWrapper, save_and_load
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME
 from peft.utils.peft_types import PeftType
 from safetensors import SafetensorError
 from transformers.integrations.peft import PeftAdapterMixin
@@ -52,7 +56,7 @@ from bitfit_peft.compat.task_head import fit_head, head_size_error
 from bitfit_peft.compat.transformers_io import read_checked_state_dict
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.files.delta_format import from_legacy
-from bitfit_peft.files.paths import check_confined, local_folder
+from bitfit_peft.files.validate import check_adapter_folder, check_plain_file, local_adapter_folder, read_config
 from bitfit_peft.names import PEFT_TYPE_NAME, is_bitfit
 from bitfit_peft.tasks import auto_model_class
 from bitfit_peft.tuner.layer import BitFitLayer
@@ -116,21 +120,15 @@ def _has_bitfit_layers(model: Any) -> bool:
     return any(isinstance(m, BitFitLayer) for m in model.modules())
 
 
-def _check_local_bitfit_folder(model_id: Any, kwargs: dict) -> None:
-    """A local BitFit adapter folder must not point outside itself (symlinked config or weights)."""
-    folder = local_folder(model_id, kwargs.get("subfolder"))
-    if folder is None:
-        return
-    config_path = os.path.join(folder, CONFIG_NAME)
-    try:
-        check_confined(folder, CONFIG_NAME)
-        with open(config_path, encoding="utf-8") as handle:
-            peft_type = json.loads(handle.read(1 << 20)).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return  # not readable as ours: PEFT reports it as it would for any tuner
-    if peft_type == PEFT_TYPE_NAME:
-        for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
-            check_confined(folder, name)
+def _check_local_folder(model_id: Any, kwargs: dict) -> None:
+    """The file-level checks of a local adapter folder (``files.validate``): its config for every tuner (a hostile
+    config is refused whatever it claims to be), its weights files too when it is a BitFit adapter."""
+    folder = local_adapter_folder(model_id, kwargs.get("subfolder"))
+    if folder is None or check_plain_file(folder, CONFIG_NAME) is None:
+        return  # a Hub id (its files are checked when read), or no config: PEFT reports it as for any tuner
+    config = read_config(folder / CONFIG_NAME, lenient=True)  # not JSON / not an object: PEFT's own error
+    if config is not None and is_bitfit(config):
+        check_adapter_folder(folder)
 
 
 def _load_error(err: Exception, what: str, config: Any = None) -> BitFitError:
@@ -159,10 +157,11 @@ def _bitfit_config(model_id: Any, args: tuple, kwargs: dict) -> Any:
 
 def _from_pretrained(original: Callable) -> Callable:
     def from_pretrained(cls, model, model_id, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        _check_local_folder(model_id, kwargs)
         if _has_bitfit_layers(model):
             return original(cls, model, model_id, *args, **kwargs)
-        _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(model)
+        attributes = set(vars(model))
         keep = offload.keeps_dispatch(model, kwargs) and offload.source_is_bitfit(model_id, kwargs)
         config = _bitfit_config(model_id, args, kwargs)
         undo_head = fit_head(model, config)  # the adapter's head size and labels; raises before any change
@@ -177,17 +176,18 @@ def _from_pretrained(original: Callable) -> Callable:
             strip_wrappers(model)
             undo_head()
             _restore_training_state(model, state)
-            what = f"the BitFit adapter from {str(model_id)!r}"
-            raise _load_error(err, what, config) from err
+            for name in set(vars(model)) - attributes:  # PEFT's traces on the base (``peft_config``...)
+                delattr(model, name)
+            raise _load_error(err, f"the BitFit adapter from {str(model_id)!r}", config) from err
 
     return from_pretrained
 
 
 def _load_adapter(original: Callable) -> Callable:
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        _check_local_folder(model_id, kwargs)
         if adapter_name in self.peft_config:
             return original(self, model_id, adapter_name, *args, **kwargs)
-        _check_local_bitfit_folder(model_id, kwargs)
         state = _training_state(self)
 
         wrapped = wrapper_ids(self)
@@ -216,7 +216,7 @@ def _transformers_load_adapter(original: Callable) -> Callable:
             config = peft_config
             if config is None:
                 try:
-                    _check_local_bitfit_folder(peft_model_id, hub_kwargs)
+                    _check_local_folder(peft_model_id, hub_kwargs)
                     config = PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
                 except BitFitError:
                     raise
@@ -290,6 +290,34 @@ def _reshard(original: Callable) -> Callable:
     return reshard
 
 
+# ---------------------------------------------------------------------------------------------- 6: refused saves
+def _save_pretrained(original: Callable) -> Callable:
+    def save_pretrained(self, save_directory, *args, **kwargs):  # noqa: ANN001 - mirrors PEFT's signature
+        if not is_bitfit(self) or not isinstance(save_directory, (str, os.PathLike)):
+            return original(self, save_directory, *args, **kwargs)
+        folder = os.fspath(save_directory)
+        new_folder = not os.path.lexists(folder)
+        card = os.path.join(folder, "README.md")
+        old_card = None if new_folder or not os.path.isfile(card) else Path(card).read_bytes()
+        before = set() if new_folder or not os.path.isdir(folder) else set(os.listdir(folder))
+        try:
+            return original(self, save_directory, *args, **kwargs)
+        except Exception:
+            if new_folder:
+                shutil.rmtree(folder, ignore_errors=True)  # made by this save: nothing of it stays
+            elif os.path.isdir(folder):
+                for name in set(os.listdir(folder)) - before - {"README.md"}:
+                    path = os.path.join(folder, name)
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                if old_card is not None:
+                    Path(card).write_bytes(old_card)
+                elif "README.md" not in before and os.path.isfile(card):
+                    os.unlink(card)
+            raise
+
+    return save_pretrained
+
+
 def install() -> None:
     """Install every entry of the table above (idempotent)."""
     extend_peft_type()
@@ -298,5 +326,6 @@ def install() -> None:
     _wrap(PeftAdapterMixin, "load_adapter", _transformers_load_adapter)
     _wrap(_peft_model.PeftModel, "_update_offload", _update_offload)
     _wrap(PeftAdapterMixin, "enable_adapters", _enable_adapters)
+    _wrap(_peft_model.PeftModel, "save_pretrained", _save_pretrained)
     if hasattr(save_and_load, "_reshard_dtensor_values_for_load"):  # absent before peft 0.21.1
         _wrap(save_and_load, "_reshard_dtensor_values_for_load", _reshard)

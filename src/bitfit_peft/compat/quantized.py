@@ -88,35 +88,47 @@ def _own_dequantize(weight: torch.Tensor) -> bool:
     return getattr(type(weight), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize
 
 
-def weight_sample(module: nn.Module, weight: torch.Tensor, n: int) -> tuple[torch.Tensor | None, bool]:
-    """The first ``n`` values of ``module``'s ``weight`` (row-major) as floats, and whether they were dequantized.
+def weight_sample(
+    module: nn.Module, weight: torch.Tensor, n: int, index: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, bool]:
+    """The first ``n`` values of ``module``'s ``weight`` (row-major) as floats, or with ``index`` the values at those
+    flat positions, and whether they were dequantized.
 
     bitsandbytes 4-bit weights are dequantized from their canonical layout (a CPU-packed weight is unpacked into
-    a copy first); 8-bit weights are scaled by their row statistics; torchao tensors use their ``dequantize()``.
-    A quantized type this module does not know gives ``(None, True)``: no values to compare.
+    a copy first; one weight at a time, as large as the weight); 8-bit weights are scaled by their row statistics
+    (only the sampled values are read); torchao tensors use their ``dequantize()``. A quantized type this module does
+    not know gives ``(None, True)``: no values to compare.
     """
+
+    def pick(flat: torch.Tensor) -> torch.Tensor:
+        return flat[:n] if index is None else flat[index.to(flat.device)]
+
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
-        return _four_bit_sample(weight, quant_state, n), True
+        return pick(_four_bit_values(weight, quant_state)).float(), True
     if _own_dequantize(weight):
-        return weight.dequantize().reshape(-1)[:n].float(), True
+        return pick(weight.dequantize().reshape(-1)).float(), True
     if weight.is_floating_point():
-        return weight.detach().reshape(-1)[:n], False
+        return pick(weight.detach().reshape(-1)), False
     scale = getattr(weight, "SCB", None)
     if scale is None:  # Linear8bitLt moves the row statistics to its state on the first forward
         scale = getattr(getattr(module, "state", None), "SCB", None)
     if isinstance(scale, torch.Tensor) and weight.dim() == 2:  # LLM.int8(): W = CB * SCB[row] / 127
-        rows = min(weight.shape[0], math.ceil(n / max(weight.shape[1], 1)))
-        values = weight.data[:rows].float() * (scale[:rows].float().unsqueeze(1) / 127.0)
-        return values.reshape(-1)[:n], True
+        cols = max(weight.shape[1], 1)
+        if index is None:
+            rows = min(weight.shape[0], math.ceil(n / cols))
+            values = weight.data[:rows].float() * (scale[:rows].float().unsqueeze(1) / 127.0)
+            return values.reshape(-1)[:n], True
+        at = index.to(weight.device)
+        return weight.data.reshape(-1)[at].float() * (scale[at // cols].float() / 127.0), True
     return None, True
 
 
-def _four_bit_sample(weight: torch.Tensor, quant_state: object, n: int) -> torch.Tensor:
+def _four_bit_values(weight: torch.Tensor, quant_state: object) -> torch.Tensor:
     # deferred: bitsandbytes is optional, and only a 4-bit base (which needs it) gets here
     import bitsandbytes.functional as bnb_functional
 
     data = weight.data  # a plain tensor: no bitsandbytes .to()/.detach() override runs
     if getattr(quant_state, "packing_format_for_cpu", False):  # the inverse rewrites the state it is given
         data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(quant_state))
-    return bnb_functional.dequantize_4bit(data, quant_state).reshape(-1)[:n].float()
+    return bnb_functional.dequantize_4bit(data, quant_state).reshape(-1)

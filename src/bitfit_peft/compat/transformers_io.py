@@ -61,14 +61,16 @@ def read_checked_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The adapter's tensors, checked against ``config`` on ``model`` and keyed for transformers' loader."""
     adapter_name = adapter_name or "default"
-    try:
-        weights = delta_format.from_legacy(load_peft_weights(str(model_id), device="cpu", **hub_kwargs))
-    except SafetensorError as err:
-        raise BitFitError(
-            f"{model_id}: adapter_model.safetensors is corrupt or truncated ({err}); re-save or re-download it. "
-            "The model is unchanged."
-        ) from err
     deltas, heads = expected_checkpoint(model, config)
+    try:
+        weights = delta_format.from_legacy(load_peft_weights(str(model_id), device="cpu", **hub_kwargs), str(model_id))
+    except BitFitError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, RecursionError) as err:
+        raise BitFitError(
+            f"{model_id}: the adapter weights cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+            "; re-save or re-download it. The model is unchanged."
+        ) from err
     if getattr(config, "prune_tolerance", None) is not None:
         weights = delta_format.fill_pruned(weights, deltas)
     delta_format.check_adapter_state_dict(weights, adapter_name, deltas, heads)

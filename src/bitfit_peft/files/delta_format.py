@@ -22,11 +22,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
 from bitfit_peft.errors import BitFitError
+from bitfit_peft.files.validate import AdapterFileError, check_keys
 
 LEGACY_DELTA_SUFFIX = ".bitfit_delta.delta"
 LEGACY_INDEX_SUFFIX = ".bitfit_delta.layer_index"
@@ -38,11 +39,19 @@ def is_legacy(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.endswith((LEGACY_DELTA_SUFFIX, LEGACY_INDEX_SUFFIX)) for k in state_dict)
 
 
-def from_legacy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """0.1.0 layout -> PEFT layout (a no-op copy for files in PEFT's layout); a clear error on broken stacks."""
+def from_legacy(
+    state_dict: Mapping[str, torch.Tensor], where: str = "the adapter file", mapped: Collection[str] = ()
+) -> dict[str, torch.Tensor]:
+    """0.1.0 layout -> PEFT layout (a checked copy for files in PEFT's layout); a clear error on broken stacks.
+
+    The keys (but ``mapped`` ones: head keys PEFT already mapped to the model) pass
+    :func:`~bitfit_peft.files.validate.check_keys` first; a stacked row that lands on a delta the file also holds
+    (or another row's), a non-integer or negative layer index, is refused as ambiguous."""
+    check_keys([k for k in state_dict if k not in mapped], where)
     if not is_legacy(state_dict):
         return dict(state_dict)
     out: dict[str, torch.Tensor] = {}
+    expanded: list[tuple[str, torch.Tensor]] = []
     for key, value in state_dict.items():
         if key.endswith(LEGACY_INDEX_SUFFIX):
             continue
@@ -56,14 +65,21 @@ def from_legacy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         index_key = key.removesuffix(LEGACY_DELTA_SUFFIX) + LEGACY_INDEX_SUFFIX
         index = state_dict.get(index_key)
         if index is None or index.dim() != 1 or value.dim() < 1 or index.shape[0] != value.shape[0]:
-            raise BitFitError(
-                f"Corrupt BitFit delta file: stacked tensor {key!r} has no matching {index_key!r} of length "
-                f"{value.shape[0] if value.dim() else 0}. Re-save the adapter."
+            raise AdapterFileError(
+                f"{where}: stacked tensor {key!r} has no matching {index_key!r} of length "
+                f"{value.shape[0] if value.dim() else 0}; refusing to load it. Re-save the adapter."
             )
-        for row, idx in enumerate(index.tolist()):
-            out[plain.replace(".*.", f".{int(idx)}.", 1)] = value[row]
+        if index.is_floating_point() or index.is_complex() or index.dtype is torch.bool or (
+                index.numel() and int(index.min()) < 0):
+            raise AdapterFileError(f"{where}: layer index {index_key!r} is not a list of non-negative integers "
+                                   f"({index.dtype}); refusing to load it. Re-save the adapter.")
+        expanded.extend((plain.replace(".*.", f".{idx}.", 1), value[row]) for row, idx in enumerate(index.tolist()))
+    for key, value in expanded:
+        if key in out:
+            raise AdapterFileError(f"{where}: two entries for the delta {key!r} (a 0.1.0 stacked row and another "
+                                   "entry); refusing the ambiguous file. Keep one of them and re-save the adapter.")
+        out[key] = value
     return out
-
 
 
 def check_adapter_state_dict(

@@ -1,16 +1,12 @@
 """Where an adapter folder may lead: nowhere outside itself.
 
-An adapter folder is an untrusted download, so a file in it that is a symlink (or sits behind one) must resolve
-inside the folder. The one exception is the Hugging Face cache layout, where ``snapshots/<revision>/<file>`` links
-to ``../../blobs/<hash>`` of the same repository. No path is ever read *from* a file.
+Path tests shared by the CLI, the loaders and the engine: Hub id or local folder, and whether a path lies inside
+given folders. The checks of the files *in* an adapter folder are :mod:`bitfit_peft.files.validate`. No path is ever
+read *from* a file.
 
 Example:
-    >>> import os, tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> os.symlink("/etc/hostname", os.path.join(d, "adapter_config.json"))
-    >>> check_confined(d, "adapter_config.json")  # doctest: +IGNORE_EXCEPTION_DETAIL
-    Traceback (most recent call last):
-    bitfit_peft.errors.BitFitError: ...
+    >>> is_hub_id("user/repo"), looks_local("./adapter")
+    (True, True)
 """
 
 from __future__ import annotations
@@ -20,8 +16,6 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-from bitfit_peft.errors import BitFitError
 
 #: a Hugging Face Hub repo id: ``name`` (canonical models) or ``owner/name``
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -110,23 +104,11 @@ def inside(path: str | os.PathLike, roots: Iterable[Path]) -> bool:
     return any(resolved == root or resolved.is_relative_to(root) for root in roots)
 
 
-def _allowed_roots(folder: Path) -> list[Path]:
+def allowed_roots(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` may resolve: the folder itself and, for a Hugging Face cache snapshot
+    (``<repo>/snapshots/<rev>``), the repository's ``blobs`` folder its files link to."""
     real = folder.resolve()
     roots = [real]
     if real.parent.name == "snapshots":  # huggingface_hub cache: <repo>/snapshots/<rev> -> <repo>/blobs
         roots.append(real.parent.parent / "blobs")
     return roots
-
-
-def check_confined(folder: str | os.PathLike, name: str) -> None:
-    """Refuse ``folder/name`` if it exists and resolves outside ``folder`` (or its Hub-cache blobs)."""
-    path = Path(folder) / name
-    if not path.exists() and not path.is_symlink():
-        return
-    if not inside(path, _allowed_roots(Path(folder))):
-        raise BitFitError(
-            f"{path} resolves to {path.resolve()}, outside the adapter folder; refusing to read it. Copy the real file "
-            "into the folder if you trust it."
-        )
-    if not path.is_file():
-        raise BitFitError(f"{path} is not a regular file; an adapter folder holds plain files only.")

@@ -28,7 +28,8 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from safetensors import SafetensorError, safe_open
 
 from bitfit_peft.errors import BitFitError
-from bitfit_peft.files.paths import HUB_ID, check_confined, inside, is_hub_id
+from bitfit_peft.files.paths import HUB_ID, inside, is_hub_id
+from bitfit_peft.files.validate import check_adapter_folder, check_plain_file
 from bitfit_peft.names import DELTA_KEY, PEFT_PREFIX, SUMMARY_FILE
 from bitfit_peft.serving.errors import AdapterNotFoundError, AdapterPathError, BadAdapterPathError, EngineError
 
@@ -174,18 +175,20 @@ def _local_folder(text: str, within: Sequence[Path] | None, fall_back_to_hub: bo
 
 
 def check_files(adapter_dir: Path, within: Sequence[Path] | None = None) -> None:
-    """Refuse the folder if a file the engine may read leads outside it (or outside ``within``)."""
+    """The file-level checks every load path shares (:func:`bitfit_peft.files.validate.check_adapter_folder`), and
+    every file the engine may read inside ``within``. A file that links out or is not a plain file raises
+    :class:`AdapterPathError`; a hostile or malformed config or header, an ``AdapterFileError``."""
     for name in ADAPTER_FILES:
         try:
-            check_confined(adapter_dir, name)
+            path = check_plain_file(adapter_dir, name)
         except BitFitError as err:
             raise AdapterPathError(str(err)) from err
-        path = adapter_dir / name
-        if within is not None and (path.exists() or path.is_symlink()) and not inside(path, within):
+        if within is not None and path is not None and not inside(path, within):
             raise AdapterPathError(
                 f"{name} of adapter {adapter_dir.name!r} resolves outside the allowed adapter folders; copy the "
                 "file into the adapter folder instead of linking it."
             )
+    check_adapter_folder(adapter_dir)
 
 
 def read_json(path: Path) -> dict[str, Any]:

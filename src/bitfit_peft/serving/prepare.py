@@ -22,6 +22,7 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
+from bitfit_peft.files.validate import read_config
 from bitfit_peft.names import is_bitfit
 from bitfit_peft.serving import adapter_files as files
 from bitfit_peft.serving.errors import EngineError
@@ -117,7 +118,7 @@ class Preparer:
         from peft import PeftConfig
 
         source = request.source
-        raw = files.read_json(adapter_dir / CONFIG_NAME)
+        raw = read_config(adapter_dir / CONFIG_NAME)  # bounded (checked by files.check_files already)
         if not is_bitfit(raw):
             raise EngineError(f"{source}: not a BitFit adapter (adapter_config.json peft_type="
                               f"{str(raw.get('peft_type'))[:40]!r}).")

@@ -90,7 +90,13 @@ def _text(value: Any, col: str, row: int, flag: str) -> str:
             f"column {col!r} must hold text, but row {row} holds a {type(value).__name__}; "
             f"pass a text column with {flag}, or use --task token-cls for pre-split words"
         )
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"column {col!r}: row {row} holds invalid Unicode (a lone surrogate such as \\ud800 at "
+                        f"character {err.start}); fix or drop that row") from err
+    return text
 
 
 def _words(value: Any, col: str, row: int) -> list[str]:
@@ -153,12 +159,16 @@ def _float_label(value: Any, col: str, row: int) -> float:
     if isinstance(value, bool) or _is_missing(value):
         raise DataError(f"column {col!r}: row {row} has no numeric target; drop or fill such rows")
     try:
-        return float(value)
-    except (TypeError, ValueError) as err:
+        target = float(value)
+    except (TypeError, ValueError, OverflowError) as err:
         raise DataError(
             f"column {col!r} must be numeric for --task regression, but row {row} holds {value!r:.40}; "
             "use --task seq-cls for categorical labels"
         ) from err
+    if not math.isfinite(target):
+        raise DataError(f"column {col!r}: row {row} holds {value!r:.40}, not a finite number; a regression target "
+                        "must be finite (NaN, Inf and values beyond 1.8e308 are not). Fix or drop that row")
+    return target
 
 
 def build_examples(
@@ -172,8 +182,25 @@ def build_examples(
 ) -> tuple[list[dict[str, Any]], list[str] | None]:
     """Validate ``raw`` for ``task`` and convert it to examples; returns (examples, label names).
 
-    ``label_names`` fixes the class order (used for a separate dev file so ids match the training set).
+    ``label_names`` fixes the class order (used for a separate dev file so ids match the training set). Every
+    problem is a :class:`DataError` naming the source.
     """
+    try:
+        return _build_examples(raw, task, text_column, text_pair_column, label_column, label_names)
+    except DataError as err:
+        if str(err).startswith(raw.source):
+            raise
+        raise DataError(f"{raw.source}: {err}") from err
+
+
+def _build_examples(
+    raw: RawData,
+    task: str,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str | None,
+    label_names: list[str] | None,
+) -> tuple[list[dict[str, Any]], list[str] | None]:
     task = normalize_task(task)
     records = raw.records
     chat = task == "causal-lm" and is_chat(records, text_column)

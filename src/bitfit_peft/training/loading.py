@@ -26,6 +26,7 @@ from transformers import (
 
 from bitfit_peft.compat.gguf import gguf_load_kwargs, gguf_tokenizer_kwargs, split_gguf
 from bitfit_peft.compat.quantized import device_map, quantization_config
+from bitfit_peft.errors import BitFitError
 from bitfit_peft.names import SUMMARY_FILE
 from bitfit_peft.training.data import normalize_task
 
@@ -37,6 +38,31 @@ def load_base_model(
     bitsandbytes when ``quantize`` names a scheme (``nf4``, ``fp4``, ``int8``). A name ending in ``.gguf`` is a GGUF
     file (local, or ``<repo id>/<file>.gguf``), dequantized (:mod:`bitfit_peft.compat.gguf`)."""
     task = normalize_task(task)
+    try:
+        return _load_base(model_name_or_path, task, label_names, quantize)
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise BitFitError(_head_mismatch(model_name_or_path, task, label_names)) from err
+
+
+def _head_mismatch(model_name_or_path: str, task: str, label_names: list[str] | None) -> str:
+    """One line for a checkpoint whose classification head has another number of outputs than the data needs."""
+    from transformers import AutoConfig
+
+    stored = AutoConfig.from_pretrained(model_name_or_path).num_labels
+    wanted = 1 if task == "regression" else len(label_names or [])
+    shown = f" ({', '.join(map(str, label_names[:5]))}{', ...' if len(label_names) > 5 else ''})" if label_names else ""
+    return (
+        f"{model_name_or_path}: its classification head has {stored} labels, but the data has {wanted}{shown}. "
+        f"Train from a checkpoint without that head (its base model), or give data with {stored} classes "
+        "(the label names it was trained with)"
+    )
+
+
+def _load_base(
+    model_name_or_path: str, task: str, label_names: list[str] | None, quantize: str | None
+) -> PreTrainedModel:
     model_name_or_path, gguf_file = split_gguf(model_name_or_path)
     kwargs: dict[str, Any] = gguf_load_kwargs(gguf_file)
     if quantize is not None:

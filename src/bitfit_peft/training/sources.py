@@ -15,7 +15,9 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,40 @@ class RawData:
     label_names: dict[str, list[str]] = field(default_factory=dict)  # column -> class names
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8-sig")
+def _text_of(path: Path) -> str:
+    """The file's text: UTF-8 (a BOM allowed) or a one-line error saying how to convert it."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: UTF-16 text, not UTF-8. Save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     try:
-        obj = json.loads(text)
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}; Latin-1 or binary?). Save it as "
+            "UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+        ) from err
+
+
+def _parse_json(text: str, path: Path, where: str = "") -> Any:
+    """``json.loads`` whose hostile-input failures are one-line :class:`DataError`\\ s (JSON syntax errors raise as
+    ``json.JSONDecodeError``, for the caller to report)."""
+    try:
+        return json.loads(text)
+    except RecursionError as err:
+        raise DataError(f"{path}{where}: JSON nested too deep to be training data. Flatten it to one object per "
+                        "example") from err
+    except json.JSONDecodeError:
+        raise
+    except ValueError as err:  # int() of a number of more than sys.get_int_max_str_digits() digits
+        raise DataError(f"{path}{where}: a JSON number of more than {sys.get_int_max_str_digits():,} digits. Store "
+                        "such values as strings, or fix the row") from err
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = _text_of(path)
+    try:
+        obj = _parse_json(text, path)
     except json.JSONDecodeError:
         return _read_jsonl_text(text, path)
     if isinstance(obj, dict):
@@ -62,7 +94,7 @@ def _read_jsonl_text(text: str, path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = _parse_json(line, path, f":{lineno}")
         except json.JSONDecodeError as err:
             msg = f"{path}:{lineno}: invalid JSON ({err.msg}); expected one JSON object per line"
             raise DataError(msg) from err
@@ -72,6 +104,17 @@ def _read_jsonl_text(text: str, path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _read_csv(path: Path, delimiter: str) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(_text_of(path), newline=""), delimiter=delimiter)
+    try:
+        return [dict(row) for row in reader]
+    except csv.Error as err:
+        raise DataError(
+            f"{path}: line {reader.line_num}: {err} (a field over {csv.field_size_limit():,} characters, or a broken "
+            "quote?). Shorten or fix that row"
+        ) from err
+
+
 def read_local(path: str | Path) -> list[dict[str, Any]]:
     """Read a local CSV/TSV/JSON/JSONL/Parquet file into a list of row dicts."""
     path = Path(path)
@@ -79,12 +122,11 @@ def read_local(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            return [dict(row) for row in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+        return _read_csv(path, "\t" if suffix == ".tsv" else ",")
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".jsonl":
-        return _read_jsonl_text(path.read_text(encoding="utf-8-sig"), path)
+        return _read_jsonl_text(_text_of(path), path)
     if suffix in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq

@@ -10,6 +10,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from bitfit_peft.files.fingerprint import check_stored
 from bitfit_peft.names import SAVE_DTYPE_NAMES
 from bitfit_peft.tuner.groups import BIAS_GROUPS
 from bitfit_peft.tuner.targets import check_config
@@ -168,15 +169,13 @@ class BitFitConfig(PeftConfig):
             fail("prune_tolerance", f"must be a number >= 0 or None, got {tol!r}", "")
         self._validate_labels(fail)
         fp = self.base_fingerprint
-        if fp is not None and not (
-            isinstance(fp, str)
-            or (isinstance(fp, dict) and fp.get("version") == 2 and isinstance(fp.get("structure"), str))
-        ):
+        if fp is not None and not isinstance(fp, (str, dict)):
             fail(
                 "base_fingerprint",
-                f"must be a fingerprint object (version 2) or a 0.1.0 'sha256:' string, got {str(fp)[:60]!r}",
+                f"must be a fingerprint object (version 2 or 3) or a 0.1.0 'sha256:' string, got {str(fp)[:60]!r}",
                 "Remove it from adapter_config.json to skip the check.",
             )
+        check_stored(fp)  # finite, bounded numbers: a stored norm of 1e30 or inf would accept any base
 
     def _validate_labels(self, fail: Callable[[str, str, str], None]) -> None:
         """``num_labels`` a positive int, ``id2label`` index -> name (keys as strings, in index order)."""

@@ -16,6 +16,7 @@ same compiled code (``tests/test_hotswap.py`` checks it with ``error_on_recompil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.files import delta_format, fingerprint
+from bitfit_peft.files.validate import check_adapter_folder, local_adapter_folder
 from bitfit_peft.names import PEFT_PREFIX
 from bitfit_peft.tuner.base_check import base_matches
 from bitfit_peft.tuner.config import BitFitConfig
@@ -82,8 +84,12 @@ def hotswap_adapter(
 
     # ---------------------------------------------------------------- read (nothing changes until every check passed)
     config = kwargs.pop("config", None)
+    deltas, heads = expected_tensors(peft_model, adapter_name)
+    folder = local_adapter_folder(model_name_or_path, kwargs.get("subfolder"))
+    if folder is not None:  # the one file-level check of every load path (a Hub id: keys checked when read)
+        check_adapter_folder(folder, max_tensors=2 * len(deltas) + len(heads) + 1)
     if config is None:
-        config = PeftConfig.from_pretrained(model_name_or_path, **kwargs)
+        config = _read(where, lambda: PeftConfig.from_pretrained(model_name_or_path, **kwargs))
     if not isinstance(config, BitFitConfig):
         kind = getattr(getattr(config, "peft_type", None), "value", type(config).__name__)
         raise _refused(where, f"it is a {kind} adapter, not BitFit")
@@ -95,9 +101,9 @@ def hotswap_adapter(
     if set(config.modules_to_save or ()) != set(old.modules_to_save or ()):
         raise _refused(where, f"other modules_to_save ({config.modules_to_save} vs loaded {old.modules_to_save})")
     _check_base(where, config, tuner.model, sorted(targets))
-    state_dict = delta_format.from_legacy(load_peft_weights(model_name_or_path, device=str(torch_device), **kwargs))
+    state_dict = _read(where, lambda: delta_format.from_legacy(
+        load_peft_weights(model_name_or_path, device=str(torch_device), **kwargs), str(model_name_or_path)))
     remapped = _to_model_keys(peft_model, adapter_name, state_dict)
-    deltas, heads = expected_tensors(peft_model, adapter_name)
     shapes = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(heads[k].shape)}"
         for k, v in remapped.items()
@@ -126,6 +132,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
     return model
+
+
+def _read(where: str, read: Callable[[], Any]) -> Any:
+    """``read()``, any failure of it one :class:`BitFitError` (a corrupt file, a missing Hub repo, bad JSON...)."""
+    try:
+        return read()
+    except BitFitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PEFT / safetensors / the OS fail in many ways: one message
+        raise _refused(where, f"it cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
 
 
 def _refused(where: str, what: str) -> BitFitError:

@@ -180,7 +180,10 @@ class BitFitLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the deltas into the base bias (creating it if missing). ``unmerge`` restores it exactly."""
+        """Add the deltas into the base bias (creating it if missing). ``unmerge`` restores it exactly.
+
+        ``safe_merge`` refuses non-finite deltas or results first; without it nothing is checked (NaN/Inf, overflow in a
+        half-precision bias and a non-finite base bias merge as they are)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [a for a in adapter_names if a in self.bitfit_delta]
         if not adapter_names:

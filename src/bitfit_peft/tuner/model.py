@@ -415,7 +415,6 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """0.1.0 files converted, keys mapped with PEFT's own rule, then the strict gate (rolled back on refusal)."""
-        state_dict = delta_format.from_legacy(state_dict)
         deltas, heads = expected_tensors(model, adapter_name)
         checkpoint_to_model = {}
         for model_key in deltas:  # PEFT's mapping, built from our layers instead of a full model.state_dict()
@@ -423,8 +422,9 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
             checkpoint_to_model[checkpoint_key] = model_key
             if not model_key.startswith(PEFT_PREFIX):  # layers injected straight into a model (transformers)
                 checkpoint_to_model[PEFT_PREFIX + checkpoint_key] = model_key
-        remapped = {checkpoint_to_model.get(k, k): v for k, v in state_dict.items()}
         try:
+            state_dict = delta_format.from_legacy(state_dict, mapped=heads)
+            remapped = {checkpoint_to_model.get(k, k): v for k, v in state_dict.items()}
             if config.prune_tolerance is not None:
                 remapped = delta_format.fill_pruned(remapped, deltas)
             delta_format.check_adapter_state_dict(remapped, adapter_name, deltas, heads)
