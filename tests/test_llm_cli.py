@@ -130,6 +130,8 @@ def test_gguf_base_trains_from_the_cli_and_loads_with_auto_peft(tmp_path: Path) 
         assert summary["base_model"] == str(gguf)
         config = json.loads((out / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str(gguf.parent)  # the folder; the file is named on load
+        card = (out / "README.md").read_text(encoding="utf-8")  # the card says how: the file, no local path
+        assert f'gguf_file="{GGUF_FILE}"' in card and str(gguf.parent) not in card
         auto = AutoPeftModelForCausalLM.from_pretrained(
             str(out), gguf_file=GGUF_FILE, quantization_config=GgufConfig(dequantize=True)
         ).eval()
@@ -138,3 +140,26 @@ def test_gguf_base_trains_from_the_cli_and_loads_with_auto_peft(tmp_path: Path) 
             torch.testing.assert_close(auto(**batch).logits, model(**batch).logits)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_card_of_a_gguf_based_adapter_says_how_to_load_its_base(tmp_path: Path) -> None:
+    """The card's snippets name the GGUF file (``gguf_file=``), for a base on the Hub and a local one (no path)."""
+    from conftest import make_tiny_model
+    from peft import get_peft_model
+
+    from bitfit_peft import BitFitConfig
+    from bitfit_peft.files.model_card import build_model_card
+
+    out = tmp_path / "adapter"
+    base = make_tiny_model("llama", task="causal_lm")
+    base.name_or_path = "someone/Tiny-GGUF"  # what training records for a GGUF base on the Hub (train.base_id)
+    get_peft_model(base, BitFitConfig(task_type="CAUSAL_LM", add_missing_bias=True)).save_pretrained(
+        out)
+    hub = build_model_card(out, base_model="someone/Tiny-GGUF/tiny.Q8_0.gguf")
+    assert hub.data.base_model == "someone/Tiny-GGUF"
+    assert ('AutoModelForCausalLM.from_pretrained("someone/Tiny-GGUF", gguf_file="tiny.Q8_0.gguf", '
+            "quantization_config=GgufConfig(dequantize=True))") in hub.text
+    assert 'gguf_file="tiny.Q8_0.gguf"' in hub.text.split("AutoPeftModelForCausalLM.from_pretrained(")[1]
+    local = build_model_card(out, base_model=str(tmp_path / "models" / "tiny.Q4_1.gguf"))
+    assert local.data.base_model is None and str(tmp_path) not in str(local)
+    assert 'from_pretrained("models", gguf_file="tiny.Q4_1.gguf"' in local.text

@@ -11,6 +11,8 @@ Example:
     >>> from bitfit_peft.files.model_card import public_base_id
     >>> public_base_id("google-bert/bert-base-uncased"), public_base_id("/no/such/folder")
     ('google-bert/bert-base-uncased', None)
+    >>> gguf_parts("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/model.Q8_0.gguf")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct-GGUF', 'model.Q8_0.gguf')
 """
 
 from __future__ import annotations
@@ -57,15 +59,26 @@ class TrainingFacts:
     total_params: int | None = None
 
 
+def gguf_parts(name: str | None) -> tuple[str | None, str | None]:
+    """``(repo id or folder, file)`` of a GGUF base named ``<repo>/<file>.gguf``; ``(name, None)`` for any other.
+    Only the string is read (a card names the base; nothing is opened)."""
+    if not name or not str(name).lower().endswith(".gguf"):
+        return name, None
+    head, _, file = str(name).rpartition("/")
+    return (head or None), file
+
+
 def public_base_id(model: str | os.PathLike | None, explicit: str | None = None) -> str | None:
-    """The Hub id to name a base model by: ``explicit``; ``model`` when it is a Hub id; for a local folder, its
-    config's ``_name_or_path`` when that is a Hub id (or the packaged MiniLM's id); else None."""
+    """The Hub id to name a base model by: ``explicit``; ``model`` when it is a Hub id (or ``<repo id>/<file>.gguf``
+    of a GGUF base on the Hub); for a local folder, its config's ``_name_or_path`` when that is a Hub id (or the
+    packaged MiniLM's id); else None."""
     if explicit:
         return explicit
     if model is None:
         return None
     text = os.fspath(model)
-    if is_hub_id(text):
+    repo, gguf_file = gguf_parts(text)
+    if is_hub_id(text) or (gguf_file and is_hub_id(repo) and not os.path.exists(text)):
         return text
     folder = Path(text)
     for package, hub_id in PACKAGED_MODELS.items():
@@ -158,13 +171,15 @@ def read_adapters(directory: str | os.PathLike) -> list[AdapterSummary]:
 
 def _snippet(task_type: str | None, base_model: str, adapter: str, adapter_name: str | None, auto: bool = True) -> str:
     auto_cls = task_of(task_type).auto_model
+    base_model, gguf_file = gguf_parts(base_model)
+    gguf = f', gguf_file="{gguf_file}", quantization_config=GgufConfig(dequantize=True)' if gguf_file else ""
     lines = [
         "```python",
         "import bitfit_peft  # registers the BITFIT tuner type with PEFT: import it before loading",
         "from peft import PeftModel",
-        f"from transformers import {auto_cls}",
+        f"from transformers import {auto_cls}" + (", GgufConfig" if gguf_file else ""),
         "",
-        f'base = {auto_cls}.from_pretrained("{base_model}")',
+        f'base = {auto_cls}.from_pretrained("{base_model or "."}"{gguf})',
         f'model = PeftModel.from_pretrained(base, "{adapter}"'
         + (f', subfolder="{adapter_name}"' if adapter_name else "")
         + ")",
@@ -179,11 +194,26 @@ def _snippet(task_type: str | None, base_model: str, adapter: str, adapter_name:
             "```python",
             "import bitfit_peft",
             f"from peft import {auto_peft}",
+            *(["from transformers import GgufConfig"] if gguf_file else []),
             "",
-            f'model = {auto_peft}.from_pretrained("{adapter}")',
+            f'model = {auto_peft}.from_pretrained("{adapter}"{gguf})',
             "```",
         ]
     return "\n".join(lines)
+
+
+def _hub_base(base_model: str | None) -> str | None:
+    """The Hub repo id of ``base_model`` (the repo of a ``<repo>/<file>.gguf`` GGUF base), None if it is local."""
+    repo, gguf_file = gguf_parts(base_model)
+    if gguf_file:
+        return repo if is_hub_id(repo) and not os.path.exists(str(base_model)) else None
+    return base_model if is_hub_id(base_model) else None
+
+
+def _local_name(base_model: str) -> str:
+    """A local base by its folder name (a GGUF file by ``<folder>/<file>``): no path of this machine."""
+    path = Path(base_model)
+    return f"{path.parent.name}/{path.name}" if gguf_parts(base_model)[1] and path.parent.name else path.name
 
 
 def _labels(config: dict[str, Any], limit: int = 50) -> list[str]:
@@ -234,8 +264,8 @@ def _training(facts: TrainingFacts | None) -> list[str]:
 def _section(adapters: list[AdapterSummary], base_model: str | None, adapter_ref: str, base_params: int | None,
              facts: TrainingFacts | None = None) -> str:  # fmt: skip
     first = adapters[0]
-    hub_base = base_model if is_hub_id(base_model) else None
-    local = None if hub_base or not base_model else Path(base_model).name
+    hub_base = _hub_base(base_model)
+    local = None if hub_base or not base_model else _local_name(base_model)
     out = [
         BEGIN,
         "# BitFit adapter for " + (f"`{hub_base}`" if hub_base else f"`{local}` (a local model)" if local
@@ -272,7 +302,7 @@ def _section(adapters: list[AdapterSummary], base_model: str | None, adapter_ref
     sub = None if first.path == "." else first.path
     task = first.config.get("task_type")
     auto = is_hub_id(first.config.get("base_model_name_or_path"))
-    out.append(_snippet(task, hub_base or local or "<base model>", adapter_ref, sub, auto=auto))
+    out.append(_snippet(task, base_model if hub_base else local or "<base model>", adapter_ref, sub, auto=auto))
     out += [
         "",
         "`import bitfit_peft` must come before loading: it registers the `BITFIT` PEFT type "
@@ -321,7 +351,7 @@ def build_model_card(
             card.text = existing
     data = card.data
     data.library_name = "peft"
-    hub_base = base_model if is_hub_id(base_model) else None
+    hub_base = _hub_base(base_model)
     old_tags = [t for t in (data.tags or []) if not str(t).startswith("base_model:adapter:")]
     new_tags = {"bitfit", "peft", *tags}
     if hub_base:

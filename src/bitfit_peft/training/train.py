@@ -32,7 +32,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArgumen
 
 from bitfit_peft.files import hub as bitfit_hub
 from bitfit_peft.files.atomic_save import save_pretrained
-from bitfit_peft.files.model_card import TrainingFacts, public_base_id
+from bitfit_peft.files.model_card import TrainingFacts, gguf_parts, public_base_id
 from bitfit_peft.files.paths import is_hub_id
 from bitfit_peft.names import SUMMARY_FILE
 from bitfit_peft.tasks import peft_task_type
@@ -183,7 +183,7 @@ def build_model(args: TrainArgs, task_data: TaskData, tokenizer: Any) -> PeftMod
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    base.name_or_path = base_id(args) or base.name_or_path  # PEFT's base_model_name_or_path: a Hub id, if known
+    base.name_or_path = gguf_parts(base_id(args))[0] or base.name_or_path  # PEFT's base_model_name_or_path
     modules = args.target_modules
     config = BitFitConfig(
         task_type=peft_task_type(args.task),
@@ -411,8 +411,9 @@ def push_adapter(args: TrainArgs, trainer: BitFitTrainer, result: TrainResult | 
 
 
 def base_id(args: TrainArgs) -> str | None:
-    """The base model's Hub id for the card and ``adapter_config.json`` (None: only a local folder is known)."""
-    return public_base_id(args.model, args.base_model_id)
+    """The base model's Hub id for the card and ``adapter_config.json`` (``<repo>/<file>.gguf`` for a GGUF base; a
+    local GGUF file by its path, which the card shortens to ``<folder>/<file>``); None: only a local folder is known."""
+    return public_base_id(args.model, args.base_model_id) or (args.model if gguf_parts(args.model)[1] else None)
 
 
 def card_facts(args: TrainArgs, result: TrainResult) -> TrainingFacts:
