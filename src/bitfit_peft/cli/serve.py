@@ -31,7 +31,7 @@ from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import ADAPTER, MODEL, check_source, fail, with_flag_hint
 from bitfit_peft.errors import BitFitError
 
-__all__ = ["parse_adapter_specs", "register", "serve_command"]
+__all__ = ["on_demand_roots", "parse_adapter_specs", "register", "serve_command"]
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -92,6 +92,12 @@ def serve_command(
     adapter_root: list[Path] = typer.Option(
         [], "--adapter-root", help="Directory POST /v1/adapters may load from (repeatable); none: no hot loading."
     ),
+    on_demand: str = typer.Option(
+        "auto", "--on-demand", metavar="auto|on|off",
+        help="With --max-resident: a request naming <adapter-root>/<name> loads it (bounded in time). auto: on "
+        "unless --no-admin or --admin-token is set (then only the admin loads adapters).",
+    ),
+    pin: bool = typer.Option(False, "--pin", help="With --max-resident: never evict the --adapter ones."),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow Hub ids in --adapter and POST /v1/adapters."),
     allow_base_mismatch: bool = typer.Option(
         False,
@@ -143,10 +149,13 @@ def serve_command(
                    normalize_embeddings=normalize_embeddings, ray_address=ray_address,
                    cpus_per_replica=cpus_per_replica, quantize=quantize)
         return
-    engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
+    demand_roots = on_demand_roots(adapter_root, max_resident, on_demand, no_admin, admin_token)
+    engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, pin=pin,
                            task_type=task_type, device=device, dtype=dtype, max_length=max_length,
                            normalize_embeddings=normalize_embeddings, max_resident=max_resident,
-                           adapter_roots=adapter_root, quantize=quantize)
+                           adapter_roots=demand_roots, quantize=quantize)
+    if max_resident is not None:
+        Console(stderr=True).print(f"loading on demand from the adapter roots: {'on' if demand_roots else 'off'}")
     app = create_app(
         engine,
         max_batch_size=max_batch_size,
@@ -158,6 +167,22 @@ def serve_command(
         admin_token=admin_token,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def on_demand_roots(adapter_root: list[Path], max_resident: int | None, on_demand: str, no_admin: bool,
+                    admin_token: str | None) -> list[Path]:
+    """The roots the engine may load from when a request names an unknown adapter (empty: no loading on demand).
+
+    Loading on demand is loading by any client, so it follows the admin policy: ``auto`` is off under
+    ``--no-admin`` or ``--admin-token`` and on otherwise (with ``--max-resident``); ``on`` / ``off`` say so."""
+    if on_demand not in ("auto", "on", "off"):
+        fail(f"--on-demand must be auto, on or off, got {on_demand!r}.")
+    if max_resident is None or not adapter_root:
+        if on_demand == "on":
+            fail("--on-demand on needs --max-resident and at least one --adapter-root.")
+        return []
+    enabled = on_demand == "on" or (on_demand == "auto" and not no_admin and admin_token is None)
+    return list(adapter_root) if enabled else []
 
 
 def _check_serving_options(host: str, admin_token: str | None, no_admin: bool, adapter_root: list[Path], ray: bool,
@@ -192,7 +217,7 @@ def _check_quantize(quantize: str | None) -> None:
 
 
 def _local_engine(base: str, pairs: list[tuple[str, str]], *, allow_hub: bool, allow_base_mismatch: bool,
-                  **engine_options: Any) -> Any:
+                  pin: bool = False, **engine_options: Any) -> Any:
     """The engine with every ``--adapter`` loaded (one line per adapter on stderr); any error exits with code 2."""
     # deferred: serving loads torch and transformers; --help needs only the options
     from bitfit_peft.serving import EngineError, MultiTaskEngine
@@ -202,7 +227,8 @@ def _local_engine(base: str, pairs: list[tuple[str, str]], *, allow_hub: bool, a
         engine = MultiTaskEngine(base, **engine_options)
         for name, source in pairs:
             try:
-                info = engine.add_adapter(name, source, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch)
+                info = engine.add_adapter(name, source, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
+                                          pin=pin)
             except (EngineError, ValueError, OSError) as exc:
                 text = with_flag_hint(exc)
                 fail(text if repr(name) in text else f"adapter {name!r}: {text}")

@@ -42,9 +42,10 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from bitfit_peft.serving.dispatch import run_engine_batch, unknown_tasks
 from bitfit_peft.serving.engine import MultiTaskEngine, normalize_task_type
 from bitfit_peft.serving.errors import EngineError, UnknownTaskError
-from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app, run_engine_batch, unknown_tasks
+from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app
 
 __all__ = ["AdapterRegistry", "AdapterReplica", "BitFitIngress", "build_app"]
 

@@ -35,7 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.names import __version__
-from bitfit_peft.serving.batching import DynamicBatcher, QueueFullError
+from bitfit_peft.serving.batching import DynamicBatcher, QueueFullError, QueueTimeoutError
+from bitfit_peft.serving.dispatch import AdapterRunError, encode_payloads, run_engine_batch, unknown_tasks
 from bitfit_peft.serving.engine import MultiTaskEngine
 from bitfit_peft.serving.errors import (
     AdapterNameError,
@@ -46,16 +47,18 @@ from bitfit_peft.serving.errors import (
     EngineError,
     UnknownTaskError,
 )
+from bitfit_peft.serving.limits import BudgetError
 from bitfit_peft.serving.schemas import (
     GenerateRequest,
     LoadAdapterRequest,
     PredictRequest,
     json_safe,
+    redact_paths,
     validation_detail,
 )
-from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
-__all__ = ["LOAD_ERRORS", "AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app"]
+__all__ = ["LOAD_ERRORS", "AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app",
+           "run_engine_batch", "unknown_tasks"]
 
 logger = logging.getLogger(__name__)
 PREDICT_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION")
@@ -143,33 +146,6 @@ def add_to_engine(engine: MultiTaskEngine, spec: AdapterSpec, roots: Sequence[Pa
         raise ApiError(422, f"Could not load adapter {spec.name!r}: {why}", "invalid_adapter") from err
 
 
-def run_engine_batch(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: list[Any]) -> list[Any]:
-    """One engine call for ``payloads`` of any tasks; an adapter removed meanwhile fails only its inputs."""
-    with engine.lock:  # check-then-run atomically
-        live = [i for i, p in enumerate(payloads) if engine.has_task(p[0])]
-        results: list[Any] = [
-            UnknownTaskError(f"Adapter {p[0]!r} was removed before this request ran.") for p in payloads
-        ]
-        if not live:
-            return results
-        subset = [payloads[i] for i in live]
-        if kind == "predict":
-            outputs: list[Any] = engine.predict(subset)
-        else:
-            outputs = engine.generate([(t, x) for t, x in subset], **dict(settings))
-        for i, out in zip(live, outputs, strict=True):
-            results[i] = out
-        return results
-
-
-def unknown_tasks(engine: MultiTaskEngine, tasks: Sequence[str]) -> UnknownTaskError | None:
-    unknown = sorted({t for t in tasks if not engine.has_task(t)})
-    if not unknown:
-        return None
-    return UnknownTaskError(f"Unknown task(s) {unknown}; loaded adapters: {sorted(engine.tasks())} "
-                            f"(or {BASE_ADAPTER_NAME!r} for the bare base model).")
-
-
 # ---------------------------------------------------------------------------------------------------- local backend
 class LocalBackend:
     """One engine in this process, fed by a :class:`DynamicBatcher`."""
@@ -178,8 +154,11 @@ class LocalBackend:
                  roots: Sequence[Path], allow_hub: bool) -> None:
         self.engine, self.roots, self.allow_hub = engine, list(roots), allow_hub
         self.task_type, self.base_name = str(engine.task_type), engine.base_name
+        limits = engine.limits
         self.batcher = DynamicBatcher(lambda key, p: run_engine_batch(engine, *key, p),  # type: ignore[misc]
-                                      max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p[0])
+                                      max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p.task,
+                                      cost_of=lambda p: p.cost, budget_of=lambda key: limits.batch_budget(key[0]),
+                                      queue_timeout_s=limits.queue_timeout_s)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -193,8 +172,11 @@ class LocalBackend:
         missing = unknown_tasks(self.engine, [p[0] for p in payloads])
         if missing is not None:
             raise missing
+        # tokenized (and costed) before any engine work, off the engine's thread and lock
+        items = await asyncio.to_thread(encode_payloads, self.engine, kind, settings, payloads)
+        self.engine.limits.check_request(kind, [it.cost for it in items])
         key: Hashable = (kind, settings)
-        return [r.to_dict() for r in await self.batcher.submit(key, payloads)]
+        return [r.to_dict() for r in await self.batcher.submit(key, items)]
 
     async def adapters(self) -> list[dict[str, Any]]:
         return [i.to_dict() for i in await asyncio.to_thread(self.engine.adapters)]
@@ -242,13 +224,13 @@ class _CatchAll:
             logger.exception("internal error serving %s", scope.get("path"))
             if started:
                 raise
-            detail = f"Internal error while serving the request: {type(err).__name__}: {err}"
+            detail = redact_paths(f"Internal error while serving the request: {type(err).__name__}: {err}")
             await JSONResponse(json_safe({"detail": detail, "error": "internal"}), 500)(scope, receive, send)
 
 
 def _json(status: int, detail: str, error: str | None = None, headers: dict[str, str] | None = None,
           **extra: Any) -> JSONResponse:
-    body = {"detail": detail, **({"error": error} if error else {}), **extra}
+    body = {"detail": redact_paths(detail), **({"error": error} if error else {}), **extra}
     return JSONResponse(json_safe(body), status_code=status, headers=headers)
 
 
@@ -257,6 +239,9 @@ def install_error_handlers(app: FastAPI) -> None:
     handlers: dict[type[Exception], Callable[[Exception], JSONResponse]] = {
         ApiError: lambda e: _json(e.status, e.detail, e.error, e.headers),  # type: ignore[attr-defined]
         QueueFullError: lambda e: _json(429, str(e), "queue_full", {"Retry-After": "1"}),
+        QueueTimeoutError: lambda e: _json(503, str(e), "queue_timeout", {"Retry-After": "2"}),
+        BudgetError: lambda e: _json(413, str(e), "over_budget"),
+        AdapterRunError: lambda e: _json(500, str(e), "adapter_failed"),
         UnknownTaskError: lambda e: _json(404, str(e), "unknown_task"),
         DuplicateAdapterError: lambda e: _json(409, str(e), "duplicate_adapter"),
         AdapterPathError: lambda e: _json(403, str(e), "adapter_path"),
