@@ -276,3 +276,36 @@ def test_error_bodies_carry_no_server_paths(live: LiveServer, world: dict[str, P
     resp = httpx.post(f"{live.url}/v1/adapters", json={"name": "broken", "path": "broken"}, timeout=60)
     assert 400 <= resp.status_code < 500
     assert "'broken'" in resp.json()["detail"] and str(world["tmp"]) not in resp.text and "/tmp/" not in resp.text
+
+
+def test_the_reserved_base_name_is_refused_on_every_path(world: dict[str, Path], tmp_path: Path) -> None:
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from bitfit_peft import BitFitConfig, BitFitError
+
+    def fresh() -> Any:
+        return AutoModelForSequenceClassification.from_pretrained(world["base"], num_labels=2)
+
+    adapter = world["t0"]
+    model = get_peft_model(fresh(), BitFitConfig(task_type="SEQ_CLS"))
+    with pytest.raises(BitFitError, match="reserved"):
+        model.add_adapter("__base__", BitFitConfig(task_type="SEQ_CLS"))  # PEFT's add_adapter
+    with pytest.raises(BitFitError, match="reserved"):
+        model.load_adapter(str(adapter), adapter_name="__base__")  # PEFT's load_adapter
+    with pytest.raises(BitFitError, match="reserved"):
+        PeftModel.from_pretrained(fresh(), str(adapter), adapter_name="__base__")
+    with pytest.raises(BitFitError, match="reserved"):
+        fresh().load_adapter(str(adapter), adapter_name="__base__")  # transformers' load_adapter
+    with pytest.raises(BitFitError, match="reserved"):
+        model.base_model.add_weighted_adapter(["default"], [1.0], "__base__")
+    assert "__base__" not in model.peft_config
+    with pytest.raises(EngineError, match="__base__"):
+        MultiTaskEngine(str(world["base"]), task_type="SEQ_CLS", device="cpu").add_adapter("__base__", adapter)
+
+
+# ---------------------------------------------------------------------------------------------------- F: probes
+def test_liveness_and_readiness_are_separate(live: LiveServer) -> None:
+    assert httpx.get(f"{live.url}/livez", timeout=10).json() == {"status": "alive"}
+    ready = httpx.get(f"{live.url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["ready"] is True

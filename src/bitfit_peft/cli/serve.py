@@ -18,8 +18,10 @@ Before anything is loaded, ``--base`` and every ``--adapter`` are checked: a mis
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -254,12 +256,32 @@ def _serve_ray(base: str, pairs: list[tuple[str, str]], *, host: str, port: int,
     from bitfit_peft.serving.ray_serve import build_app
 
     app = build_app(base, pairs, ray_actor_options={"num_cpus": cpus_per_replica}, **options)
-    ray.init(address=ray_address, include_dashboard=False)
+    loopback = _is_loopback(host)
+    if ray_address is None and loopback:  # the cluster this command starts binds loopback too, like the server
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+    else:
+        ray.init(address=ray_address, include_dashboard=False)
+    Console(stderr=True).print(
+        f"Ray Serve HTTP on {host}:{port}; "
+        + ("the Ray node (GCS, raylet, object store, workers) on 127.0.0.1" if ray_address is None and loopback
+           else f"the Ray cluster at {ray_address or 'a new local node'} listens on its own addresses "
+                "(docs/security.md#ray)"))
+    signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: Serve and Ray shut down, no C++ stack dump
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(app, name="bitfit-peft", route_prefix="/", blocking=True)
     except RuntimeError as exc:  # a replica failed to start (its traceback is in the Ray logs above)
         fail(f"the Ray Serve application did not start: {str(exc).splitlines()[0]}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def register(typer_app: typer.Typer) -> None:

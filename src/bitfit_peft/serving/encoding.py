@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,13 +64,26 @@ def _split(la: int, lb: int, budget: int) -> tuple[int, int]:
     return half, budget - half
 
 
+@functools.lru_cache(maxsize=8)
+def _plain_backend(tokenizer: Any) -> Any:
+    """A private copy of the Rust tokenizer without truncation or padding (the shared one carries whatever the last
+    call set, e.g. ``tokenizer.json``'s own truncation)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    plain = type(backend).from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
 def _trimmed_pairs(tokenizer: Any, texts: list[str], pairs: list[str], max_length: int) -> tuple[list, list]:
     """Both sides cut (in characters, at a token boundary) to about their longest-first share of ``max_length``.
 
     With a fast tokenizer each side is encoded alone (linear) and cut after its last kept token's offset; the
     tokenizer's own pair truncation then trims at most a few tokens. Without one, the character cut only."""
     texts, pairs = [_cut(t, max_length) for t in texts], [_cut(p, max_length) for p in pairs]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = _plain_backend(tokenizer)
     if backend is None:
         return texts, pairs
     budget = max(max_length - tokenizer.num_special_tokens_to_add(pair=True), 2)

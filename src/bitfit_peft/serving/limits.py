@@ -18,7 +18,7 @@ Example:
     >>> generate_cost([12, 30], max_new_tokens=32, num_beams=2, num_return_sequences=1)
     212
     >>> limits.check_request("predict", [500, 500])
-    >>> limits.check_request("predict", [512] * 100)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    >>> limits.check_request("predict", [512] * 40)  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
     bitfit_peft.serving.limits.BudgetError: ...
 """
@@ -57,8 +57,8 @@ class Limits:
         queue_timeout_s: a request waiting longer than this for its batch is answered 503 + ``Retry-After``.
     """
 
-    max_request_tokens: int = 32_768
-    max_batch_tokens: int = 8_192
+    max_request_tokens: int = 16_384
+    max_batch_tokens: int = 4_096
     max_request_generate_cost: int = 16_384
     max_batch_generate_cost: int = 32_768
     max_labels: int = 4_096

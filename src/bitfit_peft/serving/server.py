@@ -5,7 +5,7 @@ Endpoints (OpenAPI docs at ``/docs``):
 - ``POST /v1/predict``  classify / regress / embed; inputs of different tasks share one forward (dynamic batching)
 - ``POST /v1/generate`` text generation (causal / seq2seq LM engines)
 - ``GET /v1/adapters``, ``POST /v1/adapters`` (hot load), ``DELETE /v1/adapters/{name}``
-- ``GET /v1/stats``, ``GET /healthz``
+- ``GET /v1/stats``, ``GET /healthz``, ``GET /livez`` (liveness), ``GET /readyz`` (readiness: 503 until ready)
 
 The routes, schemas and error mapping are shared with the Ray Serve deployment (``ray_serve.py``): both build their
 app with :func:`make_app` over a :class:`Backend` (here :class:`LocalBackend`: one engine, one batcher).
@@ -298,9 +298,20 @@ def make_app(
     async def stats() -> dict[str, Any]:
         return await backend.stats()
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Health: adapters, queue")
     async def healthz() -> dict[str, Any]:
         return await backend.health()
+
+    @app.get("/livez", summary="Liveness: the process answers (never waits for the engine)")
+    async def livez() -> dict[str, Any]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: 200 once requests can be served, else 503")
+    async def readyz() -> JSONResponse:
+        health = await backend.health()
+        ready = health.get("status") == "ok"
+        return JSONResponse(json_safe({**health, "ready": ready}), 200 if ready else 503,
+                            headers=None if ready else {"Retry-After": "1"})
 
     return app
 
