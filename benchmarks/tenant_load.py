@@ -8,8 +8,10 @@ count. The server runs in a subprocess (``serve`` sub-command) so clients and se
     PYTHONPATH=src python benchmarks/tenant_load.py --label after --seconds 12
     PYTHONPATH=/work/main/src python benchmarks/tenant_load.py --label before --seconds 12
 
-Classes: ``oversized_predict`` (256 inputs, each a text pair at the schema's character limit), ``oversized_generate``
-(16 prompts x 8 beams x 8 sequences x 512 new tokens, on a 2-layer GPT-2), ``broken_folder`` (requests naming a
+Classes (the two oversized ones alternate the documented limits and the costliest request the budgets allow):
+``oversized_predict`` (256, then 32, inputs, each a text pair at the schema's character limit),
+``oversized_generate`` (16 prompts x 8 beams x 8 sequences x 512 new tokens, then 1 x 4 x 4 x 512, on a 2-layer
+GPT-2), ``broken_folder`` (requests naming a
 corrupt folder under an adapter root, with ``--max-resident``), ``broken_head`` (hot-loads a head of the wrong
 inner shape, then uses it), ``huge_head`` (hot-loads a sparse file declaring a 400,000-label head, then uses it).
 Results: ``benchmarks/results/tenant_load_<label>.json``.
@@ -137,14 +139,19 @@ def _hostile(cls: str, client: httpx.Client, stop: threading.Event, log: list[in
     if cls in ("broken_head", "huge_head"):
         folder = "inner" if cls == "broken_head" else "huge"
         log.append(client.post("/v1/adapters", json={"name": name, "path": folder}).status_code)
+    turn = 0
     while not stop.is_set():
+        turn += 1  # odd turns: the documented limits; even turns: the costliest request the budgets allow
         try:
             if cls == "oversized_predict":
-                r = client.post("/v1/predict", json={"inputs": [{"task": "g0", "text": LONG, "text_pair": LONG}] * 256})
+                n = 256 if turn % 2 else 32
+                r = client.post("/v1/predict", json={"inputs": [{"task": "g0", "text": LONG, "text_pair": LONG}] * n})
             elif cls == "oversized_generate":
-                r = client.post("/v1/generate", json={"inputs": [{"task": "gen", "prompt": LONG[:2000]}] * 16,
-                                                      "num_beams": 8, "num_return_sequences": 8,
-                                                      "max_new_tokens": 512})
+                big = {"inputs": [{"task": "gen", "prompt": LONG[:2000]}] * 16, "num_beams": 8,
+                       "num_return_sequences": 8, "max_new_tokens": 512}
+                allowed = {"inputs": [{"task": "gen", "prompt": LONG[:1200]}], "num_beams": 4,
+                           "num_return_sequences": 4, "max_new_tokens": 512}
+                r = client.post("/v1/generate", json=big if turn % 2 else allowed)
             elif cls == "broken_folder":
                 r = client.post("/v1/predict", json={"task": "broken", "text": "x"})
             else:
@@ -178,7 +185,7 @@ def scenario(url: str, kind: str, hostile: str | None, seconds: float) -> dict[s
 
     threads = [threading.Thread(target=good, args=(c,)) for c in range(CLIENTS)]
     if hostile is not None:
-        bad = httpx.Client(base_url=url, timeout=120)
+        bad = httpx.Client(base_url=url, timeout=60)
         threads.append(threading.Thread(target=_hostile, args=(hostile, bad, stop, hostile_log)))
     for t in threads:
         t.start()

@@ -33,7 +33,7 @@ from bitfit_peft.cli import SwitchCommand, app
 from bitfit_peft.cli._errors import ADAPTER, MODEL, check_source, fail, with_flag_hint
 from bitfit_peft.errors import BitFitError
 
-__all__ = ["on_demand_roots", "parse_adapter_specs", "register", "serve_command"]
+__all__ = ["on_demand_roots", "parse_adapter_specs", "parse_limits", "register", "serve_command"]
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -100,6 +100,11 @@ def serve_command(
         "unless --no-admin or --admin-token is set (then only the admin loads adapters).",
     ),
     pin: bool = typer.Option(False, "--pin", help="With --max-resident: never evict the --adapter ones."),
+    limit: list[str] = typer.Option(
+        [], "--limit", metavar="NAME=VALUE",
+        help="Override a request/batch/head budget, e.g. --limit max_batch_tokens=2048 (repeatable; names and "
+        "defaults: docs/security.md#limits).",
+    ),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow Hub ids in --adapter and POST /v1/adapters."),
     allow_base_mismatch: bool = typer.Option(
         False,
@@ -149,11 +154,12 @@ def serve_command(
                    allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, admin=not no_admin,
                    admin_token=admin_token, device=device, dtype=dtype, max_length=max_length,
                    normalize_embeddings=normalize_embeddings, ray_address=ray_address,
-                   cpus_per_replica=cpus_per_replica, quantize=quantize)
+                   cpus_per_replica=cpus_per_replica, quantize=quantize, limits=parse_limits(limit))
         return
     demand_roots = on_demand_roots(adapter_root, max_resident, on_demand, no_admin, admin_token)
     engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, pin=pin,
-                           task_type=task_type, device=device, dtype=dtype, max_length=max_length,
+                           limits=parse_limits(limit), task_type=task_type, device=device, dtype=dtype,
+                           max_length=max_length,
                            normalize_embeddings=normalize_embeddings, max_resident=max_resident,
                            adapter_roots=demand_roots, quantize=quantize)
     if max_resident is not None:
@@ -169,6 +175,27 @@ def serve_command(
         admin_token=admin_token,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def parse_limits(specs: list[str]) -> Any:
+    """``["max_batch_tokens=2048", ...]`` -> a :class:`~bitfit_peft.serving.limits.Limits` (one line on a bad one)."""
+    # deferred: the limits module loads the serving package; --help needs only the options
+    from bitfit_peft.serving.limits import Limits
+
+    known = Limits().to_dict()
+    values: dict[str, Any] = {}
+    for spec in specs:
+        name, _, raw = spec.partition("=")
+        if name not in known:
+            fail(f"--limit {spec!r}: unknown limit; use one of {sorted(known)}.")
+        try:
+            values[name] = type(known[name])(raw)
+        except ValueError:
+            fail(f"--limit {spec!r}: {raw!r} is not a number.")
+    try:
+        return Limits(**values)
+    except ValueError as err:
+        fail(f"--limit: {err}")
 
 
 def on_demand_roots(adapter_root: list[Path], max_resident: int | None, on_demand: str, no_admin: bool,

@@ -58,7 +58,7 @@ class Limits:
     """
 
     max_request_tokens: int = 16_384
-    max_batch_tokens: int = 4_096
+    max_batch_tokens: int = 1_024
     max_request_generate_cost: int = 16_384
     max_batch_generate_cost: int = 32_768
     max_labels: int = 4_096
