@@ -271,6 +271,18 @@ def test_loading_on_demand_follows_the_admin_policy(tmp_path: Path) -> None:
     assert on_demand_roots(roots, None, "auto", False, None) == []
 
 
+def test_serve_limit_flags() -> None:
+    import typer
+
+    from bitfit_peft.cli.serve import parse_limits
+
+    limits = parse_limits(["max_batch_tokens=2048", "load_timeout_s=2.5"])
+    assert (limits.max_batch_tokens, limits.load_timeout_s, limits.max_labels) == (2048, 2.5, Limits().max_labels)
+    for bad in (["nope=1"], ["max_labels=x"], ["max_labels=0"]):
+        with pytest.raises(typer.Exit):
+            parse_limits(bad)
+
+
 # ---------------------------------------------------------------------------------------------------- D: leaks
 def test_error_bodies_carry_no_server_paths(live: LiveServer, world: dict[str, Path]) -> None:
     resp = httpx.post(f"{live.url}/v1/adapters", json={"name": "broken", "path": "broken"}, timeout=60)

@@ -283,16 +283,11 @@ def _serve_ray(base: str, pairs: list[tuple[str, str]], *, host: str, port: int,
     from bitfit_peft.serving.ray_serve import build_app
 
     app = build_app(base, pairs, ray_actor_options={"num_cpus": cpus_per_replica}, **options)
-    loopback = _is_loopback(host)
-    if ray_address is None and loopback:  # the cluster this command starts binds loopback too, like the server
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
-    else:
-        ray.init(address=ray_address, include_dashboard=False)
+    ray.init(address=ray_address, include_dashboard=False, dashboard_host="127.0.0.1")
     Console(stderr=True).print(
-        f"Ray Serve HTTP on {host}:{port}; "
-        + ("the Ray node (GCS, raylet, object store, workers) on 127.0.0.1" if ray_address is None and loopback
-           else f"the Ray cluster at {ray_address or 'a new local node'} listens on its own addresses "
-                "(docs/security.md#ray)"))
+        f"Ray Serve HTTP listens on {host}:{port}. Ray's own servers (GCS, raylet, object manager, workers, agents; "
+        "about 14 ports) listen on all interfaces whatever --host says (Ray has no loopback-only mode); this Ray "
+        "requires its cluster token (RAY_AUTH_MODE). Firewall every port but the HTTP one (docs/security.md#ray).")
     signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: Serve and Ray shut down, no C++ stack dump
     serve.start(http_options={"host": host, "port": port})
     try:

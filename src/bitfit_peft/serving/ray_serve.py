@@ -172,7 +172,7 @@ class AdapterReplica:
                 results[i] = r
             self.batches += 1
             self.items += len(idx)
-            self.mixed += len({p[0] for p in payloads}) > 1
+            self.mixed += len({p.task for p in payloads}) > 1
         return results
 
     async def handle(self, kind: str, settings: tuple, payloads: list[tuple]) -> Result:
