@@ -107,21 +107,26 @@ def _sparse(path: Path, tensors: dict[str, Any], labels: int, hidden: int) -> No
 
 
 # ---------------------------------------------------------------------------------------------------- the server
-def serve(folder: Path, kind: str, port: int) -> None:
+def serve(folder: Path, kind: str, port: int, limits: dict[str, Any] | None = None) -> None:
     import torch
     import uvicorn
 
     from bitfit_peft.serving import MultiTaskEngine, create_app
 
     torch.set_num_threads(1)
+    extra: dict[str, Any] = {}
+    if limits:  # deferred: only this branch's code has limits (main's is measured with its defaults)
+        from bitfit_peft.serving.limits import Limits
+
+        extra["limits"] = Limits(**limits)
     if kind == "predict":
         engine = MultiTaskEngine(_minilm(), task_type="SEQ_CLS", device="cpu", max_resident=8,
-                                 adapter_roots=[folder / "root"])
+                                 adapter_roots=[folder / "root"], **extra)
         for i in range(4):
             engine.add_adapter(f"g{i}", folder / "root" / f"g{i}")
         roots = [folder / "root"]
     else:
-        engine = MultiTaskEngine(str(folder / "gpt2"), task_type="CAUSAL_LM", device="cpu")
+        engine = MultiTaskEngine(str(folder / "gpt2"), task_type="CAUSAL_LM", device="cpu", **extra)
         engine.add_adapter("gen", folder / "groot" / "gen")
         roots = [folder / "groot"]
     uvicorn.run(create_app(engine, adapter_roots=roots), host="127.0.0.1", port=port, log_level="error")
@@ -200,9 +205,9 @@ def scenario(url: str, kind: str, hostile: str | None, seconds: float) -> dict[s
             "p99_s": p99, "hostile_statuses": sorted(set(hostile_log))}
 
 
-def _start(folder: Path, kind: str, port: int) -> subprocess.Popen:
+def _start(folder: Path, kind: str, port: int, limits: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, __file__, "serve", "--dir", str(folder), "--kind", kind, "--port",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port), "--limits", limits], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -222,9 +227,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--label", default="after")
     parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--limits", default="{}", help='JSON of Limits overrides, e.g. {"max_batch_tokens": 512}')
+    parser.add_argument("--only", default="", help="comma-separated hostile classes (and 'none') to run")
     args = parser.parse_args()
     if args.command == "serve":
-        serve(args.dir, args.kind, args.port)
+        serve(args.dir, args.kind, args.port, json.loads(args.limits))
         return
     if not (args.dir / "gpt2").exists():
         build(args.dir)
@@ -235,7 +242,9 @@ def main() -> None:
             ("generate", [None, "oversized_generate"])]
     for kind, classes in plan:
         for cls in classes:  # a fresh server per scenario: one class's damage does not carry into the next
-            proc = _start(args.dir, kind, args.port)
+            if args.only and (cls or "none") not in args.only.split(","):
+                continue
+            proc = _start(args.dir, kind, args.port, args.limits)
             try:
                 row = {"server": kind, **scenario(f"http://127.0.0.1:{args.port}", kind, cls, args.seconds)}
             finally:
@@ -245,8 +254,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"tenant_load_{args.label}.json"
-    out.write_text(json.dumps({"label": args.label, "seconds": args.seconds, "clients": CLIENTS, "rows": rows},
-                              indent=1))
+    out.write_text(json.dumps({"label": args.label, "seconds": args.seconds, "clients": CLIENTS,
+                               "limits": json.loads(args.limits), "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

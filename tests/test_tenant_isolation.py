@@ -152,8 +152,9 @@ def test_over_budget_generate_is_413(tmp_path: Path) -> None:
 def test_limits_refuse_bad_values() -> None:
     with pytest.raises(EngineError, match="max_batch_tokens"):
         Limits(max_batch_tokens=0)
-    with pytest.raises(BudgetError, match="max_batch_tokens"):
-        Limits(max_batch_tokens=100).check_request("predict", [101])
+    Limits(max_batch_tokens=100).check_request("predict", [101])  # one input (<= max_length) may always run alone
+    with pytest.raises(BudgetError, match="max_batch_generate_cost"):
+        Limits(max_batch_generate_cost=100).check_request("generate", [101])
 
 
 def test_batches_stay_within_the_cost_budget_and_small_requests_are_not_starved() -> None:

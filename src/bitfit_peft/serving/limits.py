@@ -58,7 +58,7 @@ class Limits:
     """
 
     max_request_tokens: int = 16_384
-    max_batch_tokens: int = 1_024
+    max_batch_tokens: int = 512
     max_request_generate_cost: int = 16_384
     max_batch_generate_cost: int = 32_768
     max_labels: int = 4_096
@@ -79,8 +79,9 @@ class Limits:
         return self.max_batch_tokens if kind == "predict" else self.max_batch_generate_cost
 
     def check_request(self, kind: str, costs: Sequence[int]) -> None:
-        """Refuse (:class:`BudgetError`) a request whose items cost ``costs`` in total beyond its budget, or one of
-        whose items alone exceeds a batch's."""
+        """Refuse (:class:`BudgetError`) a request whose items cost ``costs`` in total beyond its budget, or (generate)
+        one of whose items alone exceeds a batch's; a predict input is bounded by ``max_length`` and may always run
+        alone in a batch."""
         if kind == "predict":
             limit, budget, unit = "max_request_tokens", self.max_request_tokens, "tokens"
         else:
@@ -90,10 +91,9 @@ class Limits:
             raise BudgetError(f"This request costs {total:,} {unit} (after truncation), over the server's {limit} "
                               f"budget of {budget:,}; send fewer or shorter inputs (or fewer beams/tokens).")
         largest, batch = max(costs, default=0), self.batch_budget(kind)
-        if largest > batch:
-            name = "max_batch_tokens" if kind == "predict" else "max_batch_generate_cost"
-            raise BudgetError(f"One input of this request costs {largest:,} {unit}, over the server's {name} budget "
-                              f"of {batch:,} per batch; shorten it or ask for fewer beams/tokens.")
+        if kind != "predict" and largest > batch:
+            raise BudgetError(f"One prompt of this request costs {largest:,} {unit}, over the server's "
+                              f"max_batch_generate_cost budget of {batch:,} per batch; ask for fewer beams/tokens.")
 
 
 def predict_cost(input_ids: Sequence[int]) -> int:
