@@ -440,9 +440,10 @@ def test_server_internal_errors_are_json(server: LiveServer, engine: MultiTaskEn
     def broken(*_: Any, **__: Any) -> None:
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(engine, "predict", broken)
+    monkeypatch.setattr(engine.inference, "predict_encoded", broken)
     resp = httpx.post(f"{server.url}/v1/predict", json={"task": "sentiment", "text": "hi"}, timeout=30)
-    assert resp.status_code == 500 and "kaboom" in resp.json()["detail"]
+    assert resp.status_code == 500 and "RuntimeError" in resp.json()["detail"]
+    assert "'sentiment'" in resp.json()["detail"]  # names the adapter whose requests failed
     monkeypatch.undo()
     assert httpx.post(f"{server.url}/v1/predict", json={"task": "sentiment", "text": "hi"}).status_code == 200
 

@@ -18,8 +18,10 @@ Before anything is loaded, ``--base`` and every ``--adapter`` are checked: a mis
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from bitfit_peft.cli._errors import ADAPTER, MODEL, check_source, fail, with_fla
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.names import CONFIG_FILE as CONFIG_NAME
 
-__all__ = ["parse_adapter_specs", "register", "serve_command"]
+__all__ = ["on_demand_roots", "parse_adapter_specs", "parse_limits", "register", "serve_command"]
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -91,6 +93,17 @@ def serve_command(
     ),
     adapter_root: list[Path] = typer.Option(
         [], "--adapter-root", help="Directory POST /v1/adapters may load from (repeatable); none: no hot loading."
+    ),
+    on_demand: str = typer.Option(
+        "auto", "--on-demand", metavar="auto|on|off",
+        help="With --max-resident: a request naming <adapter-root>/<name> loads it (bounded in time). auto: on "
+        "unless --no-admin or --admin-token is set (then only the admin loads adapters).",
+    ),
+    pin: bool = typer.Option(False, "--pin", help="With --max-resident: never evict the --adapter ones."),
+    limit: list[str] = typer.Option(
+        [], "--limit", metavar="NAME=VALUE",
+        help="Override a request/batch/head budget, e.g. --limit max_batch_tokens=2048 (repeatable; names and "
+        "defaults: docs/security.md#limits).",
     ),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow Hub ids in --adapter and POST /v1/adapters."),
     allow_base_mismatch: bool = typer.Option(
@@ -152,12 +165,17 @@ def serve_command(
                    allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, admin=not no_admin,
                    admin_token=admin_token, device=device, dtype=dtype, max_length=max_length,
                    normalize_embeddings=normalize_embeddings, ray_address=ray_address,
-                   cpus_per_replica=cpus_per_replica, quantize=quantize, api_options=api)
+                   cpus_per_replica=cpus_per_replica, quantize=quantize, api_options=api,
+                   limits=parse_limits(limit))
         return
-    engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
-                           task_type=task_type, device=device, dtype=dtype, max_length=max_length,
+    demand_roots = on_demand_roots(adapter_root, max_resident, on_demand, no_admin, admin_token)
+    engine = _local_engine(base, pairs, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch, pin=pin,
+                           limits=parse_limits(limit), task_type=task_type, device=device, dtype=dtype,
+                           max_length=max_length,
                            normalize_embeddings=normalize_embeddings, max_resident=max_resident,
-                           adapter_roots=adapter_root, quantize=quantize)
+                           adapter_roots=demand_roots, quantize=quantize)
+    if max_resident is not None:
+        Console(stderr=True).print(f"loading on demand from the adapter roots: {'on' if demand_roots else 'off'}")
     app = create_app(
         engine,
         max_batch_size=max_batch_size,
@@ -170,6 +188,43 @@ def serve_command(
         api_options=api,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def parse_limits(specs: list[str]) -> Any:
+    """``["max_batch_tokens=2048", ...]`` -> a :class:`~bitfit_peft.serving.limits.Limits` (one line on a bad one)."""
+    # deferred: the limits module loads the serving package; --help needs only the options
+    from bitfit_peft.serving.limits import Limits
+
+    known = Limits().to_dict()
+    values: dict[str, Any] = {}
+    for spec in specs:
+        name, _, raw = spec.partition("=")
+        if name not in known:
+            fail(f"--limit {spec!r}: unknown limit; use one of {sorted(known)}.")
+        try:
+            values[name] = type(known[name])(raw)
+        except ValueError:
+            fail(f"--limit {spec!r}: {raw!r} is not a number.")
+    try:
+        return Limits(**values)
+    except ValueError as err:
+        fail(f"--limit: {err}")
+
+
+def on_demand_roots(adapter_root: list[Path], max_resident: int | None, on_demand: str, no_admin: bool,
+                    admin_token: str | None) -> list[Path]:
+    """The roots the engine may load from when a request names an unknown adapter (empty: no loading on demand).
+
+    Loading on demand is loading by any client, so it follows the admin policy: ``auto`` is off under
+    ``--no-admin`` or ``--admin-token`` and on otherwise (with ``--max-resident``); ``on`` / ``off`` say so."""
+    if on_demand not in ("auto", "on", "off"):
+        fail(f"--on-demand must be auto, on or off, got {on_demand!r}.")
+    if max_resident is None or not adapter_root:
+        if on_demand == "on":
+            fail("--on-demand on needs --max-resident and at least one --adapter-root.")
+        return []
+    enabled = on_demand == "on" or (on_demand == "auto" and not no_admin and admin_token is None)
+    return list(adapter_root) if enabled else []
 
 
 def _check_serving_options(host: str, admin_token: str | None, no_admin: bool, adapter_root: list[Path], ray: bool,
@@ -204,7 +259,7 @@ def _check_quantize(quantize: str | None) -> None:
 
 
 def _local_engine(base: str, pairs: list[tuple[str, str]], *, allow_hub: bool, allow_base_mismatch: bool,
-                  **engine_options: Any) -> Any:
+                  pin: bool = False, **engine_options: Any) -> Any:
     """The engine with every ``--adapter`` loaded (one line per adapter on stderr); any error exits with code 2."""
     # deferred: serving loads torch and transformers; --help needs only the options
     from bitfit_peft.serving import EngineError, MultiTaskEngine
@@ -214,7 +269,8 @@ def _local_engine(base: str, pairs: list[tuple[str, str]], *, allow_hub: bool, a
         engine = MultiTaskEngine(base, **engine_options)
         for name, source in pairs:
             try:
-                info = engine.add_adapter(name, source, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch)
+                info = engine.add_adapter(name, source, allow_hub=allow_hub, allow_base_mismatch=allow_base_mismatch,
+                                          pin=pin)
             except (EngineError, ValueError, OSError) as exc:
                 text = with_flag_hint(exc)
                 fail(text if repr(name) in text else f"adapter {name!r}: {text}")
@@ -240,12 +296,27 @@ def _serve_ray(base: str, pairs: list[tuple[str, str]], *, host: str, port: int,
     from bitfit_peft.serving.ray_serve import build_app
 
     app = build_app(base, pairs, ray_actor_options={"num_cpus": cpus_per_replica}, **options)
-    ray.init(address=ray_address, include_dashboard=False)
+    ray.init(address=ray_address, include_dashboard=False, dashboard_host="127.0.0.1")
+    Console(stderr=True).print(
+        f"Ray Serve HTTP listens on {host}:{port}. Ray's own servers (GCS, raylet, object manager, workers, agents; "
+        "about 14 ports) listen on all interfaces whatever --host says (Ray has no loopback-only mode); this Ray "
+        "requires its cluster token (RAY_AUTH_MODE). Firewall every port but the HTTP one (docs/security.md#ray).")
+    signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: Serve and Ray shut down, no C++ stack dump
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(app, name="bitfit-peft", route_prefix="/", blocking=True)
     except RuntimeError as exc:  # a replica failed to start (its traceback is in the Ray logs above)
         fail(f"the Ray Serve application did not start: {str(exc).splitlines()[0]}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def register(typer_app: typer.Typer) -> None:

@@ -3,8 +3,15 @@
 A single asyncio worker takes the oldest pending item, waits up to ``max_wait_ms`` (from that item's arrival) for
 more items of the same *kind* (``key``: predict, or generate with identical generation settings) until
 ``max_batch_size`` are there, and runs them in one call of ``runner`` on a dedicated thread, so the event loop
-keeps accepting requests. The pending queue is bounded: :meth:`DynamicBatcher.submit` raises
-:class:`QueueFullError` instead of dropping anything.
+keeps accepting requests.
+
+Admission and fairness (``docs/security.md#limits``): the pending queue is bounded (:meth:`DynamicBatcher.submit`
+raises :class:`QueueFullError`, HTTP 429, instead of dropping anything) and an item that waited longer than
+``queue_timeout_s`` fails with :class:`QueueTimeoutError` (HTTP 503); both carry ``Retry-After``. With ``cost_of``
+and ``budget_of``, a batch holds at most ``budget`` padded cost (items x the costliest). Every :meth:`submit` is a
+*flow*: a batch takes items from the flows that were served the least cost so far first, one at a time in turn,
+and an item much costlier than the batch's first does not join it, so a request of 256 long inputs is split over
+many batches and cannot hold back the small requests that arrive behind it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchStats", "DynamicBatcher", "QueueFullError"]
+__all__ = ["BatchStats", "DynamicBatcher", "QueueFullError", "QueueTimeoutError"]
 
 #: runner(key, payloads) -> one result (or an Exception instance, failing just that item) per payload
 Runner = Callable[[Hashable, list[Any]], Sequence[Any]]
@@ -25,6 +32,14 @@ Runner = Callable[[Hashable, list[Any]], Sequence[Any]]
 
 class QueueFullError(RuntimeError):
     """The bounded request queue has no room for the submitted items."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """An item waited longer than the queue deadline for its batch."""
+
+
+#: an item may join a batch only if its cost is at most this many times the batch's first item's (or _MIX_FLOOR)
+_MIX_RATIO, _MIX_FLOOR = 4, 64
 
 
 @dataclass
@@ -53,6 +68,8 @@ class _Item:
     payload: Any
     future: asyncio.Future
     arrived: float
+    flow: int = 0
+    cost: int = 1
 
 
 class DynamicBatcher:
@@ -65,6 +82,8 @@ class DynamicBatcher:
         max_wait_ms: how long the oldest item may wait for company before its batch runs.
         max_queue: most items waiting (not counting the batch being computed).
         task_of: optional ``payload -> task name`` used for the mixed-batch statistics.
+        cost_of / budget_of: ``payload -> cost`` and ``key -> most padded cost per batch`` (None: no budget).
+        queue_timeout_s: an item waiting longer fails with :class:`QueueTimeoutError` (None: no deadline).
     """
 
     def __init__(
@@ -74,6 +93,9 @@ class DynamicBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
         task_of: Callable[[Any], str] | None = None,
+        cost_of: Callable[[Any], int] | None = None,
+        budget_of: Callable[[Hashable], int] | None = None,
+        queue_timeout_s: float | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0.")
@@ -81,8 +103,11 @@ class DynamicBatcher:
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
-        self.task_of = task_of
+        self.task_of, self.cost_of, self.budget_of = task_of, cost_of, budget_of
+        self.queue_timeout = queue_timeout_s
         self.stats = BatchStats()
+        self._flows = 0
+        self._served: dict[int, int] = {}  #: cost served so far per flow with items waiting
         self._pending: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -136,7 +161,9 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
-        items = [_Item(key, p, loop.create_future(), now) for p in payloads]
+        self._flows += 1
+        cost = self.cost_of or (lambda _: 1)
+        items = [_Item(key, p, loop.create_future(), now, self._flows, int(cost(p))) for p in payloads]
         self._pending.extend(items)
         self._wakeup.set()
         results = await asyncio.gather(*(it.future for it in items), return_exceptions=True)
@@ -149,16 +176,56 @@ class DynamicBatcher:
         return sum(1 for it in self._pending if it.key == key)
 
     def _take(self, key: Hashable) -> list[_Item]:
+        """The next batch of ``key``: least-served flows first, in turn, within the size and cost budgets."""
+        self._expire()
+        flows: dict[int, deque[_Item]] = {}
+        for item in self._pending:
+            if item.key == key:
+                flows.setdefault(item.flow, deque()).append(item)
+        budget = self.budget_of(key) if self.budget_of is not None else None
+        order = sorted(flows, key=lambda f: (self._served.get(f, 0), f))
         taken: list[_Item] = []
-        kept: deque[_Item] = deque()
-        while self._pending:
-            item = self._pending.popleft()
-            if item.key == key and len(taken) < self.max_batch_size:
-                taken.append(item)
-            else:
-                kept.append(item)
-        self._pending = kept
+        widest = 0
+        while order and len(taken) < self.max_batch_size:
+            for flow in list(order):
+                item = flows[flow][0]
+                if taken and not self._fits(item, taken, widest, budget):
+                    order.remove(flow)
+                    continue
+                taken.append(flows[flow].popleft())
+                widest = max(widest, item.cost)
+                if not flows[flow]:
+                    order.remove(flow)
+                if len(taken) >= self.max_batch_size:
+                    break
+        chosen = {id(it) for it in taken}
+        self._pending = deque(it for it in self._pending if id(it) not in chosen)
+        for item in taken:
+            self._served[item.flow] = self._served.get(item.flow, 0) + item.cost
+        waiting = {it.flow for it in self._pending}
+        self._served = {f: c for f, c in self._served.items() if f in waiting}
         return [it for it in taken if not it.future.done()]  # drop items whose client went away
+
+    @staticmethod
+    def _fits(item: _Item, taken: list[_Item], widest: int, budget: int | None) -> bool:
+        if budget is not None and (len(taken) + 1) * max(widest, item.cost) > budget:
+            return False
+        return item.cost <= max(_MIX_RATIO * taken[0].cost, _MIX_FLOOR)
+
+    def _expire(self) -> None:
+        """Fail the items that waited past the queue deadline (HTTP 503 + Retry-After)."""
+        if self.queue_timeout is None or not self._pending:
+            return
+        now = asyncio.get_running_loop().time()
+        late = [it for it in self._pending if now - it.arrived > self.queue_timeout]
+        if not late:
+            return
+        self._pending = deque(it for it in self._pending if now - it.arrived <= self.queue_timeout)
+        for item in late:
+            if not item.future.done():
+                item.future.set_exception(QueueTimeoutError(
+                    f"The request waited more than {self.queue_timeout:g} s (queue_timeout_s) for the engine; the "
+                    "server is overloaded, retry shortly."))
 
     async def _run(self) -> None:
         assert self._wakeup is not None

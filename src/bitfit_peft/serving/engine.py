@@ -39,6 +39,7 @@ from bitfit_peft.serving.errors import (
     UnknownTaskError,
 )
 from bitfit_peft.serving.inference import Generation, Inference, Prediction, Request
+from bitfit_peft.serving.limits import Limits
 from bitfit_peft.serving.loaded import AdapterInfo
 from bitfit_peft.serving.registry import Registry, validate_adapter_name
 from bitfit_peft.serving.residency import Residency
@@ -108,9 +109,12 @@ class MultiTaskEngine:
         trust_remote_code: passed to ``from_pretrained`` of the base.
         max_resident: at most this many adapters in memory (least recently used evicted, reloaded on use; see
             ``residency.py``); None: no cap.
-        adapter_roots: with ``max_resident``, a request for an unknown task ``name`` loads ``<root>/<name>``.
+        adapter_roots: with ``max_resident``, a request for an unknown task ``name`` loads ``<root>/<name>``
+            (loading on demand: an explicit choice, bounded by ``limits.load_timeout_s``).
         quantize: load the base quantized with bitsandbytes (``"nf4"``, ``"fp4"`` or ``"int8"``); adapters trained
             on the full-precision base load onto it (see docs/quantized.md).
+        limits: request, batch and head budgets (:class:`~bitfit_peft.serving.limits.Limits`; defaults in
+            docs/security.md).
     """
 
     def __init__(
@@ -127,7 +131,9 @@ class MultiTaskEngine:
         max_resident: int | None = None,
         adapter_roots: Sequence[str | Path] = (),
         quantize: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits if limits is not None else Limits()
         residency = Residency(max_resident)  # a bad cap is refused before anything loads
         self.task_type: TaskType = normalize_task_type(task_type)
         self.device = _resolve_device(device)
@@ -137,9 +143,10 @@ class MultiTaskEngine:
                                            trust_remote_code, quantize)
         tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else base, revision)
         # Never longer than the model can embed (a longer input would fail the forward: HTTP 500 on the server).
-        limits = (getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
-        max_length = min([int(max_length)] + [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000])
-        self.registry = Registry(model, self.task_type, residency=residency, adapter_roots=adapter_roots)
+        caps = (getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
+        max_length = min([int(max_length)] + [x for x in caps if isinstance(x, int) and 0 < x < 1_000_000])
+        self.registry = Registry(model, self.task_type, residency=residency, adapter_roots=adapter_roots,
+                                 limits=self.limits)
         self.inference = Inference(self.registry, tokenizer, device=self.device, max_length=max_length,
                                    normalize_embeddings=normalize_embeddings)
 
@@ -201,18 +208,20 @@ class MultiTaskEngine:
         allow_base_mismatch: bool = False,
         hub: bool | None = None,
         within: Sequence[str | Path] | None = None,
+        pin: bool = False,
     ) -> AdapterInfo:
         """Load the BitFit adapter at ``source`` (a local directory or a Hub id) as task ``name``.
 
         ``hub=True``: ``source`` is a Hub id (never read from disk); ``hub=False``: a local folder only. ``within``:
         folders every file read must resolve inside (a server's adapter roots); a relative ``source`` is taken
-        relative to them. ``allow_base_mismatch=True`` skips the base-model fingerprint check. Raises
+        relative to them. ``pin=True``: never evicted by ``max_resident`` (and not counted against it).
+        ``allow_base_mismatch=True`` skips the base-model fingerprint check. Raises
         :class:`EngineError` (its subclasses :class:`AdapterPathError`, :class:`DuplicateAdapterError`...) or
         ``BitFitError`` (another base); on any error the engine is unchanged. Files are read and checked without
         holding the engine lock.
         """
         return self.registry.add(name, source, revision=revision, label_names=label_names, allow_hub=allow_hub,
-                                 allow_base_mismatch=allow_base_mismatch, hub=hub, within=within)
+                                 allow_base_mismatch=allow_base_mismatch, hub=hub, within=within, pin=pin)
 
     def remove_adapter(self, name: str) -> None:
         """Unload task ``name`` (safe while other threads serve; in-flight batches finish first)."""

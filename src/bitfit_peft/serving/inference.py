@@ -15,8 +15,10 @@ from typing import Any, Literal
 import torch
 
 from bitfit_peft.serving.adapter_files import labels_from_id2label
+from bitfit_peft.serving.encoding import Encoded, encode_inputs, encode_prompts, pad
 from bitfit_peft.serving.errors import EngineError
 from bitfit_peft.serving.registry import Registry
+from bitfit_peft.serving.residency import rounds
 
 __all__ = ["Generation", "Inference", "Prediction"]
 
@@ -102,40 +104,54 @@ class Inference:
                                   f"{err.start} (a lone surrogate?).") from err
         return task, text, pair
 
-    def _encode(self, texts: list[str], pairs: list[str | None]) -> dict[str, torch.Tensor]:
-        common = {"truncation": True, "max_length": self.max_length, "padding": True, "return_tensors": "pt"}
-        if all(p is None for p in pairs):
-            batch = self.tokenizer(texts, **common)
-        elif all(p is not None for p in pairs):
-            batch = self.tokenizer(texts, pairs, **common)
-        else:  # single texts and pairs mixed: encode one by one, pad together
-            batch = self._encode_mixed(texts, pairs)
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def encode(self, requests: Sequence[Request]) -> list[Encoded]:
+        """Tokenize ``requests`` (predict) without the lock, each input truncated while tokenizing (``encoding.py``)."""
+        parsed = [self._split_request(r) for r in requests]
+        return encode_inputs(self.tokenizer, parsed, self.max_length)
 
-    def _encode_mixed(self, texts: list[str], pairs: list[str | None]) -> Any:
-        features = [
-            self.tokenizer(t, p, truncation=True, max_length=self.max_length) if p is not None
-            else self.tokenizer(t, truncation=True, max_length=self.max_length)
-            for t, p in zip(texts, pairs, strict=True)
-        ]
-        return self.tokenizer.pad(features, padding=True, return_tensors="pt")
+    def encode_prompts(self, requests: Sequence[tuple[str, str]], settings: dict[str, Any]) -> list[Encoded]:
+        """Tokenize ``(task, prompt)`` requests (generate) without the lock, costed with the generation settings."""
+        parsed = [self._split_request(r) for r in requests]
+        if any(p[2] is not None for p in parsed):
+            raise EngineError("generate() takes (task, prompt) pairs, not text pairs.")
+        return encode_prompts(self.tokenizer, [(p[0], p[1]) for p in parsed], self.max_length, settings)
 
     def predict(self, requests: Sequence[Request]) -> list[Prediction]:
         """Classify / regress / embed a list of ``(task, text)`` or ``(task, (text, text_pair))`` in ONE forward.
 
         Unknown tasks raise :class:`UnknownTaskError` before any compute.
         """
+        self._require_predict()
+        return self._in_rounds(self.encode(requests), self.predict_encoded)
+
+    def _in_rounds(self, items: list[Encoded], run: Any) -> list[Any]:
+        """``run(items)``, in residency rounds of at most ``max_resident`` adapters when there is a cap."""
+        residency = self.registry.residency
+        parts = rounds([it.task for it in items], residency.capacity, residency.pinned)
+        if len(parts) == 1:
+            return run(items)
+        results: list[Any] = [None] * len(items)
+        for idx in parts:
+            for i, out in zip(idx, run([items[i] for i in idx]), strict=True):
+                results[i] = out
+        return results
+
+    def _require_predict(self) -> None:
         if self.task_type not in ("SEQ_CLS", "FEATURE_EXTRACTION"):
             raise EngineError(f"predict() serves SEQ_CLS / FEATURE_EXTRACTION engines; this one is "
                               f"{self.task_type}: use generate().")
-        parsed = [self._split_request(r) for r in requests]
-        if not parsed:
+
+    def predict_encoded(self, items: Sequence[Encoded]) -> list[Prediction]:
+        """:meth:`predict` for inputs tokenized already (:meth:`encode`): only padding and the forward hold the lock."""
+        self._require_predict()
+        if not items:
             return []
-        self.registry.ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
+        tasks = [it.task for it in items]
+        self.registry.ensure_resident(tasks)  # with a cap: evicted adapters load first, unlocked
         with self.registry.lock:
-            names = self.registry.require([p[0] for p in parsed])
+            names = self.registry.require(tasks)
             self.registry.touch(names)
-            batch = self._encode([p[1] for p in parsed], [p[2] for p in parsed])
+            batch = pad(self.tokenizer, items, self.device)
             with torch.no_grad():
                 out = self._forward(names, **batch)
             if self.task_type == "FEATURE_EXTRACTION":
@@ -201,12 +217,27 @@ class Inference:
         Sampling with ``seed`` is reproducible for the same batch; results of a sample depend on the other
         samples of its batch (they share the random stream).
         """
+        settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams,
+                    "num_return_sequences": num_return_sequences, "temperature": temperature, "top_p": top_p,
+                    "top_k": top_k, "seed": seed}
+        self._require_generate()
+        items = self.encode_prompts(requests, settings)
+        if streamer is not None:  # one generate call: the streamer maps its rows to the prompts in order
+            return self.generate_encoded(items, **settings, streamer=streamer)
+        return self._in_rounds(items, lambda part: self.generate_encoded(part, **settings))
+
+    def _require_generate(self) -> None:
         if self.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
             raise EngineError(f"generate() serves CAUSAL_LM / SEQ_2_SEQ_LM engines; this one is {self.task_type}.")
-        parsed = [self._split_request(r) for r in requests]
-        if any(p[2] is not None for p in parsed):
-            raise EngineError("generate() takes (task, prompt) pairs, not text pairs.")
-        if not parsed:
+
+    def generate_encoded(self, items: Sequence[Encoded], max_new_tokens: int = 32, *, do_sample: bool = False,
+                         num_beams: int = 1, num_return_sequences: int = 1, temperature: float | None = None,
+                         top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                         streamer: Any = None) -> list[Generation]:
+        """:meth:`generate` for prompts tokenized already (:meth:`encode_prompts`); ``streamer``: a ``generate``
+        streamer of this one call (with a residency cap, all prompts' adapters must fit at once)."""
+        self._require_generate()
+        if not items:
             return []
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": int(max_new_tokens),
@@ -218,16 +249,14 @@ class Inference:
         for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("streamer", streamer)):
             if value is not None:
                 gen_kwargs[key] = value
-        self.registry.ensure_resident([p[0] for p in parsed])  # with a cap: evicted adapters load first, unlocked
+        tasks = [it.task for it in items]
+        self.registry.ensure_resident(tasks)  # with a cap: evicted adapters load first, unlocked
         with self.registry.lock:
-            names = self.registry.require([p[0] for p in parsed])
+            names = self.registry.require(tasks)
             self.registry.touch(names)
             side = "left" if self.task_type == "CAUSAL_LM" else "right"
-            batch = self.tokenizer(
-                [p[1] for p in parsed], padding=True, truncation=True, max_length=self.max_length,
-                return_tensors="pt", padding_side=side,
-            )
-            batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            batch = pad(self.tokenizer, items, self.device, side)
+            batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             if seed is not None:
                 torch.manual_seed(seed)
             with torch.no_grad():

@@ -126,7 +126,7 @@ def watch_local(engine: Any, batcher: Any, metrics: ServerMetrics) -> None:
     runner, running = batcher.runner, []
 
     def observed(key: Any, payloads: list[Any]) -> Any:
-        running[:] = [p[0] for p in payloads]
+        running[:] = [p.task for p in payloads]  # encoded items (dispatch.encode_payloads)
         metrics.in_flight_inputs = len(payloads)
         try:
             results = runner(key, payloads)

@@ -26,7 +26,9 @@ from bitfit_peft.files.validate import read_config
 from bitfit_peft.names import is_bitfit
 from bitfit_peft.serving import adapter_files as files
 from bitfit_peft.serving.errors import EngineError
+from bitfit_peft.serving.head_check import check_head
 from bitfit_peft.serving.layouts import Layout, read_for_layout
+from bitfit_peft.serving.limits import Limits
 from bitfit_peft.serving.loaded import LoadRequest
 from bitfit_peft.tuner.base_check import base_matches, other_base_error
 from bitfit_peft.tuner.config import allow_base_mismatch
@@ -67,8 +69,9 @@ def _config_keys(config: Any) -> tuple[str, str]:
 class Preparer:
     """Reads and checks adapters for one frozen base (see the module docstring); safe to call without the lock."""
 
-    def __init__(self, base: nn.Module, task_type: str) -> None:
+    def __init__(self, base: nn.Module, task_type: str, limits: Limits | None = None) -> None:
         self.base, self.task_type = base, task_type
+        self.limits = limits if limits is not None else Limits()
         self.layouts: dict[str, Layout] = {}  #: layout key -> where its tensors live; only ever added to
         self._base_checks: dict[str, bool] = {}  #: stored fingerprint -> whether this base matches it
         self._configs: dict[str, Any] = {}  #: equal configs share one object
@@ -85,6 +88,13 @@ class Preparer:
         if request.label_names is not None:
             meta["labels"] = [str(x) for x in request.label_names]
         layout_key, content_key = _config_keys(config)
+        heads = [str(h) for h in (config.modules_to_save or []) if isinstance(h, str)]
+        shapes = files.head_shapes(adapter_dir, heads)  # the header only: a head that cannot run is refused here
+        check_head(name, shapes, self.base, heads, self.limits)
+        labels = meta.get("labels")
+        if isinstance(labels, list) and len(labels) > self.limits.max_labels:
+            raise EngineError(f"Adapter {name!r} names {len(labels):,} labels, over the server's max_labels limit "
+                              f"of {self.limits.max_labels:,}.")
         prepared = Prepared(str(request.source), adapter_dir, config, layout_key, meta, {})
         layout = self.layouts.get(layout_key)
         weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
@@ -100,8 +110,7 @@ class Preparer:
         # PEFT's load matches the config's patterns under the lock, so try them here first (a slow or hostile
         # pattern is refused, bounded, before the lock), and read the head shapes it needs
         BitFitModel.resolve_targets(self.base, config)
-        heads = [str(h) for h in (config.modules_to_save or []) if isinstance(h, str)]
-        prepared.head_shapes = files.head_shapes(adapter_dir, heads)
+        prepared.head_shapes = shapes
         return prepared
 
     @staticmethod

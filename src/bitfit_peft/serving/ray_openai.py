@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from ray.serve import metrics
 
+from bitfit_peft.serving.dispatch import budget_kind, encode_payloads, unknown_tasks, with_costs
 from bitfit_peft.serving.errors import EngineError, UnknownTaskError
+from bitfit_peft.serving.limits import BudgetError
 from bitfit_peft.serving.metrics import batch_tokens
 from bitfit_peft.serving.openai_engine import stream_completion
-from bitfit_peft.serving.server import unknown_tasks
 
 __all__ = ["ReplicaMetrics", "StreamingReplica"]
 
@@ -77,8 +78,19 @@ class StreamingReplica:
                 yield ("error", 404, str(missing), "unknown_task")
                 return
 
+        try:  # tokenized and costed before any engine work (limits.py), off the engine lock
+            costed = await asyncio.to_thread(encode_payloads, self.engine, "oai_stream", settings, payloads)
+            self.engine.limits.check_request(budget_kind("oai_stream"), [c.cost for c in costed])
+        except BudgetError as err:
+            yield ("error", 413, str(err), "over_budget")
+            return
+        except EngineError as err:
+            yield ("error", 422, str(err), "invalid_request")
+            return
+
         async def submit(items: list[tuple]) -> list[Any]:
-            out = await asyncio.gather(*(self._run_items(("oai_stream", settings, item)) for item in items))
+            out = await asyncio.gather(*(self._run_items(("oai_stream", settings, item))
+                                         for item in with_costs(costed, items)))
             for r in out:
                 if isinstance(r, Exception):
                     raise r

@@ -42,11 +42,13 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from bitfit_peft.serving.dispatch import AdapterRunError, budget_kind, encode_payloads, run_engine_batch, unknown_tasks
 from bitfit_peft.serving.engine import MultiTaskEngine, normalize_task_type
 from bitfit_peft.serving.errors import EngineError, UnknownTaskError
+from bitfit_peft.serving.limits import BudgetError, Limits
 from bitfit_peft.serving.openai_api import ApiOptions
 from bitfit_peft.serving.ray_openai import ReplicaMetrics, StreamingReplica
-from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app, run_engine_batch, unknown_tasks
+from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app
 
 __all__ = ["AdapterRegistry", "AdapterReplica", "BitFitIngress", "build_app"]
 
@@ -88,6 +90,13 @@ class AdapterRegistry:
         self.version += 1
         return True
 
+    async def retire(self, name: str, spec_id: str) -> bool:
+        """Drop ``name`` if it is still the version ``spec_id`` (a replica could not load it: its folder broke), so
+        that every replica converges on the same answer (404) instead of some serving it and some not."""
+        if self.specs.get(name, {}).get("id") != spec_id:
+            return False
+        return await self.remove(name)
+
 
 @serve.deployment(max_ongoing_requests=64)
 class AdapterReplica(StreamingReplica):
@@ -125,8 +134,12 @@ class AdapterReplica(StreamingReplica):
             head = await self._registry.head.remote()
             if head != self._head:
                 epoch, version, specs = await self._registry.snapshot.remote()
+                failed_before = set(self._failed)
                 await asyncio.to_thread(self._apply, specs)
                 self._head = (epoch, version)
+                for name, raw in specs.items():  # newly unloadable here: retire it everywhere (convergence)
+                    if raw["id"] in self._failed and raw["id"] not in failed_before:
+                        await self._registry.retire.remote(name, raw["id"])
             self._checked = time.monotonic()
 
     def _apply(self, specs: dict[str, dict[str, Any]]) -> None:
@@ -163,7 +176,7 @@ class AdapterReplica(StreamingReplica):
                 results[i] = r
             self.batches += 1
             self.items += len(idx)
-            self.mixed += len({p[0] for p in payloads}) > 1
+            self.mixed += len({p.task for p in payloads}) > 1
             self.metrics.batch(kind, len(idx), out)
         self.metrics.resident.set(len(self.engine.tasks()))
         return results
@@ -182,12 +195,19 @@ class AdapterReplica(StreamingReplica):
             missing = unknown_tasks(self.engine, [p[0] for p in payloads])
             if missing is not None:
                 return ("error", 404, str(missing), "unknown_task")
-        results = await asyncio.gather(*(self._run_items((kind, settings, tuple(p))) for p in payloads))
+        try:  # tokenized and costed before any engine work (limits.py), off the engine lock
+            items = await asyncio.to_thread(encode_payloads, self.engine, kind, settings, payloads)
+            self.engine.limits.check_request(budget_kind(kind), [it.cost for it in items])
+        except BudgetError as err:
+            return ("error", 413, str(err), "over_budget")
+        except EngineError as err:
+            return ("error", 422, str(err), "invalid_request")
+        results = await asyncio.gather(*(self._run_items((kind, settings, it)) for it in items))
         for r in results:
             if isinstance(r, Exception):
                 if isinstance(r, UnknownTaskError):
                     return ("error", 404, str(r), "unknown_task")
-                status = 422 if isinstance(r, EngineError) else 500
+                status = 422 if isinstance(r, EngineError) and not isinstance(r, AdapterRunError) else 500
                 return ("error", status, f"{type(r).__name__}: {r}", "invalid_request" if status == 422 else "internal")
         return ("ok", [r.to_dict() for r in results], self.replica_id)
 
@@ -359,6 +379,7 @@ def build_app(
     max_new_tokens_limit: int = 512,
     quantize: str | None = None,
     api_options: ApiOptions | None = None,
+    limits: Limits | None = None,
 ) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...), route_prefix="/")``.
 
@@ -378,6 +399,7 @@ def build_app(
             reaches every replica at once through a broadcast, at the latest after this long).
         request_retries: retries on another replica when one dies under a request (then 503 + ``Retry-After``).
         api_options: the OpenAI-compatible API's served model name, metrics prefixes and label cap.
+        limits: every replica's request, batch and head budgets (``limits.py``).
     """
     if replicas < 1:
         raise ValueError(f"replicas={replicas}: need at least 1 replica.")
@@ -387,7 +409,7 @@ def build_app(
     base_name = str(local_base.resolve()) if local_base.is_dir() else str(base)
     roots = [str(Path(r).expanduser().resolve()) for r in adapter_roots]
     engine = {"base": base_name, "task_type": task_type, "device": device, "dtype": dtype, "max_length": max_length,
-              "normalize_embeddings": normalize_embeddings, "quantize": quantize}
+              "normalize_embeddings": normalize_embeddings, "quantize": quantize, "limits": limits}
     settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "admin": admin,
                 "admin_token": admin_token, "request_retries": request_retries,
                 "max_inputs_per_request": max_inputs_per_request, "max_new_tokens_limit": max_new_tokens_limit,

@@ -31,6 +31,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from bitfit_peft.serving.errors import (
 from bitfit_peft.serving.events import AdapterEvents
 from bitfit_peft.serving.heads_shape import head_shapes_as, sync_linear_sizes
 from bitfit_peft.serving.layouts import Layout, capture_layout
+from bitfit_peft.serving.limits import Limits
 from bitfit_peft.serving.loaded import AdapterInfo, LoadedAdapter, LoadRequest, describe, tensor_bytes
 from bitfit_peft.serving.prepare import Prepared, Preparer
 from bitfit_peft.serving.residency import Residency
@@ -57,6 +60,7 @@ __all__ = ["Registry", "validate_adapter_name"]
 
 _NAME_MAX = 64
 _RETRIES = 3  #: loads of a batch's adapters that a concurrent eviction may undo before the batch gives up
+_FAILED_TTL_S = 10.0  #: a load on demand that failed is answered from memory this long (no re-read per batch)
 
 
 def _is_adapter_name(name: Any) -> bool:
@@ -81,17 +85,22 @@ class Registry:
         base: the frozen base model (the registry wraps it in a ``PeftModel`` at the first load).
         task_type: the engine's PEFT task type; adapters of another are refused.
         residency: the cap and LRU bookkeeping (default: no cap).
-        adapter_roots: with a cap, where adapters load from on first use (``<root>/<name>``).
+        adapter_roots: with a cap, where adapters load from on first use (``<root>/<name>``): loading on demand,
+            each load bounded by ``limits.load_timeout_s``.
+        limits: head caps and the on-demand load timeout (``limits.py``).
     """
 
     def __init__(self, base: nn.Module, task_type: str, *, residency: Residency | None = None,
-                 adapter_roots: Sequence[str | Path] = ()) -> None:
+                 adapter_roots: Sequence[str | Path] = (), limits: Limits | None = None) -> None:
         self.base, self.task_type = base, task_type
         self.lock = threading.RLock()  #: held to change or use the model's adapters
         self.peft_model: Any = None  #: the PeftModel, created by the first load
         self.residency = residency if residency is not None else Residency(None)
         self.roots = tuple(Path(r).expanduser().resolve() for r in adapter_roots)
-        self._preparer = Preparer(base, task_type)
+        self.limits = limits if limits is not None else Limits()
+        self._preparer = Preparer(base, task_type, self.limits)
+        self._on_demand = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bitfit-load") if self.roots else None
+        self._failed: dict[str, tuple[float, EngineError]] = {}  #: on-demand loads that failed lately
         self._loaded: dict[str, LoadedAdapter] = {}  #: by user name, in load order
         self._retired: set[str] = set()  #: removed, but kept until another adapter is loaded (PEFT needs >= 1)
         self._serial = 0
@@ -140,18 +149,19 @@ class Registry:
     # ------------------------------------------------------------------ load
     def add(self, name: str, source: str | Path, *, revision: str | None = None,
             label_names: Sequence[str] | None = None, allow_hub: bool = True, allow_base_mismatch: bool = False,
-            hub: bool | None = None, within: Sequence[str | Path] | None = None) -> AdapterInfo:
+            hub: bool | None = None, within: Sequence[str | Path] | None = None, pin: bool = False) -> AdapterInfo:
         """Load the adapter at ``source`` as ``name`` (see :meth:`MultiTaskEngine.add_adapter`)."""
         roots = None if within is None else tuple(Path(r).expanduser().resolve() for r in within)
         labels = None if label_names is None else tuple(str(x) for x in label_names)
         request = LoadRequest(source, revision, labels, allow_hub, allow_base_mismatch, hub, roots)
-        return self._add(name, request, keep=())
+        return self._add(name, request, keep=(), pin=pin)
 
-    def _add(self, name: str, request: LoadRequest, keep: Sequence[str]) -> AdapterInfo:
+    def _add(self, name: str, request: LoadRequest, keep: Sequence[str], timeout: float | None = None,
+             pin: bool = False) -> AdapterInfo:
         """:meth:`add`, reported to :attr:`events` (a load, or a refused load with the error as reason)."""
         started, reason = time.perf_counter(), "first use" if keep else "requested"
         try:
-            info = self._add_now(name, request, keep)
+            info = self._add_now(name, request, keep, timeout, pin)
         except Exception as err:
             self.events.emit("load_failed", str(name)[:_NAME_MAX], reason=f"{type(err).__name__}: {err}",
                              seconds=time.perf_counter() - started)
@@ -159,16 +169,20 @@ class Registry:
         self.events.emit("load", name, reason=reason, seconds=time.perf_counter() - started)
         return info
 
-    def _add_now(self, name: str, request: LoadRequest, keep: Sequence[str]) -> AdapterInfo:
-        """:meth:`add`; ``keep``: adapters an eviction this load causes must not touch (a batch's)."""
+    def _add_now(self, name: str, request: LoadRequest, keep: Sequence[str], timeout: float | None,
+                 pin: bool) -> AdapterInfo:
+        """:meth:`add`; ``keep``: adapters an eviction this load causes must not touch (a batch's); ``timeout``: the
+        reading may take at most this long (loads on demand)."""
         validate_adapter_name(name)
         self._refuse_duplicate(name)  # before reading any file
-        prepared = self._preparer.prepare(name, request)
+        prepared = self._prepare(name, request, timeout)
         with self.lock:
             self._refuse_duplicate(name)  # again: another load of this name may have committed while we prepared
             self._serial += 1
             loaded = self._commit(name, f"{name}__{self._serial}", prepared)
             self._loaded[name] = loaded
+            if pin:
+                self.residency.pin(name)
             self.residency.remember(name, request)
             for victim in self.residency.take_victims(self._loaded, keep=[*keep, name]):
                 self._unload(victim)
@@ -178,6 +192,16 @@ class Registry:
                 self._detach(old, None)
             self._retired.clear()
             return loaded.info()
+
+    def _prepare(self, name: str, request: LoadRequest, timeout: float | None) -> Prepared:
+        if timeout is None or self._on_demand is None:
+            return self._preparer.prepare(name, request)
+        future = self._on_demand.submit(self._preparer.prepare, name, request)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:  # the reading goes on in its thread; its result is dropped, nothing is committed
+            raise EngineError(f"Loading adapter {name!r} on demand took longer than {timeout:g} s "
+                              "(load_timeout_s); ask the operator to load it.") from None
 
     def _refuse_duplicate(self, name: str) -> None:
         if name in self._loaded:
@@ -283,22 +307,37 @@ class Registry:
             return
         wanted = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
         capacity = self.residency.capacity
-        if capacity is not None and len(wanted) > capacity:
+        counted = [n for n in wanted if n not in self.residency.pinned]
+        if capacity is not None and len(counted) > capacity:  # the server splits its batches into rounds first
             raise EngineError(
-                f"This batch names {len(wanted)} adapters but at most max_resident={capacity} can be in memory at "
+                f"This batch names {len(counted)} adapters but at most max_resident={capacity} can be in memory at "
                 "once; send smaller batches.")
         for _ in range(_RETRIES):
             missing = [n for n in wanted if n not in self._loaded]
             if not missing:
                 return
             for name in missing:
-                request = self._reload_request(name)
-                if request is None:
-                    continue  # unknown: the batch's require() reports it
-                try:
-                    self._add(name, request, keep=wanted)
-                except DuplicateAdapterError:  # another request loaded it meanwhile: fine
-                    pass
+                self._load_on_use(name, wanted)
+
+    def _load_on_use(self, name: str, keep: Sequence[str]) -> None:
+        """Load the known-but-evicted (or in-roots) ``name``; a recent failure is raised again without re-reading."""
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() - failed[0] < _FAILED_TTL_S:
+            raise failed[1]
+        request = self._reload_request(name)
+        if request is None:
+            return  # unknown: the batch's require() reports it
+        known = self.residency.request_for(name) is not None
+        try:
+            self._add(name, request, keep=keep, timeout=None if known else self.limits.load_timeout_s)
+        except DuplicateAdapterError:  # another request loaded it meanwhile: fine
+            pass
+        except Exception as err:  # noqa: BLE001 - one refusal (a 4xx) for this adapter's requests only
+            refusal = err if isinstance(err, EngineError) else EngineError(
+                f"Adapter {name!r} could not be loaded on demand ({type(err).__name__}).")
+            self._failed[name] = (time.monotonic(), refusal)
+            raise refusal from err
+        self._failed.pop(name, None)
 
     def _reload_request(self, name: str) -> LoadRequest | None:
         """How to load ``name`` on first use: as it was loaded last, else ``<root>/<name>`` of an adapter root."""

@@ -19,6 +19,7 @@ __all__ = [
     "PredictInput",
     "PredictRequest",
     "json_safe",
+    "redact_paths",
     "validation_detail",
 ]
 
@@ -29,6 +30,8 @@ MAX_COMPONENT_BYTES = 255
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+#: a filesystem path in a message: absolute (not an API route) or climbing with ``../``, two components or more
+_FS_PATH = re.compile(r"(?<![\w:/.])(?:/(?!v1/|healthz|docs)|~/|(?:\.\./)+)(?:[\w.@+~-]+/)*[\w.@+~-]+(?:/[\w.@+~-]*)?")
 
 
 def _unicode(value: str) -> str:
@@ -188,6 +191,16 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return json_safe(str(value))
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every server path (absolute, ``~/...`` or ``../...``) replaced by ``<path>``: error bodies name
+    the adapter and the problem, never where files live or where a symlink points.
+
+    >>> redact_paths("adapter_model.safetensors of 'a' links to /srv/x/../y/w.bin; see POST /v1/adapters")
+    "adapter_model.safetensors of 'a' links to <path>; see POST /v1/adapters"
+    """
+    return _FS_PATH.sub("<path>", text)
 
 
 def validation_detail(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:

@@ -5,7 +5,7 @@ Endpoints (OpenAPI docs at ``/docs``):
 - ``POST /v1/predict``  classify / regress / embed; inputs of different tasks share one forward (dynamic batching)
 - ``POST /v1/generate`` text generation (causal / seq2seq LM engines)
 - ``GET /v1/adapters``, ``POST /v1/adapters`` (hot load), ``DELETE /v1/adapters/{name}``
-- ``GET /v1/stats``, ``GET /healthz``
+- ``GET /v1/stats``, ``GET /healthz``, ``GET /livez`` (liveness), ``GET /readyz`` (readiness: 503 until ready)
 
 The routes, schemas and error mapping are shared with the Ray Serve deployment (``ray_serve.py``): both build their
 app with :func:`make_app` over a :class:`Backend` (here :class:`LocalBackend`: one engine, one batcher).
@@ -35,7 +35,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.names import __version__
-from bitfit_peft.serving.batching import DynamicBatcher, QueueFullError
+from bitfit_peft.serving.batching import DynamicBatcher, QueueFullError, QueueTimeoutError
+from bitfit_peft.serving.dispatch import (
+    AdapterRunError,
+    budget_kind,
+    encode_payloads,
+    run_engine_batch,
+    unknown_tasks,
+    with_costs,
+)
 from bitfit_peft.serving.engine import MultiTaskEngine
 from bitfit_peft.serving.errors import (
     AdapterNameError,
@@ -46,18 +54,20 @@ from bitfit_peft.serving.errors import (
     EngineError,
     UnknownTaskError,
 )
+from bitfit_peft.serving.limits import BudgetError
 from bitfit_peft.serving.openai_api import ApiOptions, install_api
-from bitfit_peft.serving.openai_engine import KINDS, stream_completion
+from bitfit_peft.serving.openai_engine import stream_completion
 from bitfit_peft.serving.schemas import (
     GenerateRequest,
     LoadAdapterRequest,
     PredictRequest,
     json_safe,
+    redact_paths,
     validation_detail,
 )
-from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
-__all__ = ["LOAD_ERRORS", "AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app"]
+__all__ = ["LOAD_ERRORS", "AdapterSpec", "ApiError", "Backend", "LocalBackend", "create_app", "make_app",
+           "run_engine_batch", "unknown_tasks"]
 
 logger = logging.getLogger(__name__)
 PREDICT_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION")
@@ -146,35 +156,6 @@ def add_to_engine(engine: MultiTaskEngine, spec: AdapterSpec, roots: Sequence[Pa
         raise ApiError(422, f"Could not load adapter {spec.name!r}: {why}", "invalid_adapter") from err
 
 
-def run_engine_batch(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: list[Any]) -> list[Any]:
-    """One engine call for ``payloads`` of any tasks; an adapter removed meanwhile fails only its inputs."""
-    with engine.lock:  # check-then-run atomically
-        live = [i for i, p in enumerate(payloads) if engine.has_task(p[0])]
-        results: list[Any] = [
-            UnknownTaskError(f"Adapter {p[0]!r} was removed before this request ran.") for p in payloads
-        ]
-        if not live:
-            return results
-        subset = [payloads[i] for i in live]
-        if kind == "predict":
-            outputs: list[Any] = engine.predict(subset)
-        elif kind in KINDS:  # the OpenAI-compatible API's kinds (openai_engine.py)
-            outputs = list(KINDS[kind](engine, settings, subset))
-        else:
-            outputs = engine.generate([(t, x) for t, x in subset], **dict(settings))
-        for i, out in zip(live, outputs, strict=True):
-            results[i] = out
-        return results
-
-
-def unknown_tasks(engine: MultiTaskEngine, tasks: Sequence[str]) -> UnknownTaskError | None:
-    unknown = sorted({t for t in tasks if not engine.has_task(t)})
-    if not unknown:
-        return None
-    return UnknownTaskError(f"Unknown task(s) {unknown}; loaded adapters: {sorted(engine.tasks())} "
-                            f"(or {BASE_ADAPTER_NAME!r} for the bare base model).")
-
-
 # ---------------------------------------------------------------------------------------------------- local backend
 class LocalBackend:
     """One engine in this process, fed by a :class:`DynamicBatcher`."""
@@ -183,8 +164,12 @@ class LocalBackend:
                  roots: Sequence[Path], allow_hub: bool) -> None:
         self.engine, self.roots, self.allow_hub = engine, list(roots), allow_hub
         self.task_type, self.base_name = str(engine.task_type), engine.base_name
+        limits = engine.limits
         self.batcher = DynamicBatcher(lambda key, p: run_engine_batch(engine, *key, p),  # type: ignore[misc]
-                                      max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p[0])
+                                      max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p.task,
+                                      cost_of=lambda p: p.cost,
+                                      budget_of=lambda key: limits.batch_budget(budget_kind(key[0])),
+                                      queue_timeout_s=limits.queue_timeout_s)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -198,14 +183,19 @@ class LocalBackend:
         missing = unknown_tasks(self.engine, [p[0] for p in payloads])
         if missing is not None:
             raise missing
+        # tokenized (and costed) before any engine work, off the engine's thread and lock
+        items = await asyncio.to_thread(encode_payloads, self.engine, kind, settings, payloads)
+        self.engine.limits.check_request(budget_kind(kind), [it.cost for it in items])
         key: Hashable = (kind, settings)
-        return [r.to_dict() for r in await self.batcher.submit(key, payloads)]
+        return [r.to_dict() for r in await self.batcher.submit(key, items)]
 
     async def stream(self, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> AsyncIterator[tuple]:
         missing = unknown_tasks(self.engine, [p[0] for p in payloads])
         if missing is not None:
             raise missing
-        submit = lambda items: self.batcher.submit(("oai_stream", settings), items)  # noqa: E731
+        costed = await asyncio.to_thread(encode_payloads, self.engine, "oai_stream", settings, payloads)
+        self.engine.limits.check_request(budget_kind("oai_stream"), [c.cost for c in costed])
+        submit = lambda items: self.batcher.submit(("oai_stream", settings), with_costs(costed, items))  # noqa: E731
         async for event in stream_completion(submit, self.engine.tokenizer, payloads):
             yield event
 
@@ -255,13 +245,13 @@ class _CatchAll:
             logger.exception("internal error serving %s", scope.get("path"))
             if started:
                 raise
-            detail = f"Internal error while serving the request: {type(err).__name__}: {err}"
+            detail = redact_paths(f"Internal error while serving the request: {type(err).__name__}: {err}")
             await JSONResponse(json_safe({"detail": detail, "error": "internal"}), 500)(scope, receive, send)
 
 
 def _json(status: int, detail: str, error: str | None = None, headers: dict[str, str] | None = None,
           **extra: Any) -> JSONResponse:
-    body = {"detail": detail, **({"error": error} if error else {}), **extra}
+    body = {"detail": redact_paths(detail), **({"error": error} if error else {}), **extra}
     return JSONResponse(json_safe(body), status_code=status, headers=headers)
 
 
@@ -270,6 +260,9 @@ def install_error_handlers(app: FastAPI) -> None:
     handlers: dict[type[Exception], Callable[[Exception], JSONResponse]] = {
         ApiError: lambda e: _json(e.status, e.detail, e.error, e.headers),  # type: ignore[attr-defined]
         QueueFullError: lambda e: _json(429, str(e), "queue_full", {"Retry-After": "1"}),
+        QueueTimeoutError: lambda e: _json(503, str(e), "queue_timeout", {"Retry-After": "2"}),
+        BudgetError: lambda e: _json(413, str(e), "over_budget"),
+        AdapterRunError: lambda e: _json(500, str(e), "adapter_failed"),
         UnknownTaskError: lambda e: _json(404, str(e), "unknown_task"),
         DuplicateAdapterError: lambda e: _json(409, str(e), "duplicate_adapter"),
         AdapterPathError: lambda e: _json(403, str(e), "adapter_path"),
@@ -329,9 +322,20 @@ def make_app(
     async def stats() -> dict[str, Any]:
         return await backend.stats()
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Health: adapters, queue")
     async def healthz() -> dict[str, Any]:
         return await backend.health()
+
+    @app.get("/livez", summary="Liveness: the process answers (never waits for the engine)")
+    async def livez() -> dict[str, Any]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: 200 once requests can be served, else 503")
+    async def readyz() -> JSONResponse:
+        health = await backend.health()
+        ready = health.get("status") == "ok"
+        return JSONResponse(json_safe({**health, "ready": ready}), 200 if ready else 503,
+                            headers=None if ready else {"Retry-After": "1"})
 
     return app
 

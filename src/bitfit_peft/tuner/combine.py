@@ -20,6 +20,7 @@ from peft.utils import ModulesToSaveWrapper
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.tuner.config import BitFitConfig
 from bitfit_peft.tuner.layer import layers_holding
+from bitfit_peft.tuner.routing import check_adapter_name
 
 
 def _heads(tuner: BaseTuner, adapter: str) -> dict[str, torch.nn.Module]:
@@ -31,6 +32,7 @@ def _heads(tuner: BaseTuner, adapter: str) -> dict[str, torch.nn.Module]:
 
 
 def _check(tuner: BaseTuner, adapters: list[str], weights: list[float], adapter_name: str) -> list[dict]:
+    check_adapter_name(adapter_name)
     if adapter_name in tuner.peft_config:
         raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it first.")
     if not adapters or len(adapters) != len(weights):

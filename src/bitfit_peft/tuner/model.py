@@ -23,7 +23,7 @@ from bitfit_peft.tuner.config import SAVE_DTYPES, BitFitConfig
 from bitfit_peft.tuner.groups import primary_group
 from bitfit_peft.tuner.layer import BitFitLayer, BitFitWrapper, expected_tensors, layers_holding
 from bitfit_peft.tuner.merging import MergeMixin
-from bitfit_peft.tuner.routing import Routing
+from bitfit_peft.tuner.routing import Routing, check_adapter_name
 from bitfit_peft.tuner.targets import resolve_targets as _resolve_targets
 from bitfit_peft.tuner.unwrap import strip_wrappers
 
@@ -235,6 +235,7 @@ class BitFitModel(CallPlanMixin, MergeMixin, BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        check_adapter_name(adapter_name)
         self._invalidate_structure()
         outer, self._injecting = self._injecting, adapter_name
         try:

@@ -20,7 +20,19 @@ from typing import NamedTuple
 
 import torch
 
+from bitfit_peft.errors import BitFitError
+
 BASE_ADAPTER_NAME = "__base__"
+RESERVED_ADAPTER_NAMES = frozenset({BASE_ADAPTER_NAME})  #: names no adapter may take (they mean the bare base)
+
+
+def check_adapter_name(name: str) -> None:
+    """Refuse a reserved routing name as an adapter's name, on every path that creates an adapter (PEFT's
+    ``add_adapter`` / ``load_adapter`` / ``from_pretrained``, transformers' ``load_adapter``, weighted combination).
+    """
+    if name in RESERVED_ADAPTER_NAMES:
+        raise BitFitError(f"Adapter name {name!r} is reserved (it routes samples to the bare base model in a mixed "
+                          "batch); pick another name.")
 
 
 class MixedCall(NamedTuple):
