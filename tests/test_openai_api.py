@@ -483,3 +483,28 @@ def test_classify_requests_for_different_adapters_share_a_forward(cls_engine: Mu
             t.join()
         assert answers["sentiment"]["data"][0]["num_classes"] == 2 and answers["topic"]["data"][0]["num_classes"] == 3
         assert httpx.get(f"{live.url}/v1/stats").json()["mixed_task_batches"] == 1
+
+
+def test_openai_requests_are_held_to_the_engines_budgets(lm_world: dict[str, Path],
+                                                         cls_engine: MultiTaskEngine) -> None:
+    """Completions (plain and streamed) and /classify are costed before any work, like /v1/generate and
+    /v1/predict: over budget is a 413 in OpenAI's error shape (issue 30 on the OpenAI routes)."""
+    from bitfit_peft.serving.limits import Limits
+
+    engine = MultiTaskEngine(str(lm_world["base"]), task_type="CAUSAL_LM", device="cpu", dtype="float32",
+                             limits=Limits(max_request_generate_cost=100))
+    engine.add_adapter("one", lm_world["one"])
+    with LiveServer(create_app(engine, max_new_tokens_limit=64)) as live:
+        body = {"model": "one", "prompt": "a b c", "max_tokens": 60, "n": 2, "temperature": 1.0}
+        for stream in (False, True):
+            response = httpx.post(f"{live.url}/v1/completions", json={**body, "stream": stream}, timeout=60)
+            assert response.status_code == 413, response.text
+            assert "max_request_generate_cost" in response.json()["error"]["message"]
+        ok = httpx.post(f"{live.url}/v1/completions", json={**body, "max_tokens": 8, "n": 1}, timeout=60)
+        assert ok.status_code == 200, ok.text
+    small = MultiTaskEngine(cls_engine.base_name, task_type=str(cls_engine.task_type), device="cpu",
+                            dtype="float32", limits=Limits(max_request_tokens=8))
+    with LiveServer(create_app(small)) as live:
+        response = httpx.post(f"{live.url}/classify", json={"model": small.base_name, "input": ["a b c d e f"] * 3})
+        assert response.status_code == 413, response.text
+        assert "max_request_tokens" in response.json()["error"]["message"]

@@ -20,9 +20,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from bitfit_peft.serving.batching import QueueFullError
+from bitfit_peft.serving.batching import QueueFullError, QueueTimeoutError
+from bitfit_peft.serving.dispatch import AdapterRunError
 from bitfit_peft.serving.errors import AdapterPathError, DuplicateAdapterError, EngineError, UnknownTaskError
-from bitfit_peft.serving.schemas import json_safe, validation_detail
+from bitfit_peft.serving.limits import BudgetError
+from bitfit_peft.serving.schemas import json_safe, redact_paths, validation_detail
 
 __all__ = ["completion_body", "embedding_body", "error_response", "sse", "usage"]
 
@@ -61,13 +63,16 @@ def _describe(err: BaseException) -> tuple[int, str, str | None, str | None, dic
         return (400 if status == 422 else status), detail, code, None, dict(getattr(err, "headers", {}) or {})
     if isinstance(err, HTTPException):
         return err.status_code, str(err.detail), None, None, dict(err.headers or {})
-    mapped: tuple[tuple[type[BaseException], int, str], ...] = (
-        (QueueFullError, 429, "queue_full"), (UnknownTaskError, 404, "unknown_task"),
-        (DuplicateAdapterError, 409, "duplicate_adapter"), (AdapterPathError, 403, "adapter_path"),
-        (EngineError, 400, "invalid_request"), (ValueError, 400, "invalid_request"))
+    mapped: tuple[tuple[type[BaseException], int, str], ...] = (  # the same statuses as the server's own routes
+        (QueueFullError, 429, "queue_full"), (QueueTimeoutError, 503, "queue_timeout"),
+        (BudgetError, 413, "over_budget"), (AdapterRunError, 500, "adapter_failed"),
+        (UnknownTaskError, 404, "unknown_task"), (DuplicateAdapterError, 409, "duplicate_adapter"),
+        (AdapterPathError, 403, "adapter_path"), (EngineError, 400, "invalid_request"),
+        (ValueError, 400, "invalid_request"))
+    retry_after = {429: {"Retry-After": "1"}, 503: {"Retry-After": "2"}}
     for exc_type, status, code in mapped:
         if isinstance(err, exc_type):
-            return status, str(err), code, None, ({"Retry-After": "1"} if status == 429 else {})
+            return status, redact_paths(str(err)), code, None, retry_after.get(status, {})
     logger.error("internal error on an OpenAI route", exc_info=err)
     return 500, f"Internal error while serving the request: {type(err).__name__}: {err}", "internal", None, {}
 
