@@ -45,9 +45,10 @@ class BitFitConfig(PeftConfig):
             file and load as zero (the paper finds changes concentrate in a few vectors). ``None`` keeps all.
         base_fingerprint: filled in on save: identifies the base model the deltas were trained on (any dtype of
             it); see ``bitfit_peft.files.fingerprint``.
-        num_labels, id2label: filled in on save for a task with a head (``SEQ_CLS``, ``TOKEN_CLS``): the head's
-            size and label names (``{"0": "ham", "1": "spam"}``), so that the adapter folder describes its task.
-            ``PeftModel.from_pretrained`` sizes the base's head from them (see ``bitfit_peft.compat.task_head``).
+        num_labels: filled in on save for a task with a head (``SEQ_CLS``, ``TOKEN_CLS``): the head's size, so that
+            the adapter folder describes its task. ``PeftModel.from_pretrained`` sizes the base's head from it (see
+            ``bitfit_peft.compat.task_head``).
+        id2label: filled in on save with ``num_labels``: the label names (``{"0": "ham", "1": "spam"}``).
 
     Example:
         >>> from bitfit_peft import BitFitConfig
