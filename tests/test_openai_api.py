@@ -35,19 +35,22 @@ TOKEN = "s3cret-admin-token"
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def lm_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("openai-lm")
+def make_lm_world(tmp: Path) -> dict[str, Path]:
+    """A tiny GPT-2 whose tokenizer has a chat template, and adapters "one", "two", "three" under ``root``."""
     base = save_tiny_model(tmp / "gpt2", "gpt2", task="causal_lm")
     tokenizer = make_tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(base)
     root = tmp / "adapters"
     root.mkdir()
-    return {"base": base, "root": root,
-            "one": _save_adapter(base, root / "one", task_type="CAUSAL_LM", seed=1),
-            "two": _save_adapter(base, root / "two", task_type="CAUSAL_LM", seed=2),
-            "three": _save_adapter(base, root / "three", task_type="CAUSAL_LM", seed=3)}
+    adapters = {n: _save_adapter(base, root / n, task_type="CAUSAL_LM", seed=i + 1)
+                for i, n in enumerate(("one", "two", "three"))}
+    return {"base": base, "root": root, **adapters}
+
+
+@pytest.fixture(scope="module")
+def lm_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_lm_world(tmp_path_factory.mktemp("openai-lm"))
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
-from conftest import make_tiny_tokenizer, save_tiny_model  # noqa: E402
 from ray import serve  # noqa: E402
-from test_openai_api import CHAT_TEMPLATE  # noqa: E402
-from test_serving import _free_port, _save_adapter  # noqa: E402
+from test_openai_api import make_lm_world  # noqa: E402
+from test_serving import _free_port  # noqa: E402
 
 from bitfit_peft.serving import MultiTaskEngine  # noqa: E402
 from bitfit_peft.serving.openai_api import ApiOptions  # noqa: E402
@@ -30,16 +29,7 @@ TOKEN = "ray-openai-token"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("ray-openai")
-    base = save_tiny_model(tmp / "gpt2", "gpt2", task="causal_lm")
-    tokenizer = make_tiny_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(base)
-    root = tmp / "adapters"
-    root.mkdir()
-    for i, name in enumerate(("one", "two", "three")):
-        _save_adapter(base, root / name, task_type="CAUSAL_LM", seed=i + 1)
-    return {"base": base, "root": root}
+    return make_lm_world(tmp_path_factory.mktemp("ray-openai"))
 
 
 RAY_METRICS_PORT = _free_port()
