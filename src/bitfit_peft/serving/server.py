@@ -180,7 +180,7 @@ class LocalBackend:
             await self.batcher.stop()
 
     async def run(self, kind: str, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> list[dict]:
-        missing = unknown_tasks(self.engine, [p[0] for p in payloads])
+        missing = await asyncio.to_thread(unknown_tasks, self.engine, [p[0] for p in payloads])  # may stat roots
         if missing is not None:
             raise missing
         # tokenized (and costed) before any engine work, off the engine's thread and lock
@@ -190,7 +190,7 @@ class LocalBackend:
         return [r.to_dict() for r in await self.batcher.submit(key, items)]
 
     async def stream(self, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> AsyncIterator[tuple]:
-        missing = unknown_tasks(self.engine, [p[0] for p in payloads])
+        missing = await asyncio.to_thread(unknown_tasks, self.engine, [p[0] for p in payloads])
         if missing is not None:
             raise missing
         costed = await asyncio.to_thread(encode_payloads, self.engine, "oai_stream", settings, payloads)
