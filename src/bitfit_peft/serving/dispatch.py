@@ -17,13 +17,12 @@ A dynamic batch mixes the requests of many tenants, so one tenant's broken adapt
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from bitfit_peft.serving.encoding import Encoded
 from bitfit_peft.serving.engine import MultiTaskEngine
 from bitfit_peft.serving.errors import EngineError, UnknownTaskError
-from bitfit_peft.serving.openai_engine import KINDS, render_prompt
+from bitfit_peft.serving.openai_engine import KINDS, Costed, render_prompt
 from bitfit_peft.serving.residency import rounds
 from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
@@ -41,15 +40,6 @@ def unknown_tasks(engine: MultiTaskEngine, tasks: Sequence[str]) -> UnknownTaskE
         return None
     return UnknownTaskError(f"Unknown task(s) {unknown[:20]}; loaded adapters: {sorted(engine.tasks())[:20]} "
                             f"(or {BASE_ADAPTER_NAME!r} for the bare base model).")
-
-
-@dataclass(frozen=True)
-class Costed:
-    """A payload of the OpenAI-compatible API, kept whole, with its task and the cost of its tokenized input."""
-
-    task: str
-    payload: tuple
-    cost: int
 
 
 def budget_kind(kind: str) -> str:
@@ -80,12 +70,12 @@ def _costed(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: Seque
     else:
         prompts = [(p[0], render_prompt(engine.tokenizer, p[1])) for p in payloads]
         encoded = engine.inference.encode_prompts(prompts, dict(settings))
-    return [Costed(p[0], tuple(p), e.cost) for p, e in zip(payloads, encoded, strict=True)]
+    return [Costed(p[0], tuple(p), e) for p, e in zip(payloads, encoded, strict=True)]
 
 
 def with_costs(costed: Sequence[Costed], payloads: Sequence[tuple]) -> list[Costed]:
     """``payloads`` (the requests of ``costed``, in order, e.g. with a stream's sinks added) with their costs."""
-    return [Costed(c.task, tuple(p), c.cost) for c, p in zip(costed, payloads, strict=True)]
+    return [Costed(c.task, tuple(p), c.encoded) for c, p in zip(costed, payloads, strict=True)]
 
 
 def run_engine_batch(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: list[Any]) -> list[Any]:
@@ -119,7 +109,7 @@ def _run_isolated(engine: MultiTaskEngine, kind: str, settings: tuple, items: li
         if kind == "predict":
             outputs: list[Any] = engine.inference.predict_encoded(subset)
         elif kind in KINDS:  # the OpenAI-compatible API's kinds (openai_engine.py)
-            outputs = list(KINDS[kind](engine, settings, [it.payload for it in subset]))
+            outputs = list(KINDS[kind](engine, settings, subset))
         else:
             outputs = engine.inference.generate_encoded(subset, **dict(settings))
     except Exception as err:  # noqa: BLE001 - one tenant's failure must not fail the others

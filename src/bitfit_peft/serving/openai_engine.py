@@ -1,14 +1,15 @@
 """Engine-side work of the OpenAI-compatible API: the batch kinds it adds to the server's batcher.
 
-``server.run_engine_batch`` runs these kinds like ``predict`` and ``generate``: inside the dynamic batcher (or a Ray
+``dispatch.run_engine_batch`` runs these kinds like ``predict`` and ``generate``: inside the dynamic batcher (or a Ray
 replica's ``@serve.batch``), so requests for different adapters that arrive together share one forward or one
-``generate`` call. Payloads start with the task (adapter) name, as every payload does.
+``generate`` call. Payloads start with the task (adapter) name, as every payload does; each reaches the batch as a
+:class:`Costed`, tokenized once before the engine lock (``dispatch.encode_payloads``).
 
 - ``"oai_complete"``: ``(task, prompt, stop)`` where ``prompt`` is a string or a chat (a tuple of
   ``(role, content)``, rendered with the tokenizer's chat template); gives a :class:`Completion`.
 - ``"oai_stream"``: ``(task, prompt, stop, sink)``, the same, and every new token is handed to ``sink(choice,
   token_id)`` from the generation thread as it is made (:class:`BatchStreamer`).
-- ``"oai_pool"``: ``(task, text)``: ``engine.predict`` plus the input's token count (:class:`Pooled`).
+- ``"oai_pool"``: ``(task, text)``: a prediction plus the input's token count (:class:`Pooled`).
 
 :func:`stream_completion` turns an ``oai_stream`` submission into text deltas (incremental detokenisation and stop
 strings, :class:`ChoiceText`); the local server and each Ray replica run it next to their engine.
@@ -21,12 +22,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bitfit_peft.serving.encoding import Encoded
 from bitfit_peft.serving.engine import MultiTaskEngine
 from bitfit_peft.serving.errors import EngineError
 
-__all__ = ["KINDS", "BatchStreamer", "ChoiceText", "Completion", "Pooled", "render_prompt", "stream_completion"]
+__all__ = ["KINDS", "BatchStreamer", "ChoiceText", "Completion", "Costed", "Pooled", "render_prompt",
+           "stream_completion"]
 
 Sink = Callable[[int, int], None]  #: (choice index, token id), called from the generation thread
+
+
+@dataclass(frozen=True)
+class Costed:
+    """A payload of this API, kept whole (stop strings, a stream's sink), with its tokenized input (its cost, and
+    the tokens the engine runs and ``usage`` counts)."""
+
+    task: str
+    payload: tuple
+    encoded: Encoded
+
+    @property
+    def cost(self) -> int:
+        return self.encoded.cost
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.encoded.features["input_ids"])
 
 
 @dataclass
@@ -139,15 +160,15 @@ def _eos(engine: MultiTaskEngine) -> set[int]:
     return engine.inference._eos_ids()  # the engine's own end-of-sequence set (one home)
 
 
-def _complete(engine: MultiTaskEngine, settings: tuple, payloads: list[tuple]) -> list[Completion]:
+def _complete(engine: MultiTaskEngine, settings: tuple, items: list[Costed]) -> list[Completion]:
     tokenizer, opts = engine.tokenizer, dict(settings)
-    prompts = [render_prompt(tokenizer, p[1]) for p in payloads]
+    payloads = [it.payload for it in items]
     n = int(opts.get("num_return_sequences", 1))
     eos = _eos(engine)
     streamer = BatchStreamer([p[3] if len(p) > 3 else None for p in payloads], n, eos)
-    generations = engine.generate([(p[0], text) for p, text in zip(payloads, prompts, strict=True)], **opts,
-                                  streamer=streamer if any(streamer.sinks) else None)
-    counts = _token_counts(engine, prompts)
+    generations = engine.inference.generate_encoded([it.encoded for it in items], **opts,
+                                                    streamer=streamer if any(streamer.sinks) else None)
+    counts = [it.prompt_tokens for it in items]
     results = []
     for payload, gen, count in zip(payloads, generations, counts, strict=True):
         texts, reasons, lengths = [], [], []
@@ -170,19 +191,13 @@ def _complete(engine: MultiTaskEngine, settings: tuple, payloads: list[tuple]) -
     return results
 
 
-def _pool(engine: MultiTaskEngine, settings: tuple, payloads: list[tuple]) -> list[Pooled]:
-    predictions = engine.predict([(p[0], p[1]) for p in payloads])
-    counts = _token_counts(engine, [p[1] for p in payloads])
-    return [Pooled(pred.to_dict(), c) for pred, c in zip(predictions, counts, strict=True)]
+def _pool(engine: MultiTaskEngine, settings: tuple, items: list[Costed]) -> list[Pooled]:
+    predictions = engine.inference.predict_encoded([it.encoded for it in items])
+    return [Pooled(pred.to_dict(), it.prompt_tokens) for pred, it in zip(predictions, items, strict=True)]
 
 
-def _token_counts(engine: MultiTaskEngine, texts: list[str]) -> list[int]:
-    encoded = engine.tokenizer(texts, truncation=True, max_length=engine.max_length)["input_ids"]
-    return [len(ids) for ids in encoded]
-
-
-#: kind -> runner(engine, settings, payloads) -> one result (with ``to_dict``) per payload
-KINDS: dict[str, Callable[[MultiTaskEngine, tuple, list[tuple]], Sequence[Any]]] = {
+#: kind -> runner(engine, settings, items) -> one result (with ``to_dict``) per item
+KINDS: dict[str, Callable[[MultiTaskEngine, tuple, list[Costed]], Sequence[Any]]] = {
     "oai_complete": _complete,
     "oai_stream": _complete,
     "oai_pool": _pool,
