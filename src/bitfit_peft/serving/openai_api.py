@@ -285,22 +285,23 @@ class _Api:
         yield fmt.sse("[DONE]")
 
     # ------------------------------------------------------------------ pooling
-    async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-        self._need(("FEATURE_EXTRACTION",), "POST /v1/embeddings needs a FEATURE_EXTRACTION server (use /classify)")
+    async def _pooled(self, body: EmbeddingRequest | ClassifyRequest, request: Request) -> tuple[str, list[Any]]:
+        """The served model's name and one ``oai_pool`` result per input of ``body``."""
         model = body.model or self.base_id
         task = self._task(request, model)
         with self._in_flight(task):
-            results = await self.backend.run("oai_pool", (), [(task, t) for t in self._inputs(body.texts())])
+            return model, await self.backend.run("oai_pool", (), [(task, t) for t in self._inputs(body.texts())])
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        self._need(("FEATURE_EXTRACTION",), "POST /v1/embeddings needs a FEATURE_EXTRACTION server (use /classify)")
+        model, results = await self._pooled(body, request)
         answer = fmt.embedding_body(model, results, body.encoding_format)
         self._record(request, model, {"prompt_tokens": answer["usage"]["prompt_tokens"], "completion_tokens": 0})
         return answer
 
     async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
         self._need(("SEQ_CLS",), "/classify needs a SEQ_CLS server (use POST /v1/embeddings)")
-        model = body.model or self.base_id
-        task = self._task(request, model)
-        with self._in_flight(task):
-            results = await self.backend.run("oai_pool", (), [(task, t) for t in self._inputs(body.texts())])
+        model, results = await self._pooled(body, request)
         answer = fmt.classify_body(model, results)
         self._record(request, model, answer["usage"])
         return answer
