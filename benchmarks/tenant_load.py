@@ -166,12 +166,15 @@ def _hostile(cls: str, client: httpx.Client, stop: threading.Event, log: list[in
             log.append(-1)
 
 
-def scenario(url: str, kind: str, hostile: str | None, seconds: float) -> dict[str, Any]:
+def scenario(url: str, kind: str, hostile: str | None, seconds: float, warmup: float = 2.0) -> dict[str, Any]:
+    """``seconds`` of 16 well-behaved clients (and the hostile one), measured after ``warmup`` seconds of the
+    well-behaved clients alone (a fresh server's first batches are slow in both runs)."""
     stop = threading.Event()
     latencies: list[float] = []
     failures: list[str] = []
     hostile_log: list[int] = []
     lock = threading.Lock()
+    measure_from = time.perf_counter() + warmup
 
     def good(cid: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -184,16 +187,20 @@ def scenario(url: str, kind: str, hostile: str | None, seconds: float) -> dict[s
                     ok, why = r.status_code == 200, f"{r.status_code}"
                 except httpx.HTTPError as err:
                     ok, why = False, type(err).__name__
+                if started < measure_from:
+                    continue
                 with lock:
                     (latencies.append(time.perf_counter() - started) if ok else failures.append(why))
                 i += CLIENTS
 
     threads = [threading.Thread(target=good, args=(c,)) for c in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, measure_from - time.perf_counter()))
     if hostile is not None:
         bad = httpx.Client(base_url=url, timeout=60)
         threads.append(threading.Thread(target=_hostile, args=(hostile, bad, stop, hostile_log)))
-    for t in threads:
-        t.start()
+        threads[-1].start()
     time.sleep(seconds)
     stop.set()
     for t in threads:
@@ -227,6 +234,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--label", default="after")
     parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of well-behaved traffic not measured")
     parser.add_argument("--limits", default="{}", help='JSON of Limits overrides, e.g. {"max_batch_tokens": 512}')
     parser.add_argument("--only", default="", help="comma-separated hostile classes (and 'none') to run")
     args = parser.parse_args()
@@ -246,7 +254,8 @@ def main() -> None:
                 continue
             proc = _start(args.dir, kind, args.port, args.limits)
             try:
-                row = {"server": kind, **scenario(f"http://127.0.0.1:{args.port}", kind, cls, args.seconds)}
+                row = {"server": kind, **scenario(f"http://127.0.0.1:{args.port}", kind, cls, args.seconds,
+                                                    args.warmup)}
             finally:
                 proc.kill()
                 proc.wait()
@@ -254,7 +263,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"tenant_load_{args.label}.json"
-    out.write_text(json.dumps({"label": args.label, "seconds": args.seconds, "clients": CLIENTS,
+    out.write_text(json.dumps({"label": args.label, "seconds": args.seconds, "warmup": args.warmup, "clients": CLIENTS,
                                "limits": json.loads(args.limits), "rows": rows}, indent=1))
     print(f"wrote {out}")
 

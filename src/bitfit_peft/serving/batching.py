@@ -12,6 +12,12 @@ and ``budget_of``, a batch holds at most ``budget`` padded cost (items x the cos
 *flow*: a batch takes items from the flows that were served the least cost so far first, one at a time in turn,
 and an item much costlier than the batch's first does not join it, so a request of 256 long inputs is split over
 many batches and cannot hold back the small requests that arrive behind it.
+
+Interleaving (with ``interleave``): a ``generate`` batch runs for as many model steps as it makes tokens, and a
+long forward for many blocks, so between two transformer blocks of the running batch (``interleave.py``) the worker
+runs the waiting items that are much cheaper than that batch's costliest (at most ``1/_MIX_RATIO`` of it) and need
+no adapter load, as a batch of their own, then resumes the long one: a short request waits about one block, not a
+whole 512-token beam search or a forward over 512-token pairs.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
+
+from bitfit_peft.serving.interleave import SetAside, step_hook
 
 __all__ = ["BatchStats", "DynamicBatcher", "QueueFullError", "QueueTimeoutError"]
 
@@ -40,6 +49,8 @@ class QueueTimeoutError(RuntimeError):
 
 #: an item may join a batch only if its cost is at most this many times the batch's first item's (or _MIX_FLOOR)
 _MIX_RATIO, _MIX_FLOOR = 4, 64
+#: most batches nested inside each other's model calls (each at most 1/_MIX_RATIO of the cost of the one it is in)
+_MAX_DEPTH = 3
 
 
 @dataclass
@@ -72,6 +83,10 @@ class _Item:
     cost: int = 1
 
 
+def _no_work(_set_aside: SetAside) -> None:
+    """The step hook of a batch nested as deep as allowed: nothing runs inside it."""
+
+
 class DynamicBatcher:
     """Collect items into batches for ``runner``.
 
@@ -84,6 +99,8 @@ class DynamicBatcher:
         task_of: optional ``payload -> task name`` used for the mixed-batch statistics.
         cost_of / budget_of: ``payload -> cost`` and ``key -> most padded cost per batch`` (None: no budget).
         queue_timeout_s: an item waiting longer fails with :class:`QueueTimeoutError` (None: no deadline).
+        interleave: ``payload -> bool``, whether the item may run between the transformer blocks of a costlier batch
+            (its adapter is resident: nothing to load); None: never interleave.
     """
 
     def __init__(
@@ -96,6 +113,7 @@ class DynamicBatcher:
         cost_of: Callable[[Any], int] | None = None,
         budget_of: Callable[[Hashable], int] | None = None,
         queue_timeout_s: float | None = None,
+        interleave: Callable[[Any], bool] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0.")
@@ -105,7 +123,10 @@ class DynamicBatcher:
         self.max_queue = int(max_queue)
         self.task_of, self.cost_of, self.budget_of = task_of, cost_of, budget_of
         self.queue_timeout = queue_timeout_s
+        self.interleave = interleave
         self.stats = BatchStats()
+        self._closing = False
+        self._next_look = 0.0  #: monotonic time before which a block boundary does not look for work again
         self._flows = 0
         self._served: dict[int, int] = {}  #: cost served so far per flow with items waiting
         self._pending: deque[_Item] = deque()
@@ -129,6 +150,7 @@ class DynamicBatcher:
         self._task = asyncio.create_task(self._run(), name="bitfit-batcher")
 
     async def stop(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -175,12 +197,13 @@ class DynamicBatcher:
     def _count(self, key: Hashable) -> int:
         return sum(1 for it in self._pending if it.key == key)
 
-    def _take(self, key: Hashable) -> list[_Item]:
-        """The next batch of ``key``: least-served flows first, in turn, within the size and cost budgets."""
+    def _take(self, key: Hashable, eligible: Callable[[_Item], bool] | None = None) -> list[_Item]:
+        """The next batch of ``key`` (of ``eligible`` items): least-served flows first, in turn, within the size and
+        cost budgets."""
         self._expire()
         flows: dict[int, deque[_Item]] = {}
         for item in self._pending:
-            if item.key == key:
+            if item.key == key and (eligible is None or eligible(item)):
                 flows.setdefault(item.flow, deque()).append(item)
         budget = self.budget_of(key) if self.budget_of is not None else None
         order = sorted(flows, key=lambda f: (self._served.get(f, 0), f))
@@ -251,24 +274,80 @@ class DynamicBatcher:
             await self._run_batch(loop, first.key, batch)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, key: Hashable, batch: list[_Item]) -> None:
-        payloads = [it.payload for it in batch]
-        started = time.perf_counter()
         self.in_flight = len(batch)
         try:
-            results = await loop.run_in_executor(self._executor, self.runner, key, payloads)
-            if len(results) != len(batch):
-                raise RuntimeError(f"Batch runner returned {len(results)} results for {len(batch)} items.")
-        except Exception as err:  # noqa: BLE001 - fail this batch's requests, keep serving
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(err)
-            return
+            results = await loop.run_in_executor(self._executor, self._compute, loop, key, batch, 0)
         finally:
             self.in_flight = 0
-            self._record(payloads, time.perf_counter() - started)
-        for item, result in zip(batch, results, strict=True):
+        self._deliver(batch, results)
+
+    def _compute(self, loop: asyncio.AbstractEventLoop, key: Hashable, batch: list[_Item],
+                 depth: int) -> Sequence[Any] | Exception:
+        """Run one batch on the worker thread (its results, or the exception failing all of it); with
+        ``interleave``, cheaper waiting batches run between its transformer blocks (:meth:`_between_steps`)."""
+        payloads = [it.payload for it in batch]
+        started = time.perf_counter()
+        try:
+            if self.interleave is None:
+                results = self.runner(key, payloads)
+            else:  # the deepest batches run with a hook that does nothing (not the one of the batch they are in)
+                widest = max(it.cost for it in batch)
+                hook = partial(self._between_steps, loop, widest, depth) if depth < _MAX_DEPTH else _no_work
+                with step_hook(hook):
+                    results = self.runner(key, payloads)
+            if len(results) != len(batch):
+                raise RuntimeError(f"Batch runner returned {len(results)} results for {len(batch)} items.")
+            return results
+        except Exception as err:  # noqa: BLE001 - fail this batch's requests, keep serving
+            return err
+        finally:
+            loop.call_soon_threadsafe(self._record, payloads, time.perf_counter() - started)
+
+    def _between_steps(self, loop: asyncio.AbstractEventLoop, widest: int, depth: int, set_aside: SetAside) -> None:
+        """Between two blocks of a batch costing up to ``widest`` (worker thread): run the waiting items
+        that cost at most ``widest / _MIX_RATIO`` and need no load as a batch, with the running call set aside."""
+        if self._closing or not self._pending or time.monotonic() < self._next_look:
+            return
+        try:
+            taken = asyncio.run_coroutine_threadsafe(self._take_between(widest), loop).result(timeout=1.0)
+        except Exception:  # noqa: BLE001 - the loop is stopping: the running batch just goes on
+            return
+        if taken is None:
+            self._next_look = time.monotonic() + min(self.max_wait, 0.002)
+            return
+        key, batch = taken
+        self.in_flight += len(batch)
+        try:
+            with set_aside():
+                results = self._compute(loop, key, batch, depth + 1)
+        finally:
+            self.in_flight -= len(batch)
+        loop.call_soon_threadsafe(self._deliver, batch, results)
+
+    async def _take_between(self, widest: int) -> tuple[Hashable, list[_Item]] | None:
+        """On the event loop: the batch to run between two blocks, once it waited ``max_wait`` for company."""
+        assert self.interleave is not None
+        ready = self.interleave
+
+        def eligible(item: _Item) -> bool:
+            return item.cost * _MIX_RATIO <= widest and ready(item.payload)
+
+        candidates = [it for it in self._pending if eligible(it)]
+        if not candidates:
+            return None
+        first = candidates[0]
+        gathered = sum(1 for it in candidates if it.key == first.key) >= self.max_batch_size
+        if not gathered and asyncio.get_running_loop().time() - first.arrived < self.max_wait:
+            return None
+        batch = self._take(first.key, eligible)
+        return (first.key, batch) if batch else None
+
+    def _deliver(self, batch: list[_Item], results: Sequence[Any] | Exception) -> None:
+        """On the event loop: each item's result, or the exception failing the batch."""
+        for i, item in enumerate(batch):
             if item.future.done():
                 continue
+            result = results if isinstance(results, Exception) else results[i]
             if isinstance(result, BaseException):
                 item.future.set_exception(result)
             else:

@@ -8,7 +8,8 @@ labels, loads on first use (``ensure_resident``) and the lock every batch runs u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import torch
 from bitfit_peft.serving.adapter_files import labels_from_id2label
 from bitfit_peft.serving.encoding import Encoded, encode_inputs, encode_prompts, pad
 from bitfit_peft.serving.errors import EngineError
+from bitfit_peft.serving.interleave import install_boundaries
 from bitfit_peft.serving.registry import Registry
 from bitfit_peft.serving.residency import rounds
 
@@ -73,6 +75,8 @@ class Inference:
                  normalize_embeddings: bool = False) -> None:
         self.registry, self.tokenizer, self.device = registry, tokenizer, device
         self.max_length, self.normalize_embeddings = max_length, normalize_embeddings
+        #: before each transformer block: cheaper waiting requests may run there (``interleave.py``)
+        self._boundaries = install_boundaries(registry.base, self._set_aside)
 
     @property
     def task_type(self) -> str:
@@ -264,6 +268,17 @@ class Inference:
         if self.task_type == "CAUSAL_LM":
             out = out[:, batch["input_ids"].shape[1]:]
         return self._decode(names, out, int(num_return_sequences))
+
+    @contextmanager
+    def _set_aside(self) -> Iterator[None]:
+        """Between two blocks of a model call (``interleave.py``): the call's model state put aside and the random
+        stream forked while inner requests run, so the call resumes exactly as it was."""
+        model = self.registry.peft_model
+        cuda = [] if self.device.type != "cuda" else [self.device.index if self.device.index is not None
+                                                      else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=cuda), (model.base_model.call_set_aside() if model is not None
+                                                    else nullcontext()):
+            yield
 
     def _generate(self, names: list[str], batch: dict[str, torch.Tensor], gen_kwargs: dict[str, Any]) -> Any:
         registry = self.registry

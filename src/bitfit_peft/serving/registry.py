@@ -126,6 +126,10 @@ class Registry:
     def infos(self) -> list[AdapterInfo]:
         return [a.info() for a in list(self._loaded.values())]
 
+    def is_resident(self, name: str) -> bool:
+        """The base, or an adapter in memory now (a batch of it needs no load)."""
+        return name == BASE_ADAPTER_NAME or name in self._loaded
+
     def can_serve(self, name: str) -> bool:
         """The base, a resident adapter, or (with a cap) one that loads on first use."""
         if name == BASE_ADAPTER_NAME or name in self._loaded:

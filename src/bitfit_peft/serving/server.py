@@ -169,7 +169,8 @@ class LocalBackend:
                                       max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p.task,
                                       cost_of=lambda p: p.cost,
                                       budget_of=lambda key: limits.batch_budget(budget_kind(key[0])),
-                                      queue_timeout_s=limits.queue_timeout_s)
+                                      queue_timeout_s=limits.queue_timeout_s,
+                                      interleave=lambda p: engine.registry.is_resident(p.task))
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:

@@ -103,6 +103,46 @@ class CallPlanMixin:
             layer.stage_call(MixedCall(routing.index, routing.adapters, rows))
         self._mixed_staged = layers
 
+    @contextmanager
+    def call_set_aside(self) -> Iterator[None]:
+        """Let another call run on this model in the middle of the call in progress, on the same thread.
+
+        A serving engine runs short requests between the decoding steps of a long ``generate`` (from a logits
+        processor): what the long call staged (routing, every layer's staged bias or rows) is put aside, the model
+        is bare for the inner call, and the long call's state is back when the block ends, whatever the inner call
+        did.
+
+        Example:
+            >>> import torch, bitfit_peft
+            >>> from peft import get_peft_model
+            >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 2)), bitfit_peft.BitFitConfig())
+            >>> tuner, layer = model.base_model, model.base_model.model[0]
+            >>> with tuner._enable_peft_forward_hooks(adapter_names=["default"]):
+            ...     with tuner.call_set_aside():
+            ...         inner = layer._staged_call  # nothing staged while set aside
+            ...     layer._staged_call.adapters  # the outer call's mixed routing is back
+            ('default',)
+            >>> print(inner)
+            None
+        """
+        routing = self._routing
+        saved = (routing.adapters, routing.rows, routing.index, routing.expected_batch)
+        layers = self._call_structure()[0]
+        staged = [layer._staged_call for layer in layers]
+        mixed, precomputing = self._mixed_staged, self._precomputing
+        self._mixed_staged, self._precomputing = None, False
+        routing.clear()
+        for layer in layers:
+            layer.stage_call(None)
+        try:
+            yield
+        finally:
+            self._clear_routing()
+            routing.adapters, routing.rows, routing.index, routing.expected_batch = saved
+            for layer, value in zip(layers, staged, strict=True):
+                layer.stage_call(value)
+            self._mixed_staged, self._precomputing = mixed, precomputing
+
     def _call_structure(self) -> tuple[list, list]:
         """The BitFit layers and head wrappers for this call.
 
