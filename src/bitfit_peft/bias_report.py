@@ -36,7 +36,7 @@ from transformers import AutoModel
 
 from bitfit_peft.files.delta_format import from_legacy
 from bitfit_peft.files.paths import is_hub_id
-from bitfit_peft.files.validate import check_plain_file, read_header
+from bitfit_peft.files.validate import check_plain_file, read_config, read_header
 from bitfit_peft.names import DEFAULT_TOLERANCE, DELTA_KEY, PEFT_PREFIX
 from bitfit_peft.tuner.groups import BIAS_GROUPS, layer_index, primary_group
 
@@ -260,13 +260,12 @@ def _read_adapter_file(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_config(adapter_dir: Path) -> dict[str, Any]:
-    """``adapter_config.json`` as a dict ({} when missing, over 1 MiB or not a JSON object)."""
+    """``adapter_config.json`` as a dict, read with the loaders' bounds ({} when missing, refused or not a JSON
+    object: the report still shows the deltas)."""
     try:
-        path = check_plain_file(adapter_dir, CONFIG_NAME)
-        data = json.loads(path.read_text(encoding="utf-8")) if path and path.stat().st_size < (1 << 20) else {}
+        return read_config(adapter_dir / CONFIG_NAME, lenient=True) or {}
     except (OSError, ValueError):  # BitFitError (a refused file) is a ValueError
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _base_biases(base: str | nn.Module) -> dict[str, torch.Tensor]:
