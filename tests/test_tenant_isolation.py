@@ -200,6 +200,23 @@ def test_heads_that_cannot_run_or_are_too_big_are_refused_at_load(engine: MultiT
                         limits=Limits(max_head_bytes=64)).add_adapter("t0", world["t0"])
 
 
+def test_a_bin_adapters_head_is_checked_before_commit(engine: MultiTaskEngine, world: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """PEFT's ``adapter_model.bin`` fallback: its head is held to the same shape and label caps."""
+    for name, head in (("bin_inner", (2, HIDDEN + 8)), ("bin_many", (65, HIDDEN))):  # the engine's max_labels: 64
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text((world["t0"] / "adapter_config.json").read_text())
+        tensors = _tensors(world["t0"])
+        tensors["base_model.model.classifier.weight"] = torch.randn(head)
+        if name == "bin_many":
+            tensors["base_model.model.classifier.bias"] = torch.zeros(head[0])
+        torch.save(tensors, folder / "adapter_model.bin")
+        with pytest.raises(EngineError, match=r"needs \[2, 32\]" if name == "bin_inner" else "65 labels.*max_labels"):
+            engine.add_adapter(name, folder)
+        assert name not in engine.tasks()
+
+
 def test_a_failing_adapter_fails_only_its_own_requests(world: dict[str, Path]) -> None:
     eng = MultiTaskEngine(str(world["base"]), task_type="SEQ_CLS", device="cpu")
     for i in range(4):

@@ -253,10 +253,13 @@ def is_head_key(key: str, heads: Sequence[str]) -> bool:
 
 
 def head_shapes(adapter_dir: Path, heads: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the ``modules_to_save`` tensors (of the modules ``heads``) in an adapter file, by model path."""
+    """Shapes of the ``modules_to_save`` tensors (of the modules ``heads``) in an adapter file, by model path.
+
+    A safetensors file: from its header only. A ``.bin`` file (PEFT's fallback): loaded memory-mapped with
+    ``weights_only`` (the pickle is read, the tensor data is not)."""
     file = adapter_dir / SAFETENSORS_WEIGHTS_NAME
     if not file.is_file():
-        return {}
+        return _bin_head_shapes(adapter_dir / WEIGHTS_NAME, heads)
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -268,3 +271,20 @@ def head_shapes(adapter_dir: Path, heads: Sequence[str]) -> dict[str, tuple[int,
     except SafetensorError as err:
         raise EngineError(f"{file} is corrupt or truncated ({err}); re-save or re-download the adapter.") from err
     return shapes
+
+
+def _bin_head_shapes(file: Path, heads: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    if not file.is_file():
+        return {}
+    import torch
+
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable pickle is the same refusal
+        raise EngineError(f"{file} cannot be read ({type(err).__name__}); re-save the adapter with safetensors "
+                          "(save_pretrained's default).") from err
+    if not isinstance(state, dict):
+        raise EngineError(f"{file} holds a {type(state).__name__}, not a state dict; re-save the adapter.")
+    return {strip_prefix(k): tuple(v.shape) for k, v in state.items()
+            if isinstance(k, str) and isinstance(v, torch.Tensor) and not k.endswith(f".{DELTA_KEY}")
+            and f".{DELTA_KEY}." not in k and is_head_key(strip_prefix(k), heads)}
