@@ -126,13 +126,14 @@ def watch_local(engine: Any, batcher: Any, metrics: ServerMetrics) -> None:
     runner, running = batcher.runner, []
 
     def observed(key: Any, payloads: list[Any]) -> Any:
-        running[:] = [p.task for p in payloads]  # encoded items (dispatch.encode_payloads)
-        metrics.in_flight_inputs = len(payloads)
+        outer, outer_inputs = list(running), metrics.in_flight_inputs  # a batch run inside another's (interleaving)
+        running[:] = outer + [p.task for p in payloads]  # encoded items (dispatch.encode_payloads)
+        metrics.in_flight_inputs = outer_inputs + len(payloads)
         try:
             results = runner(key, payloads)
         finally:
-            running.clear()
-            metrics.in_flight_inputs = 0
+            running[:] = outer
+            metrics.in_flight_inputs = outer_inputs
         metrics.observe_batch(key[0], len(payloads), batch_tokens(key[0], results))
         return results
 
