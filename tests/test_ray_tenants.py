@@ -66,11 +66,17 @@ def _env() -> dict[str, str]:
             "RAY_DEDUP_LOGS": "0"}
 
 
-def _probe(url: str) -> int | None:
+def _probe(url: str) -> tuple[int | None, bool]:
+    """(status or None when nothing answers, whether our app answered: Serve's proxy may answer before it)."""
     try:
-        return httpx.get(url, timeout=5).status_code
+        resp = httpx.get(url, timeout=5)
     except httpx.HTTPError:
-        return None
+        return None, False
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.status_code, False
+    return resp.status_code, isinstance(body, dict) and ("ready" in body or body.get("status") == "alive")
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
@@ -83,14 +89,14 @@ def test_serve_ray_stops_cleanly_on_sigterm(world: dict[str, Path]) -> None:
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    seen: list[tuple[int | None, int | None]] = []
+    seen: list[tuple[tuple[int | None, bool], tuple[int | None, bool]]] = []
     try:
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             live, ready = _probe(f"{url}/livez"), _probe(f"{url}/readyz")
             seen.append((live, ready))
-            if ready == 200:
+            if ready == (200, True):
                 break
             assert time.monotonic() < deadline, seen[-5:]
             time.sleep(0.5)
@@ -108,9 +114,9 @@ def test_serve_ray_stops_cleanly_on_sigterm(world: dict[str, Path]) -> None:
     assert proc.returncode == 0, err[-3000:]
     assert not [d for d in DUMPS if d in err], err[-3000:]
     assert f"HTTP listens on 127.0.0.1:{port}" in " ".join(err.split())  # the start-up log says what listens where
-    assert all(r in (None, 503) for _, r in seen[:-1]), seen  # never an error page while starting
-    assert all(live == 200 for live, r in seen if r is not None), seen  # liveness whenever the ingress answers
-    assert _probe(f"{url}/livez") is None  # the port is closed: nothing was left running
+    ours = [(live, ready) for live, ready in seen[:-1] if ready[1]]  # our app answered, not yet ready
+    assert all(ready[0] == 503 and live == (200, True) for live, ready in ours), seen  # not ready, but alive
+    assert _probe(f"{url}/livez") == (None, False)  # the port is closed: nothing was left running
 
 
 # ---------------------------------------------------------------------------------------------------- the cluster
