@@ -299,8 +299,9 @@ def _serve_ray(base: str, pairs: list[tuple[str, str]], *, host: str, port: int,
     ray.init(address=ray_address, include_dashboard=False, dashboard_host="127.0.0.1")
     Console(stderr=True).print(
         f"Ray Serve HTTP listens on {host}:{port}. Ray's own servers (GCS, raylet, object manager, workers, agents; "
-        "about 14 ports) listen on all interfaces whatever --host says (Ray has no loopback-only mode); this Ray "
-        "requires its cluster token (RAY_AUTH_MODE). Firewall every port but the HTTP one (docs/security.md#ray).")
+        "about 20 ports with one replica, more per replica) listen on all interfaces whatever --host says (Ray has "
+        "no loopback-only mode); this Ray requires its cluster token (RAY_AUTH_MODE). Firewall every port but the "
+        "HTTP one (docs/security.md#ray).")
     signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: Serve and Ray shut down, no C++ stack dump
     serve.start(http_options={"host": host, "port": port})
     try:

@@ -71,10 +71,14 @@ def _unusable(text: str, err: Exception) -> BadAdapterPathError:
 
 
 def _first_inside(raw: Path, roots: Sequence[Path]) -> Path | None:
-    """``raw`` (taken relative to each root in turn when relative) resolved inside the first root holding it."""
+    """``raw`` (taken relative to each root in turn when relative) resolved inside the first root holding it.
+
+    A path that leaves a root as written (``..``, another absolute path) is refused for it before the filesystem is
+    asked anything, so a request cannot learn what exists outside the roots (no existence oracle)."""
     for root in roots:
         candidate = raw if raw.is_absolute() else root / raw
-        if inside(candidate, [root]):
+        written = Path(os.path.normpath(candidate))
+        if (written == root or written.is_relative_to(root)) and inside(candidate, [root]):
             return candidate.resolve()
     return None
 
@@ -82,8 +86,9 @@ def _first_inside(raw: Path, roots: Sequence[Path]) -> Path | None:
 def locate(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
     """The adapter folder ``path`` names inside ``roots`` (resolved folders), symlinks followed.
 
-    A relative ``path`` is taken relative to each root in turn. Raises :class:`AdapterPathError` (no roots, or
-    outside them), :class:`AdapterNotFoundError` (no folder or no ``adapter_config.json`` there) or
+    A relative ``path`` is taken relative to each root in turn (``~`` is a plain name here). Raises
+    :class:`AdapterPathError` (no roots, or outside them), :class:`AdapterNotFoundError` (no folder or no
+    ``adapter_config.json`` there) or
     :class:`BadAdapterPathError` (a symlink loop, a file, a path the OS cannot resolve).
     """
     text = os.fspath(path)
@@ -91,7 +96,7 @@ def locate(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
         raise AdapterPathError("Loading adapters from paths is disabled: no adapter roots are configured "
                                "(--adapter-root).")
     try:
-        found = _first_inside(Path(text).expanduser(), roots)
+        found = _first_inside(Path(text), roots)  # no '~' expansion: '~user' would tell which users exist
         what = "outside" if found is None else _what_is_at(found)
     except (ValueError, RuntimeError, OSError) as err:  # (our own errors are ValueErrors: none raised in here)
         raise _unusable(text, err) from err

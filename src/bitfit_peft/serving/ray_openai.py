@@ -20,17 +20,26 @@ from typing import TYPE_CHECKING, Any
 
 from ray.serve import metrics
 
-from bitfit_peft.serving.dispatch import budget_kind, encode_payloads, unknown_tasks, with_costs
-from bitfit_peft.serving.errors import EngineError, UnknownTaskError
-from bitfit_peft.serving.limits import BudgetError
+from bitfit_peft.serving.dispatch import AdapterRunError, budget_kind, encode_payloads, unknown_tasks, with_costs
+from bitfit_peft.serving.errors import EngineError
 from bitfit_peft.serving.metrics import batch_tokens
 from bitfit_peft.serving.openai_engine import stream_completion
 
-__all__ = ["ReplicaMetrics", "StreamingReplica"]
+__all__ = ["ReplicaMetrics", "StreamingReplica", "refusal"]
 
 _SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _TOKENS = [8, 32, 128, 512, 2048, 8192]
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+def refusal(err: BaseException) -> tuple[str, EngineError]:
+    """How a replica reports a failed request: ``("raise", error)``, raised again by the ingress and answered by the
+    plain server's own error mapping (``server.install_error_handlers``: 404, 413, 422, 500...). An error that is not
+    the engine's own is reported by its type only: its message or traceback may hold server paths."""
+    if isinstance(err, EngineError):
+        return ("raise", err)
+    return ("raise", AdapterRunError(f"A replica failed on this request ({type(err).__name__}); the other requests "
+                                     "were answered. Retry, or ask the operator to check the replica logs."))
 
 
 class ReplicaMetrics:
@@ -69,23 +78,20 @@ class StreamingReplica:
 
     async def stream(self, settings: tuple, payloads: list[tuple]) -> AsyncIterator[tuple]:
         """``("delta", ...)`` events of an ``oai_stream`` request (``openai_engine.stream_completion``), its inputs
-        batched with the other requests' by ``_run_items``; an error is one ``("error", status, detail, code)``."""
+        batched with the other requests' by ``_run_items``; an error is one :func:`refusal`."""
         await self._sync()
         if unknown_tasks(self.engine, [p[0] for p in payloads]) is not None:
             await self._sync(force=True)
             missing = unknown_tasks(self.engine, [p[0] for p in payloads])
             if missing is not None:
-                yield ("error", 404, str(missing), "unknown_task")
+                yield refusal(missing)
                 return
 
         try:  # tokenized and costed before any engine work (limits.py), off the engine lock
             costed = await asyncio.to_thread(encode_payloads, self.engine, "oai_stream", settings, payloads)
             self.engine.limits.check_request(budget_kind("oai_stream"), [c.cost for c in costed])
-        except BudgetError as err:
-            yield ("error", 413, str(err), "over_budget")
-            return
-        except EngineError as err:
-            yield ("error", 422, str(err), "invalid_request")
+        except EngineError as err:  # BudgetError: 413; the others: 422
+            yield refusal(err)
             return
 
         async def submit(items: list[tuple]) -> list[Any]:
@@ -99,6 +105,5 @@ class StreamingReplica:
         try:
             async for event in stream_completion(submit, self.engine.tokenizer, payloads):
                 yield event
-        except Exception as err:  # noqa: BLE001 - reported to the ingress as an error event
-            status = 404 if isinstance(err, UnknownTaskError) else 422 if isinstance(err, EngineError) else 500
-            yield ("error", status, f"{type(err).__name__}: {err}", "invalid_request" if status == 422 else None)
+        except Exception as err:  # noqa: BLE001 - reported to the ingress, which raises it again
+            yield refusal(err)

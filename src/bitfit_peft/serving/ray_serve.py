@@ -38,23 +38,23 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from bitfit_peft.serving.dispatch import AdapterRunError, budget_kind, encode_payloads, run_engine_batch, unknown_tasks
+from bitfit_peft.serving.dispatch import budget_kind, encode_payloads, run_engine_batch, unknown_tasks
 from bitfit_peft.serving.engine import MultiTaskEngine, normalize_task_type
-from bitfit_peft.serving.errors import EngineError, UnknownTaskError
-from bitfit_peft.serving.limits import BudgetError, Limits
+from bitfit_peft.serving.errors import EngineError
+from bitfit_peft.serving.limits import Limits
 from bitfit_peft.serving.openai_api import ApiOptions
-from bitfit_peft.serving.ray_openai import ReplicaMetrics, StreamingReplica
+from bitfit_peft.serving.ray_openai import ReplicaMetrics, StreamingReplica, refusal
 from bitfit_peft.serving.server import AdapterSpec, ApiError, add_to_engine, make_app
 
 __all__ = ["AdapterRegistry", "AdapterReplica", "BitFitIngress", "build_app"]
 
 logger = logging.getLogger(__name__)
 _RETRYABLE = (RayActorError, BackPressureError)
-Result = tuple[Any, ...]  # ("ok", value[, replica]) or ("error", status, detail, code)
+Result = tuple[Any, ...]  # ("ok", value[, replica]), ("error", status, detail, code) or ("raise", error)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -194,21 +194,16 @@ class AdapterReplica(StreamingReplica):
             await self._sync(force=True)  # loaded on another replica since our last sync?
             missing = unknown_tasks(self.engine, [p[0] for p in payloads])
             if missing is not None:
-                return ("error", 404, str(missing), "unknown_task")
+                return refusal(missing)
         try:  # tokenized and costed before any engine work (limits.py), off the engine lock
             items = await asyncio.to_thread(encode_payloads, self.engine, kind, settings, payloads)
             self.engine.limits.check_request(budget_kind(kind), [it.cost for it in items])
-        except BudgetError as err:
-            return ("error", 413, str(err), "over_budget")
-        except EngineError as err:
-            return ("error", 422, str(err), "invalid_request")
+        except EngineError as err:  # BudgetError: 413 naming the limit; the others: 422
+            return refusal(err)
         results = await asyncio.gather(*(self._run_items((kind, settings, it)) for it in items))
         for r in results:
             if isinstance(r, Exception):
-                if isinstance(r, UnknownTaskError):
-                    return ("error", 404, str(r), "unknown_task")
-                status = 422 if isinstance(r, EngineError) and not isinstance(r, AdapterRunError) else 500
-                return ("error", status, f"{type(r).__name__}: {r}", "invalid_request" if status == 422 else "internal")
+                return refusal(r)
         return ("ok", [r.to_dict() for r in results], self.replica_id)
 
     async def adapters(self) -> Result:
@@ -264,14 +259,15 @@ class RayBackend:
                 self.replica_failures += 1
                 logger.warning("replica call %s failed (attempt %d): %s", method, attempt + 1, type(err).__name__)
                 await asyncio.sleep(0.25 * (attempt + 1))
+            except RayTaskError as err:  # the replica raised: one line (its traceback holds server paths)
+                logger.error("replica call %s failed: %s", method, err)
+                raise ApiError(500, f"A replica failed on this request ({type(err.cause).__name__}); retry, or ask "
+                                    "the operator to check the replica logs.", "internal") from None
         else:
             hint = "" if retry else " It may or may not have been applied: check GET /v1/adapters."
             raise ApiError(503, f"No replica could serve this request (one is restarting); retry shortly.{hint}",
                            "replica_unavailable", {"Retry-After": "1"})
-        if isinstance(result, tuple) and result and result[0] == "error":
-            _, status, detail, code = result
-            raise ApiError(status, detail, code)
-        return result[1] if isinstance(result, tuple) else result
+        return _unpack(result)
 
     async def _broadcast(self, method: str, *args: Any) -> list[Any]:
         response = self.replicas.broadcast(method, *args)
@@ -284,9 +280,8 @@ class RayBackend:
     async def stream(self, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> AsyncIterator[tuple]:
         """A replica's stream events (not retried on another replica once it has started)."""
         async for event in self.replicas.options(stream=True).stream.remote(settings, payloads):
-            if event[0] == "error":
-                _, status, detail, code = event
-                raise ApiError(status, detail, code)
+            if event[0] in ("error", "raise"):
+                _unpack(event)
             yield event
 
     async def adapters(self) -> list[dict[str, Any]]:
@@ -315,6 +310,16 @@ class RayBackend:
         adapters = sorted({a for r in replicas for a in r["adapters"]})
         return {"status": "ok" if replicas else "degraded", "task_type": self.task_type, "adapters": adapters,
                 "replicas": len(replicas)}
+
+
+def _unpack(result: Any) -> Any:
+    """A replica's answer: its value, or its error raised here (the app maps it to HTTP as the plain server does)."""
+    if isinstance(result, tuple) and result and result[0] == "raise":
+        raise result[1]
+    if isinstance(result, tuple) and result and result[0] == "error":
+        _, status, detail, code = result
+        raise ApiError(status, detail, code)
+    return result[1] if isinstance(result, tuple) else result
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)

@@ -30,8 +30,9 @@ MAX_COMPONENT_BYTES = 255
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-#: a filesystem path in a message: absolute (not an API route) or climbing with ``../``, two components or more
-_FS_PATH = re.compile(r"(?<![\w:/.])(?:/(?!v1/|healthz|docs)|~/|(?:\.\./)+)(?:[\w.@+~-]+/)*[\w.@+~-]+(?:/[\w.@+~-]*)?")
+#: a filesystem path in a message: absolute (not one of the servers' routes) or climbing with ``../``
+_FS_PATH = re.compile(r"(?<![\w:/.])(?:/(?!v1/|(?:healthz|livez|readyz|metrics|classify|docs)(?![\w/.]))|~/|(?:\.\./)+)"
+                      r"(?:[\w.@+~-]+/)*[\w.@+~-]+(?:/[\w.@+~-]*)?")
 
 
 def _unicode(value: str) -> str:
@@ -199,6 +200,8 @@ def redact_paths(text: str) -> str:
 
     >>> redact_paths("adapter_model.safetensors of 'a' links to /srv/x/../y/w.bin; see POST /v1/adapters")
     "adapter_model.safetensors of 'a' links to <path>; see POST /v1/adapters"
+    >>> redact_paths("use /classify, not /srv/classify or /docs/x")
+    'use /classify, not <path> or <path>'
     """
     return _FS_PATH.sub("<path>", text)
 
