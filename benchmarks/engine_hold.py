@@ -32,11 +32,11 @@ def _measure(call: Any, repeat: int) -> dict[str, float]:
     for _ in range(repeat):
         stamps: list[float] = []
         started = time.perf_counter()
-        with step_hook(lambda _set_aside: stamps.append(time.perf_counter())):
+        with step_hook(lambda _set_aside, stamps=stamps: stamps.append(time.perf_counter())):
             call()
         ended = time.perf_counter()
         points = [started, *stamps, ended]
-        gaps = [b - a for a, b in zip(points, points[1:])]
+        gaps = [b - a for a, b in zip(points, points[1:], strict=False)]
         holds.append(ended - started)
         longest.append(max(gaps))
         typical.append(statistics.median(gaps))
