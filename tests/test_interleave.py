@@ -159,3 +159,30 @@ def test_a_request_whose_adapter_must_load_waits_for_the_running_batch(world: di
     # run inside a decoding step (it could evict the running batch's adapters)
     long_running, _, short = asyncio.run(_race(eng, _batcher(eng), [("c", "once upon")], {"max_new_tokens": 4}))
     assert not long_running and short[0].task == "c"
+
+
+def test_the_server_answers_a_short_request_during_a_long_generation(engine: MultiTaskEngine) -> None:
+    """Over HTTP: the server's batcher (``dispatch.engine_batcher``, also each Ray replica's) interleaves."""
+    import threading
+    import time
+
+    import httpx
+    from test_serving import LiveServer
+
+    from bitfit_peft.serving import create_app
+
+    with LiveServer(create_app(engine, max_wait_ms=1)) as live:
+        long_body = {"inputs": [{"task": t, "prompt": p} for t, p in LONG], "max_new_tokens": 100, "num_beams": 4,
+                     "num_return_sequences": 4}
+        done: list[float] = []
+        worker = threading.Thread(target=lambda: (httpx.post(f"{live.url}/v1/generate", json=long_body, timeout=300),
+                                                  done.append(1)))
+        worker.start()
+        while engine.lock.acquire(blocking=False):  # until the long generation holds the engine
+            engine.lock.release()
+            time.sleep(0.001)
+        short = httpx.post(f"{live.url}/v1/generate", json={"task": "c", "prompt": "once upon", "max_new_tokens": 4},
+                           timeout=300)
+        long_still_running = not done
+        worker.join()
+    assert short.status_code == 200 and long_still_running

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from bitfit_peft.serving.batching import DynamicBatcher, Runner
 from bitfit_peft.serving.encoding import Encoded
 from bitfit_peft.serving.engine import MultiTaskEngine
 from bitfit_peft.serving.errors import EngineError, UnknownTaskError
@@ -26,8 +27,8 @@ from bitfit_peft.serving.openai_engine import KINDS, Costed, render_prompt
 from bitfit_peft.serving.residency import rounds
 from bitfit_peft.tuner.routing import BASE_ADAPTER_NAME
 
-__all__ = ["AdapterRunError", "Costed", "budget_kind", "encode_payloads", "run_engine_batch", "unknown_tasks",
-           "with_costs"]
+__all__ = ["AdapterRunError", "Costed", "admit", "budget_kind", "encode_payloads", "engine_batcher",
+           "run_engine_batch", "unknown_tasks", "with_costs"]
 
 
 class AdapterRunError(EngineError):
@@ -62,6 +63,15 @@ def encode_payloads(engine: MultiTaskEngine, kind: str, settings: tuple, payload
     return [p if isinstance(p, Encoded) else next(encoded) for p in payloads]
 
 
+def admit(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: Sequence[Any]) -> list[Any]:
+    """A request's payloads tokenized and costed (:func:`encode_payloads`, no lock), refused with
+    :class:`~bitfit_peft.serving.limits.BudgetError` (413) when over the per-request budget: the step every server
+    (plain, Ray replica, streams) takes before a request reaches the batcher."""
+    items = encode_payloads(engine, kind, settings, payloads)
+    engine.limits.check_request(budget_kind(kind), [it.cost for it in items])
+    return items
+
+
 def _costed(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: Sequence[Any]) -> list[Costed]:
     if all(isinstance(p, Costed) for p in payloads):
         return list(payloads)
@@ -76,6 +86,19 @@ def _costed(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: Seque
 def with_costs(costed: Sequence[Costed], payloads: Sequence[tuple]) -> list[Costed]:
     """``payloads`` (the requests of ``costed``, in order, e.g. with a stream's sinks added) with their costs."""
     return [Costed(c.task, tuple(p), c.encoded) for c, p in zip(costed, payloads, strict=True)]
+
+
+def engine_batcher(engine: MultiTaskEngine, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                   runner: Runner | None = None) -> DynamicBatcher:
+    """The dynamic batcher in front of ``engine`` (the plain server's and each Ray replica's): batches of any tasks
+    within the engine's per-batch budgets, the queue deadline, and cheaper requests of resident adapters run
+    between the blocks of a long batch (``interleave.py``). ``runner``: default :func:`run_engine_batch`."""
+    limits = engine.limits
+    return DynamicBatcher(runner or (lambda key, p: run_engine_batch(engine, *key, p)),  # type: ignore[misc]
+                          max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p.task, cost_of=lambda p: p.cost,
+                          budget_of=lambda key: limits.batch_budget(budget_kind(key[0])),
+                          queue_timeout_s=limits.queue_timeout_s,
+                          interleave=lambda p: engine.registry.is_resident(p.task))
 
 
 def run_engine_batch(engine: MultiTaskEngine, kind: str, settings: tuple, payloads: list[Any]) -> list[Any]:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray.serve import metrics
 
-from bitfit_peft.serving.dispatch import AdapterRunError, budget_kind, encode_payloads, unknown_tasks, with_costs
+from bitfit_peft.serving.batching import QueueFullError, QueueTimeoutError
+from bitfit_peft.serving.dispatch import AdapterRunError, admit, unknown_tasks, with_costs
 from bitfit_peft.serving.errors import EngineError
 from bitfit_peft.serving.metrics import batch_tokens
 from bitfit_peft.serving.openai_engine import stream_completion
@@ -32,11 +33,11 @@ _TOKENS = [8, 32, 128, 512, 2048, 8192]
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
-def refusal(err: BaseException) -> tuple[str, EngineError]:
+def refusal(err: BaseException) -> tuple[str, Exception]:
     """How a replica reports a failed request: ``("raise", error)``, raised again by the ingress and answered by the
     plain server's own error mapping (``server.install_error_handlers``: 404, 413, 422, 500...). An error that is not
     the engine's own is reported by its type only: its message or traceback may hold server paths."""
-    if isinstance(err, EngineError):
+    if isinstance(err, (EngineError, QueueFullError, QueueTimeoutError)):  # 4xx / 500 naming the adapter; 429; 503
         return ("raise", err)
     return ("raise", AdapterRunError(f"A replica failed on this request ({type(err).__name__}); the other requests "
                                      "were answered. Retry, or ask the operator to check the replica logs."))
@@ -69,16 +70,16 @@ class ReplicaMetrics:
 
 
 class StreamingReplica:
-    """The ``stream`` method of ``ray_serve.AdapterReplica`` (it has ``engine``, ``_sync`` and ``_run_items``)."""
+    """The ``stream`` method of ``ray_serve.AdapterReplica`` (it has ``engine``, ``_sync`` and ``_submit``)."""
 
     engine: Any
     if TYPE_CHECKING:  # provided by AdapterReplica
         async def _sync(self, force: bool = False) -> None: ...
-        async def _run_items(self, item: tuple) -> Any: ...
+        async def _submit(self, kind: str, settings: tuple, items: list[Any]) -> list[Any]: ...
 
     async def stream(self, settings: tuple, payloads: list[tuple]) -> AsyncIterator[tuple]:
         """``("delta", ...)`` events of an ``oai_stream`` request (``openai_engine.stream_completion``), its inputs
-        batched with the other requests' by ``_run_items``; an error is one :func:`refusal`."""
+        batched with the other requests' by ``_submit``; an error is one :func:`refusal`."""
         await self._sync()
         if unknown_tasks(self.engine, [p[0] for p in payloads]) is not None:
             await self._sync(force=True)
@@ -88,19 +89,13 @@ class StreamingReplica:
                 return
 
         try:  # tokenized and costed before any engine work (limits.py), off the engine lock
-            costed = await asyncio.to_thread(encode_payloads, self.engine, "oai_stream", settings, payloads)
-            self.engine.limits.check_request(budget_kind("oai_stream"), [c.cost for c in costed])
+            costed = await asyncio.to_thread(admit, self.engine, "oai_stream", settings, payloads)
         except EngineError as err:  # BudgetError: 413; the others: 422
             yield refusal(err)
             return
 
         async def submit(items: list[tuple]) -> list[Any]:
-            out = await asyncio.gather(*(self._run_items(("oai_stream", settings, item))
-                                         for item in with_costs(costed, items)))
-            for r in out:
-                if isinstance(r, Exception):
-                    raise r
-            return out
+            return await self._submit("oai_stream", settings, with_costs(costed, items))
 
         try:
             async for event in stream_completion(submit, self.engine.tokenizer, payloads):

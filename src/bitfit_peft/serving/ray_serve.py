@@ -6,9 +6,10 @@ Three deployments make one application (:func:`build_app`):
 - ``BitFitIngress``: the FastAPI app of ``server.py`` (same routes, schemas, errors). It forwards each request to a
   replica through a ``DeploymentHandle``; when a replica dies under a request it retries on another one (predict and
   generate are idempotent) and answers ``503`` + ``Retry-After`` only when no replica could take it.
-- ``AdapterReplica`` (``replicas`` or ``autoscaling_config``): one :class:`MultiTaskEngine`. Every input of a
-  request is one call of a ``@serve.batch`` method, so inputs of *different* tasks share a forward (the adapter name
-  stays in the payload; no ``@serve.multiplexed`` routing, which would split batches by model id).
+- ``AdapterReplica`` (``replicas`` or ``autoscaling_config``): one :class:`MultiTaskEngine` behind the plain
+  server's dynamic batcher (``dispatch.engine_batcher``: budgets, fair flows, queue deadline, cheaper requests run
+  between the blocks of a long batch), so inputs of *different* tasks share a forward (the adapter name stays in the
+  payload; no ``@serve.multiplexed`` routing, which would split batches by model id).
 - ``AdapterRegistry`` (one replica; cluster-wide, unlike each engine's own ``registry.Registry``): ``{name: spec}``
   of every adapter plus a version. A hot load is validated by
   loading it on the replica that receives it, then recorded; the other replicas sync to the registry version before
@@ -42,9 +43,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from bitfit_peft.serving.dispatch import budget_kind, encode_payloads, run_engine_batch, unknown_tasks
+from bitfit_peft.serving.dispatch import admit, engine_batcher, run_engine_batch, unknown_tasks
 from bitfit_peft.serving.engine import MultiTaskEngine, normalize_task_type
-from bitfit_peft.serving.errors import EngineError
 from bitfit_peft.serving.limits import Limits
 from bitfit_peft.serving.openai_api import ApiOptions
 from bitfit_peft.serving.ray_openai import ReplicaMetrics, StreamingReplica, refusal
@@ -111,8 +111,6 @@ class AdapterReplica(StreamingReplica):
             torch.set_num_threads(torch_threads)
         self._registry, self._roots, self._allow_hub = registry, [Path(r) for r in roots], allow_hub
         self._interval = sync_interval_s
-        self._run_items.set_max_batch_size(max_batch_size)
-        self._run_items.set_batch_wait_timeout_s(batch_wait_timeout_s)
         torch.manual_seed(0)  # a head missing from the base checkpoint ('__base__' of SEQ_CLS) is the same everywhere
         self.engine = await asyncio.to_thread(lambda: MultiTaskEngine(**engine))
         self._applied: dict[str, str] = {}  # adapter name -> registry spec id
@@ -124,6 +122,9 @@ class AdapterReplica(StreamingReplica):
         self.batches = self.items = self.mixed = self.ongoing = 0
         self.metrics = ReplicaMetrics()
         self.engine.registry.events.subscribe(self.metrics.adapter_event)
+        self.batcher = engine_batcher(self.engine, max_batch_size, batch_wait_timeout_s * 1000.0, max_queue=1024,
+                                      runner=self._run_batch)
+        await self.batcher.start()
         await self._sync(force=True)
 
     # ------------------------------------------------------------------ registry sync
@@ -160,26 +161,20 @@ class AdapterReplica(StreamingReplica):
                 self._failed[raw["id"]] = err.detail
 
     # ------------------------------------------------------------------ serving
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _run_items(self, items: list[tuple[str, tuple, tuple]]) -> list[Any]:
-        groups: dict[tuple[str, tuple], list[int]] = {}
-        for i, (kind, settings, _) in enumerate(items):
-            groups.setdefault((kind, settings), []).append(i)
-        results: list[Any] = [None] * len(items)
-        for (kind, settings), idx in groups.items():
-            payloads = [items[i][2] for i in idx]
-            try:
-                out = await asyncio.to_thread(run_engine_batch, self.engine, kind, settings, payloads)
-            except Exception as err:  # noqa: BLE001 - fails this group's inputs only
-                out = [err] * len(idx)
-            for i, r in zip(idx, out, strict=True):
-                results[i] = r
-            self.batches += 1
-            self.items += len(idx)
-            self.mixed += len({p.task for p in payloads}) > 1
-            self.metrics.batch(kind, len(idx), out)
+    def _run_batch(self, key: tuple[str, tuple], payloads: list[Any]) -> list[Any]:
+        """One dynamic batch (on the batcher's thread): :func:`run_engine_batch`, counted."""
+        kind, settings = key
+        out = run_engine_batch(self.engine, kind, settings, payloads)
+        self.batches += 1
+        self.items += len(payloads)
+        self.mixed += len({p.task for p in payloads}) > 1
+        self.metrics.batch(kind, len(payloads), out)
         self.metrics.resident.set(len(self.engine.tasks()))
-        return results
+        return out
+
+    async def _submit(self, kind: str, settings: tuple, items: list[Any]) -> list[Any]:
+        """``items`` (admitted: :func:`admit`) through the batcher; raises the first input's error."""
+        return await self.batcher.submit((kind, settings), items)
 
     async def handle(self, kind: str, settings: tuple, payloads: list[tuple]) -> Result:
         self.ongoing += 1
@@ -196,14 +191,10 @@ class AdapterReplica(StreamingReplica):
             if missing is not None:
                 return refusal(missing)
         try:  # tokenized and costed before any engine work (limits.py), off the engine lock
-            items = await asyncio.to_thread(encode_payloads, self.engine, kind, settings, payloads)
-            self.engine.limits.check_request(budget_kind(kind), [it.cost for it in items])
-        except EngineError as err:  # BudgetError: 413 naming the limit; the others: 422
+            items = await asyncio.to_thread(admit, self.engine, kind, settings, payloads)
+            results = await self._submit(kind, settings, items)
+        except Exception as err:  # noqa: BLE001 - BudgetError: 413 naming the limit; queue: 429/503; ...
             return refusal(err)
-        results = await asyncio.gather(*(self._run_items((kind, settings, it)) for it in items))
-        for r in results:
-            if isinstance(r, Exception):
-                return refusal(r)
         return ("ok", [r.to_dict() for r in results], self.replica_id)
 
     async def adapters(self) -> Result:
@@ -394,7 +385,7 @@ def build_app(
             ``allow_hub``), loaded by every replica at start.
         replicas: engine replicas (ignored when ``autoscaling_config`` is given, e.g.
             ``{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}``).
-        max_batch_size / batch_wait_timeout_s: ``@serve.batch`` of each replica (inputs of any task).
+        max_batch_size / batch_wait_timeout_s: each replica's dynamic batcher (inputs of any task).
         ray_actor_options: per replica (default ``{"num_cpus": 1}``); ``replica_options``: more
             ``Deployment.options`` (``max_ongoing_requests``, ``health_check_period_s``...).
         adapter_roots / allow_hub / admin / admin_token: hot loading, as for :func:`create_app`. Every replica must

@@ -35,11 +35,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitfit_peft.errors import BitFitError
 from bitfit_peft.names import __version__
-from bitfit_peft.serving.batching import DynamicBatcher, QueueFullError, QueueTimeoutError
+from bitfit_peft.serving.batching import QueueFullError, QueueTimeoutError
 from bitfit_peft.serving.dispatch import (
     AdapterRunError,
-    budget_kind,
-    encode_payloads,
+    admit,
+    engine_batcher,
     run_engine_batch,
     unknown_tasks,
     with_costs,
@@ -164,13 +164,7 @@ class LocalBackend:
                  roots: Sequence[Path], allow_hub: bool) -> None:
         self.engine, self.roots, self.allow_hub = engine, list(roots), allow_hub
         self.task_type, self.base_name = str(engine.task_type), engine.base_name
-        limits = engine.limits
-        self.batcher = DynamicBatcher(lambda key, p: run_engine_batch(engine, *key, p),  # type: ignore[misc]
-                                      max_batch_size, max_wait_ms, max_queue, task_of=lambda p: p.task,
-                                      cost_of=lambda p: p.cost,
-                                      budget_of=lambda key: limits.batch_budget(budget_kind(key[0])),
-                                      queue_timeout_s=limits.queue_timeout_s,
-                                      interleave=lambda p: engine.registry.is_resident(p.task))
+        self.batcher = engine_batcher(engine, max_batch_size, max_wait_ms, max_queue)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -185,8 +179,7 @@ class LocalBackend:
         if missing is not None:
             raise missing
         # tokenized (and costed) before any engine work, off the engine's thread and lock
-        items = await asyncio.to_thread(encode_payloads, self.engine, kind, settings, payloads)
-        self.engine.limits.check_request(budget_kind(kind), [it.cost for it in items])
+        items = await asyncio.to_thread(admit, self.engine, kind, settings, payloads)
         key: Hashable = (kind, settings)
         return [r.to_dict() for r in await self.batcher.submit(key, items)]
 
@@ -194,8 +187,7 @@ class LocalBackend:
         missing = await asyncio.to_thread(unknown_tasks, self.engine, [p[0] for p in payloads])
         if missing is not None:
             raise missing
-        costed = await asyncio.to_thread(encode_payloads, self.engine, "oai_stream", settings, payloads)
-        self.engine.limits.check_request(budget_kind("oai_stream"), [c.cost for c in costed])
+        costed = await asyncio.to_thread(admit, self.engine, "oai_stream", settings, payloads)
         submit = lambda items: self.batcher.submit(("oai_stream", settings), with_costs(costed, items))  # noqa: E731
         async for event in stream_completion(submit, self.engine.tokenizer, payloads):
             yield event
