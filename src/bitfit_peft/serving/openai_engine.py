@@ -1,9 +1,10 @@
 """Engine-side work of the OpenAI-compatible API: the batch kinds it adds to the server's batcher.
 
-``dispatch.run_engine_batch`` runs these kinds like ``predict`` and ``generate``: inside the dynamic batcher (or a Ray
-replica's ``@serve.batch``), so requests for different adapters that arrive together share one forward or one
-``generate`` call. Payloads start with the task (adapter) name, as every payload does; each reaches the batch as a
-:class:`Costed`, tokenized once before the engine lock (``dispatch.encode_payloads``).
+``dispatch.run_engine_batch`` runs these kinds like ``predict`` and ``generate``: inside the dynamic batcher (the
+plain server's or a Ray replica's, ``dispatch.engine_batcher``), so requests for different adapters that arrive
+together share one forward or one ``generate`` call. Payloads start with the task (adapter) name, as every payload
+does; each reaches the batch as a :class:`Costed`, tokenized once before the engine lock
+(``dispatch.encode_payloads``).
 
 - ``"oai_complete"``: ``(task, prompt, stop)`` where ``prompt`` is a string or a chat (a tuple of
   ``(role, content)``, rendered with the tokenizer's chat template); gives a :class:`Completion`.
