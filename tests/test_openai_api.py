@@ -24,6 +24,7 @@ from test_serving import LiveServer, _save_adapter
 
 from bitfit_peft.serving import EngineError, MultiTaskEngine, create_app
 from bitfit_peft.serving.events import AdapterEvents
+from bitfit_peft.serving.limits import Limits
 from bitfit_peft.serving.openai_api import ApiOptions
 from bitfit_peft.serving.openai_engine import ChoiceText, render_prompt
 from bitfit_peft.serving.request_log import JsonFormatter, configure_logging
@@ -55,7 +56,8 @@ def lm_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def lm_engine(lm_world: dict[str, Path]) -> MultiTaskEngine:
-    engine = MultiTaskEngine(str(lm_world["base"]), task_type="CAUSAL_LM", device="cpu", dtype="float32")
+    engine = MultiTaskEngine(str(lm_world["base"]), task_type="CAUSAL_LM", device="cpu", dtype="float32",
+                             limits=Limits(max_new_tokens_limit=64))
     engine.add_adapter("one", lm_world["one"])
     engine.add_adapter("two", lm_world["two"])
     return engine
@@ -64,7 +66,7 @@ def lm_engine(lm_world: dict[str, Path]) -> MultiTaskEngine:
 @pytest.fixture(scope="module")
 def lm_server(lm_engine: MultiTaskEngine, lm_world: dict[str, Path]) -> Iterator[LiveServer]:
     app = create_app(lm_engine, max_batch_size=16, max_wait_ms=150, adapter_roots=[lm_world["root"]],
-                     admin_token=TOKEN, max_new_tokens_limit=64,
+                     admin_token=TOKEN,
                      api_options=ApiOptions(served_model_name="tiny-gpt2"))
     with LiveServer(app) as live:
         yield live
@@ -436,8 +438,11 @@ def test_a_chat_without_a_chat_template_is_refused_in_one_line(tiny_tokenizer: A
     assert render_prompt(tiny_tokenizer, "plain prompt") == "plain prompt"
 
 
-def test_the_servers_input_limit_holds_on_the_openai_routes(cls_engine: MultiTaskEngine) -> None:
-    with LiveServer(create_app(cls_engine, max_inputs_per_request=2)) as live:
+def test_the_servers_input_limit_holds_on_the_openai_routes(enc_world: dict[str, Path]) -> None:
+    engine = MultiTaskEngine(str(enc_world["base"]), task_type="SEQ_CLS", device="cpu", dtype="float32",
+                             limits=Limits(max_inputs_per_request=2))
+    engine.add_adapter("sentiment", enc_world["sentiment"])
+    with LiveServer(create_app(engine)) as live:
         response = httpx.post(f"{live.url}/classify", json={"model": "sentiment", "input": ["a", "b", "c"]})
         assert response.status_code == 400 and "Too many inputs: 3 > 2" in response.json()["error"]["message"]
 
@@ -492,12 +497,10 @@ def test_openai_requests_are_held_to_the_engines_budgets(lm_world: dict[str, Pat
                                                          cls_engine: MultiTaskEngine) -> None:
     """Completions (plain and streamed) and /classify are costed before any work, like /v1/generate and
     /v1/predict: over budget is a 413 in OpenAI's error shape (issue 30 on the OpenAI routes)."""
-    from bitfit_peft.serving.limits import Limits
-
     engine = MultiTaskEngine(str(lm_world["base"]), task_type="CAUSAL_LM", device="cpu", dtype="float32",
-                             limits=Limits(max_request_generate_cost=100))
+                             limits=Limits(max_request_generate_cost=100, max_new_tokens_limit=64))
     engine.add_adapter("one", lm_world["one"])
-    with LiveServer(create_app(engine, max_new_tokens_limit=64)) as live:
+    with LiveServer(create_app(engine)) as live:
         body = {"model": "one", "prompt": "a b c", "max_tokens": 60, "n": 2, "temperature": 1.0}
         for stream in (False, True):
             response = httpx.post(f"{live.url}/v1/completions", json={**body, "stream": stream}, timeout=60)

@@ -55,6 +55,9 @@ class Limits:
         max_head_bytes: most bytes of an adapter's head tensors.
         load_timeout_s: a load on demand (``adapter_roots``) that takes longer is refused.
         queue_timeout_s: a request waiting longer than this for its batch is answered 503 + ``Retry-After``.
+        max_inputs_per_request: most inputs (texts, prompts) one request may hold (HTTP 413 beyond; the OpenAI
+            routes: 400).
+        max_new_tokens_limit: most ``max_new_tokens`` (``max_tokens``) one generation may ask for (HTTP 413 beyond).
     """
 
     max_request_tokens: int = 16_384
@@ -65,6 +68,8 @@ class Limits:
     max_head_bytes: int = 64 << 20
     load_timeout_s: float = 10.0
     queue_timeout_s: float = 30.0
+    max_inputs_per_request: int = 256
+    max_new_tokens_limit: int = 512
 
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():

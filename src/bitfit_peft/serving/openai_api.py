@@ -28,6 +28,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from bitfit_peft.serving import openai_format as fmt
+from bitfit_peft.serving.limits import Limits
 from bitfit_peft.serving.metrics import EngineState, ServerMetrics, batch_tokens
 from bitfit_peft.serving.openai_schemas import (
     ChatRequest,
@@ -78,10 +79,10 @@ class OpenAIRoute(APIRoute):
         return route
 
 
-def install_api(app: FastAPI, backend: Any, admin: Any, options: ApiOptions, limits: tuple[int, int],
+def install_api(app: FastAPI, backend: Any, admin: Any, options: ApiOptions, limits: Limits,
                 spec: Callable[[str, str], Any]) -> ServerMetrics:
     """Add the routes, ``/metrics`` and the request observer to ``app`` (``admin``: the admin dependency of
-    ``/v1/adapters``; ``limits``: most inputs per request and most new tokens; ``spec(name, path)``: the hot-load
+    ``/v1/adapters``; ``limits``: the request-shape limits it checks; ``spec(name, path)``: the hot-load
     spec of a path)."""
     metrics = ServerMetrics(options.metrics_prefix, options.compat_metrics_prefix, options.max_adapter_labels)
     if hasattr(backend, "batcher") and hasattr(backend, "engine"):
@@ -147,9 +148,9 @@ def watch_local(engine: Any, batcher: Any, metrics: ServerMetrics) -> None:
 class _Api:
     """The route handlers over one backend."""
 
-    def __init__(self, backend: Any, options: ApiOptions, metrics: ServerMetrics, limits: tuple[int, int]) -> None:
+    def __init__(self, backend: Any, options: ApiOptions, metrics: ServerMetrics, limits: Limits) -> None:
         self.backend, self.metrics = backend, metrics
-        self.max_inputs, self.max_new_tokens = limits
+        self.max_inputs, self.max_new_tokens = limits.max_inputs_per_request, limits.max_new_tokens_limit
         self.base_id = options.served_model_name or backend.base_name
         self.created = int(time.time())
         self.active: Counter[str] = Counter()  #: requests in flight per task (``lora_requests_info`` on Ray)

@@ -325,10 +325,8 @@ class BitFitIngress:
         s = self._settings
         backend = RayBackend(self._replicas, s["task_type"], s["base_name"], s["request_retries"])
         backend.max_lora = s["max_batch_size"]  # type: ignore[attr-defined]  # most adapters one batch can mix
-        return make_app(backend, admin=s["admin"],
-                        admin_token=s["admin_token"], max_inputs_per_request=s["max_inputs_per_request"],
-                        max_new_tokens_limit=s["max_new_tokens_limit"], api_options=s["api_options"],
-                        title="bitfit-peft multi-task server (Ray Serve)")
+        return make_app(backend, admin=s["admin"], admin_token=s["admin_token"], limits=s["limits"],
+                        api_options=s["api_options"], title="bitfit-peft multi-task server (Ray Serve)")
 
 
 def _startup_specs(adapters: Mapping[str, str] | Sequence[tuple[str, str]], allow_hub: bool,
@@ -371,8 +369,6 @@ def build_app(
     torch_threads: int | None = None,
     sync_interval_s: float = 1.0,
     request_retries: int = 3,
-    max_inputs_per_request: int = 256,
-    max_new_tokens_limit: int = 512,
     quantize: str | None = None,
     api_options: ApiOptions | None = None,
     limits: Limits | None = None,
@@ -407,9 +403,8 @@ def build_app(
     engine = {"base": base_name, "task_type": task_type, "device": device, "dtype": dtype, "max_length": max_length,
               "normalize_embeddings": normalize_embeddings, "quantize": quantize, "limits": limits}
     settings = {"task_type": str(normalize_task_type(task_type)), "base_name": base_name, "admin": admin,
-                "admin_token": admin_token, "request_retries": request_retries,
-                "max_inputs_per_request": max_inputs_per_request, "max_new_tokens_limit": max_new_tokens_limit,
-                "api_options": api_options, "max_batch_size": max_batch_size}
+                "admin_token": admin_token, "request_retries": request_retries, "api_options": api_options,
+                "limits": limits if limits is not None else Limits(), "max_batch_size": max_batch_size}
     options: dict[str, Any] = {"ray_actor_options": ray_actor_options or {"num_cpus": 1},
                                "max_ongoing_requests": max(64, 2 * max_batch_size)}
     if autoscaling_config is not None:

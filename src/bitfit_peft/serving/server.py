@@ -54,7 +54,7 @@ from bitfit_peft.serving.errors import (
     EngineError,
     UnknownTaskError,
 )
-from bitfit_peft.serving.limits import BudgetError
+from bitfit_peft.serving.limits import BudgetError, Limits
 from bitfit_peft.serving.openai_api import ApiOptions, install_api
 from bitfit_peft.serving.openai_engine import stream_completion
 from bitfit_peft.serving.schemas import (
@@ -292,24 +292,25 @@ def make_app(
     *,
     admin: bool = True,
     admin_token: str | None = None,
-    max_inputs_per_request: int = 256,
-    max_new_tokens_limit: int = 512,
+    limits: Limits | None = None,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     title: str = "bitfit-peft multi-task server",
     api_options: ApiOptions | None = None,
 ) -> FastAPI:
     """The FastAPI app of both servers over ``backend`` (see :func:`create_app` for the arguments; the backend holds
-    the adapter roots and the Hub setting, and its engines check hot loads against them)."""
+    the adapter roots and the Hub setting, and its engines check hot loads against them; ``limits``: the engines',
+    of which the app checks the request-shape ones)."""
+    limits = limits if limits is not None else Limits()
     if admin_token is not None and not admin_token.strip():
         raise ValueError("admin_token is empty; give a non-empty secret or None for no admin authentication.")
     app = FastAPI(title=title, version=__version__, lifespan=lifespan,
                   description="Many BitFit adapters over one base model; inputs of different tasks share a forward.")
     app.state.backend = backend
     install_error_handlers(app)
-    _add_inference_routes(app, backend, max_inputs_per_request, max_new_tokens_limit)
+    _add_inference_routes(app, backend, limits)
     _add_adapter_routes(app, backend, Depends(_admin_guard(admin, admin_token)))
     install_api(app, backend, Depends(_admin_guard(admin, admin_token)), api_options or ApiOptions(),
-                (max_inputs_per_request, max_new_tokens_limit), lambda name, path: AdapterSpec(name, path, False))
+                limits, lambda name, path: AdapterSpec(name, path, False))
 
     @app.get("/v1/stats", summary="Batching statistics")
     async def stats() -> dict[str, Any]:
@@ -354,7 +355,9 @@ def _admin_guard(admin: bool, admin_token: str | None) -> Callable[[Request], No
     return require_admin
 
 
-def _add_inference_routes(app: FastAPI, backend: Backend, max_inputs: int, max_new_tokens_limit: int) -> None:
+def _add_inference_routes(app: FastAPI, backend: Backend, limits: Limits) -> None:
+    max_inputs, max_new_tokens_limit = limits.max_inputs_per_request, limits.max_new_tokens_limit
+
     def check_size(n: int) -> None:
         if n > max_inputs:
             raise ApiError(413, f"Too many inputs: {n} > {max_inputs} per request; split it.")
@@ -404,8 +407,6 @@ def create_app(
     allow_hub: bool = False,
     admin: bool = True,
     admin_token: str | None = None,
-    max_inputs_per_request: int = 256,
-    max_new_tokens_limit: int = 512,
     api_options: ApiOptions | None = None,
 ) -> FastAPI:
     """Build the FastAPI app serving ``engine`` in this process.
@@ -420,14 +421,11 @@ def create_app(
         allow_hub: let ``POST /v1/adapters`` download ``hub_id`` adapters from the Hugging Face Hub.
         admin: serve ``POST``/``DELETE /v1/adapters`` at all.
         admin_token: when set, those endpoints need ``Authorization: Bearer <admin_token>`` (else 401).
-        max_inputs_per_request: most inputs in one request (HTTP 413 beyond it).
-        max_new_tokens_limit: most new tokens one generation may ask for (HTTP 413 beyond it).
         api_options: the OpenAI-compatible API's served model name and the metrics' prefixes and label cap.
     """
     roots = [Path(r).expanduser().resolve() for r in adapter_roots]
     backend = LocalBackend(engine, max_batch_size, max_wait_ms, max_queue, roots, allow_hub)
-    app = make_app(backend, admin=admin, admin_token=admin_token,
-                   max_inputs_per_request=max_inputs_per_request, max_new_tokens_limit=max_new_tokens_limit,
-                   lifespan=backend.lifespan, api_options=api_options)
+    app = make_app(backend, admin=admin, admin_token=admin_token, limits=engine.limits, lifespan=backend.lifespan,
+                   api_options=api_options)
     app.state.engine, app.state.batcher = engine, backend.batcher
     return app
