@@ -194,8 +194,8 @@ class ExplodingReplica:
 
 def test_a_replica_that_raises_is_a_one_line_500(url: str) -> None:
     settings = {"task_type": "SEQ_CLS", "base_name": "base", "admin": False, "admin_token": None,
-                "request_retries": 0, "max_inputs_per_request": 8, "max_new_tokens_limit": 8, "api_options": None,
-                "max_batch_size": 8}
+                "request_retries": 0, "limits": Limits(max_inputs_per_request=8, max_new_tokens_limit=8),
+                "api_options": None, "max_batch_size": 8}
     serve.run(BitFitIngress.bind(ExplodingReplica.bind(), settings), name="exploding", route_prefix="/exploding")
     try:
         with httpx.Client(base_url=f"{url}/exploding", timeout=60) as client:
