@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,14 @@ def url(world: dict[str, Path]) -> Iterator[str]:
         admin_token=TOKEN, device="cpu", dtype="float32", torch_threads=1, sync_interval_s=60.0,
         ray_actor_options={"num_cpus": 1}, replica_options={"health_check_period_s": 1.0},
     )
-    serve.run(app, name=APP, route_prefix="/")
+    with served(app, port) as base_url:
+        yield base_url
+
+
+@contextmanager
+def served(app: Any, port: int, name: str = APP) -> Iterator[str]:
+    """Run ``app`` as the Serve application ``name`` on ``port``; Serve and Ray are shut down afterwards."""
+    serve.run(app, name=name, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

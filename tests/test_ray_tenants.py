@@ -28,6 +28,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from conftest import save_tiny_model  # noqa: E402
 from ray import serve  # noqa: E402
+from test_ray_serve import _replicas, served  # noqa: E402
 from test_serving import _free_port, _save_adapter  # noqa: E402
 from test_tenant_isolation import _reshape_head  # noqa: E402
 
@@ -134,18 +135,8 @@ def url(world: dict[str, Path]) -> Iterator[str]:
         torch_threads=1, sync_interval_s=1.0, ray_actor_options={"num_cpus": 1},
         replica_options={"health_check_period_s": 1.0}, limits=Limits(max_request_tokens=256),
     )
-    serve.run(app, name=APP, route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _replicas(client: httpx.Client) -> list[dict[str, Any]]:
-    resp = client.get("/v1/stats")
-    assert resp.status_code == 200, resp.text
-    return resp.json()["replicas"]
+    with served(app, port, APP) as base_url:
+        yield base_url
 
 
 def _one_line(body: str, *forbidden: str) -> str:
