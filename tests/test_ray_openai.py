@@ -17,6 +17,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 from test_openai_api import make_lm_world  # noqa: E402
+from test_ray_serve import served  # noqa: E402
 from test_serving import _free_port  # noqa: E402
 
 from bitfit_peft.serving import MultiTaskEngine  # noqa: E402
@@ -47,12 +48,8 @@ def url(world: dict[str, Path]) -> Iterator[str]:
                     replicas=1, max_batch_size=16, batch_wait_timeout_s=0.2, adapter_roots=[world["root"]],
                     admin_token=TOKEN, device="cpu", dtype="float32", torch_threads=1,
                     ray_actor_options={"num_cpus": 1}, api_options=ApiOptions(served_model_name="tiny"))
-    serve.run(app, name="bitfit-openai-test", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served(app, port, "bitfit-openai-test") as base_url:
+        yield base_url
 
 
 def test_openai_client_through_ray(url: str, world: dict[str, Path]) -> None:

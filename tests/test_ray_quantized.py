@@ -19,6 +19,7 @@ pytest.importorskip("bitsandbytes")
 from peft import get_peft_model  # noqa: E402
 from ray import serve  # noqa: E402
 from test_quantized import _load, _save_base  # noqa: E402
+from test_ray_serve import served  # noqa: E402
 from test_serving import _free_port  # noqa: E402
 
 import bitfit_peft  # noqa: E402
@@ -51,12 +52,8 @@ def url(world: dict[str, Path]) -> Iterator[str]:
     adapters = {"first": str(world["first"]), "second": str(world["second"])}
     app = build_app(str(world["base"]), adapters, task_type="CAUSAL_LM", replicas=1, device="cpu",
                     quantize="nf4", torch_threads=1, ray_actor_options={"num_cpus": 1})  # fmt: skip
-    serve.run(app, name="bitfit-quantized", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served(app, port, "bitfit-quantized") as base_url:
+        yield base_url
 
 
 def test_ray_replica_on_a_quantized_base_answers_like_the_engine(url: str, world: dict[str, Path]) -> None:

@@ -269,10 +269,9 @@ def head_shapes(adapter_dir: Path, heads: Sequence[str]) -> dict[str, tuple[int,
     try:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if key.endswith(f".{DELTA_KEY}") or f".{DELTA_KEY}." in key:
-                    continue
-                if is_head_key(strip_prefix(key), heads):
-                    shapes[strip_prefix(key)] = tuple(handle.get_slice(key).get_shape())
+                path = _head_path(key, heads)
+                if path is not None:
+                    shapes[path] = tuple(handle.get_slice(key).get_shape())
     except SafetensorError as err:
         raise EngineError(f"{file} is corrupt or truncated ({err}); re-save or re-download the adapter.") from err
     return shapes
@@ -290,6 +289,13 @@ def _bin_head_shapes(file: Path, heads: Sequence[str]) -> dict[str, tuple[int, .
                           "(save_pretrained's default).") from err
     if not isinstance(state, dict):
         raise EngineError(f"{file} holds a {type(state).__name__}, not a state dict; re-save the adapter.")
-    return {strip_prefix(k): tuple(v.shape) for k, v in state.items()
-            if isinstance(k, str) and isinstance(v, torch.Tensor) and not k.endswith(f".{DELTA_KEY}")
-            and f".{DELTA_KEY}." not in k and is_head_key(strip_prefix(k), heads)}
+    paths = {k: _head_path(k, heads) for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return {path: tuple(state[k].shape) for k, path in paths.items() if path is not None}
+
+
+def _head_path(key: str, heads: Sequence[str]) -> str | None:
+    """A file key's model path if it names a tensor of one of the heads ``heads`` (not a BitFit delta), else None."""
+    if key.endswith(f".{DELTA_KEY}") or f".{DELTA_KEY}." in key:
+        return None
+    path = strip_prefix(key)
+    return path if is_head_key(path, heads) else None

@@ -14,14 +14,13 @@ replicas and are these series:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ray.serve import metrics
 
 from bitfit_peft.serving.batching import QueueFullError, QueueTimeoutError
-from bitfit_peft.serving.dispatch import AdapterRunError, admit, unknown_tasks, with_costs
+from bitfit_peft.serving.dispatch import AdapterRunError, with_costs
 from bitfit_peft.serving.errors import EngineError
 from bitfit_peft.serving.metrics import batch_tokens
 from bitfit_peft.serving.openai_engine import stream_completion
@@ -70,27 +69,19 @@ class ReplicaMetrics:
 
 
 class StreamingReplica:
-    """The ``stream`` method of ``ray_serve.AdapterReplica`` (it has ``engine``, ``_sync`` and ``_submit``)."""
+    """The ``stream`` method of ``ray_serve.AdapterReplica`` (it has ``engine``, ``_admitted`` and ``_submit``)."""
 
     engine: Any
     if TYPE_CHECKING:  # provided by AdapterReplica
-        async def _sync(self, force: bool = False) -> None: ...
+        async def _admitted(self, kind: str, settings: tuple, payloads: list[tuple]) -> list[Any]: ...
         async def _submit(self, kind: str, settings: tuple, items: list[Any]) -> list[Any]: ...
 
     async def stream(self, settings: tuple, payloads: list[tuple]) -> AsyncIterator[tuple]:
         """``("delta", ...)`` events of an ``oai_stream`` request (``openai_engine.stream_completion``), its inputs
         batched with the other requests' by ``_submit``; an error is one :func:`refusal`."""
-        await self._sync()
-        if unknown_tasks(self.engine, [p[0] for p in payloads]) is not None:
-            await self._sync(force=True)
-            missing = unknown_tasks(self.engine, [p[0] for p in payloads])
-            if missing is not None:
-                yield refusal(missing)
-                return
-
-        try:  # tokenized and costed before any engine work (limits.py), off the engine lock
-            costed = await asyncio.to_thread(admit, self.engine, "oai_stream", settings, payloads)
-        except EngineError as err:  # BudgetError: 413; the others: 422
+        try:
+            costed = await self._admitted("oai_stream", settings, payloads)
+        except EngineError as err:  # UnknownTaskError: 404; BudgetError: 413; the others: 422
             yield refusal(err)
             return
 

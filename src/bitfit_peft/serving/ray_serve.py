@@ -183,15 +183,20 @@ class AdapterReplica(StreamingReplica):
         finally:
             self.ongoing -= 1
 
-    async def _handle(self, kind: str, settings: tuple, payloads: list[tuple]) -> Result:
+    async def _admitted(self, kind: str, settings: tuple, payloads: list[tuple]) -> list[Any]:
+        """``payloads`` known here (after catching up with the registry), tokenized and costed before any engine
+        work, off the engine lock; raises :class:`UnknownTaskError` or :class:`BudgetError`."""
         await self._sync()
         if unknown_tasks(self.engine, [p[0] for p in payloads]) is not None:
             await self._sync(force=True)  # loaded on another replica since our last sync?
             missing = unknown_tasks(self.engine, [p[0] for p in payloads])
             if missing is not None:
-                return refusal(missing)
-        try:  # tokenized and costed before any engine work (limits.py), off the engine lock
-            items = await asyncio.to_thread(admit, self.engine, kind, settings, payloads)
+                raise missing
+        return await asyncio.to_thread(admit, self.engine, kind, settings, payloads)
+
+    async def _handle(self, kind: str, settings: tuple, payloads: list[tuple]) -> Result:
+        try:
+            items = await self._admitted(kind, settings, payloads)
             results = await self._submit(kind, settings, items)
         except Exception as err:  # noqa: BLE001 - BudgetError: 413 naming the limit; queue: 429/503; ...
             return refusal(err)

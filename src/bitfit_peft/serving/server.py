@@ -174,20 +174,20 @@ class LocalBackend:
         finally:
             await self.batcher.stop()
 
-    async def run(self, kind: str, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> list[dict]:
+    async def _admitted(self, kind: str, settings: tuple, payloads: list[Any]) -> list[Any]:
+        """``payloads`` known, tokenized and costed before any engine work, off the engine's thread and lock."""
         missing = await asyncio.to_thread(unknown_tasks, self.engine, [p[0] for p in payloads])  # may stat roots
         if missing is not None:
             raise missing
-        # tokenized (and costed) before any engine work, off the engine's thread and lock
-        items = await asyncio.to_thread(admit, self.engine, kind, settings, payloads)
+        return await asyncio.to_thread(admit, self.engine, kind, settings, payloads)
+
+    async def run(self, kind: str, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> list[dict]:
+        items = await self._admitted(kind, settings, payloads)
         key: Hashable = (kind, settings)
         return [r.to_dict() for r in await self.batcher.submit(key, items)]
 
     async def stream(self, settings: tuple[tuple[str, Any], ...], payloads: list[Any]) -> AsyncIterator[tuple]:
-        missing = await asyncio.to_thread(unknown_tasks, self.engine, [p[0] for p in payloads])
-        if missing is not None:
-            raise missing
-        costed = await asyncio.to_thread(admit, self.engine, "oai_stream", settings, payloads)
+        costed = await self._admitted("oai_stream", settings, payloads)
         submit = lambda items: self.batcher.submit(("oai_stream", settings), with_costs(costed, items))  # noqa: E731
         async for event in stream_completion(submit, self.engine.tokenizer, payloads):
             yield event
